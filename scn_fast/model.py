@@ -1,0 +1,533 @@
+"""The Spherical Channel Network (Zitnick et al., NeurIPS 2022): one definition, upstream-compatible.
+
+Module names, parameter shapes, initialisation order and numerics follow upstream SCN
+(``fairchem.core.models.scn``), so its checkpoints load with ``strict=True`` and the same seed gives
+the same weights and outputs. Shapes: N atoms, B structures, E edges, S = (lmax+1)^2 coefficients,
+C = sphere_channels, C' = sphere_channels_reduce.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import so3
+from .data import Structure, read_structure
+from .dispatch import Dispatcher, OpRequest
+from .frames import edge_frames
+from .graph import (
+    check_precomputed_graph,
+    edge_vectors,
+    radius_graph_pbc,
+    validate_structure,
+)
+from .smearing import make_distance_expansion
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+@dataclass
+class GraphData:
+    """The graph the model runs on (upstream's fields). edge_index (2, E) [source j; target i], grouped by
+    target; edge_distance (E,); edge_distance_vec (E, 3) = pos[j] + offset - pos[i]; cell_offsets (E, 3)
+    integer image offsets (float, as upstream); offset_distances (E, 3) the offsets in Angstrom;
+    neighbors (B,) edges per structure."""
+
+    edge_index: torch.Tensor
+    edge_distance: torch.Tensor
+    edge_distance_vec: torch.Tensor
+    cell_offsets: torch.Tensor
+    offset_distances: torch.Tensor
+    neighbors: torch.Tensor
+
+
+class Resolution:
+    """One message resolution: degree lmax, order mmax, its taps and the constants derived from them.
+
+    sphere_basis S_L = (lmax+1)^2; sphere_basis_reduce R = rows with |m| <= mmax; rank_cutoff: edges
+    whose distance rank is <= rank_cutoff (and above the previous resolution's) use this resolution.
+    """
+
+    def __init__(self, lmax: int, mmax: int, num_taps: int, hidden: int, rank_cutoff: float) -> None:
+        self.lmax, self.mmax, self.hidden, self.rank_cutoff = lmax, mmax, hidden, rank_cutoff
+        self.sphere_basis = (lmax + 1) ** 2
+        self.sphere_basis_reduce = so3.sphere_basis_reduce(lmax, mmax)
+        self.taps = so3.tap_set(lmax, mmax, num_taps)
+        self.num_taps = len(self.taps.angles)
+        self.rows = so3.kept_rows(lmax, mmax)
+        self._cache: dict[tuple, Any] = {}
+
+    def mapping(self, like: torch.Tensor) -> torch.Tensor:
+        """(T*R, R) tap-combination matrix in like's dtype and device."""
+        key = ("mapping", like.dtype, like.device)
+        if key not in self._cache:
+            self._cache[key] = self.taps.mapping.to(dtype=like.dtype, device=like.device)
+        return self._cache[key]
+
+    def wigner(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotations for edge frames (E, 3, 3): wigner (E*T, R, S_L) per (edge, tap), edge-major, and
+        wigner_inv (E, S_L, R), the transpose of tap 0's."""
+        e = frames.shape[0]
+        r, s = self.sphere_basis_reduce, self.sphere_basis
+        per_tap = []
+        for angle in self.taps.angles:
+            y_rot = so3.y_rotation_matrix(angle).to(dtype=frames.dtype, device=frames.device)
+            blocks = so3.wigner_d_blocks(y_rot @ frames, self.lmax)
+            w = frames.new_zeros((e, r, s))
+            row = 0
+            for l, block in enumerate(blocks):
+                mm = min(l, self.mmax)
+                w[:, row : row + 2 * mm + 1, l * l : (l + 1) ** 2] = block[:, l - mm : l + mm + 1, :]
+                row += 2 * mm + 1
+            per_tap.append(w)
+        wigner = torch.stack(per_tap, dim=1).view(e * self.num_taps, r, s)
+        return wigner, per_tap[0].transpose(1, 2).contiguous()
+
+
+class Grid:
+    """ToGrid / FromGrid of upstream for one lmax and band count, constants kept in float64."""
+
+    def __init__(self, lmax: int, num_bands: int) -> None:
+        self.lmax, self.num_bands = lmax, num_bands
+        self.sphere_basis = (lmax + 1) ** 2
+        self.mats = so3.grid_matrices(lmax, num_bands)
+        self._cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+    def _mats(self, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        key = (like.dtype, like.device)
+        if key not in self._cache:
+            m = self.mats
+            self._cache[key] = tuple(
+                t.to(dtype=like.dtype, device=like.device)
+                for t in (m.to_grid_shb, m.to_grid_sha, m.from_grid_sha, m.from_grid_shb)
+            )
+        return self._cache[key]
+
+    def to_grid(self, x: torch.Tensor, channels: int) -> torch.Tensor:
+        """x (N, S, C) -> grid values (N * res_beta * res_alpha, bands * C)."""
+        shb, sha, _, _ = self._mats(x)
+        x = x.view(-1, self.sphere_basis, channels)
+        g = torch.einsum("mbi,zic->zbmc", shb, x)
+        g = torch.einsum("am,zbmc->zbac", sha, g).contiguous()
+        return g.view(-1, self.num_bands * channels)
+
+    def from_grid(self, g: torch.Tensor, channels: int) -> torch.Tensor:
+        """grid values (N * res_beta * res_alpha, C) -> coefficients (N * S, C)."""
+        _, _, sha, shb = self._mats(g)
+        g = g.view(-1, self.mats.res_beta, self.mats.res_alpha, channels)
+        x = torch.einsum("am,zbac->zbmc", sha, g)
+        x = torch.einsum("mbi,zbmc->zic", shb, x).contiguous()
+        return x.view(-1, channels)
+
+
+@dataclass
+class EdgeContext:
+    """Per-forward edge data shared by all blocks: edges grouped by resolution (bounds[r]:bounds[r+1]),
+    their distances (E,), indices (2, E), per-resolution rotations, and the model's dispatcher."""
+
+    edge_distance: torch.Tensor
+    edge_index: torch.Tensor
+    bounds: list[int]
+    rotations: list[tuple[torch.Tensor, torch.Tensor]]
+    dispatcher: Dispatcher
+
+
+class DistanceBlock(nn.Module):
+    """Edge features (E, K): silu(fc1_edge_attr(silu(src_emb + tgt_emb + fc1_dist(basis(d)))))."""
+
+    def __init__(self, in_channels: int, num_basis: int, expansion: nn.Module, max_elements: int,
+                 act: nn.Module) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.distance_expansion = expansion
+        self.act = act
+        self.num_basis_functions = num_basis
+        self.fc1_dist = nn.Linear(in_channels, num_basis)
+        self.source_embedding = nn.Embedding(max_elements, num_basis)
+        self.target_embedding = nn.Embedding(max_elements, num_basis)
+        nn.init.uniform_(self.source_embedding.weight.data, -0.001, 0.001)
+        nn.init.uniform_(self.target_embedding.weight.data, -0.001, 0.001)
+        self.fc1_edge_attr = nn.Linear(num_basis, num_basis)
+
+    def forward(self, dist: torch.Tensor, z_src: torch.Tensor, z_tgt: torch.Tensor) -> torch.Tensor:
+        h = self.fc1_dist(self.distance_expansion(dist))
+        h = self.act(self.source_embedding(z_src) + self.target_embedding(z_tgt) + h)
+        return self.act(self.fc1_edge_attr(h))
+
+
+class MessageBlock(nn.Module):
+    """Messages of one resolution: rotate source and target into each edge frame and tap, MLP, combine
+    taps, rotate back. Returns (E_r, S_L, C') per edge."""
+
+    def __init__(self, channels: int, hidden: int, num_basis: int, res: Resolution,
+                 act: nn.Module) -> None:
+        super().__init__()
+        self.act = act
+        self.hidden_channels = hidden
+        self.sphere_channels_reduce = channels
+        self.res = res
+        self.fc1_dist = nn.Linear(num_basis, hidden)
+        self.fc1_edge_proj = nn.Linear(2 * res.sphere_basis_reduce * channels, hidden)
+        self.fc1_edge = nn.Linear(hidden, hidden)
+        self.fc2_edge = nn.Linear(hidden, res.sphere_basis_reduce * channels)
+
+    def forward(self, x: torch.Tensor, x_edge: torch.Tensor, edge_index: torch.Tensor,
+                wigner: torch.Tensor, wigner_inv: torch.Tensor) -> torch.Tensor:
+        """x (N, S_L, C'), x_edge (E, K), edge_index (2, E), wigner (E*T, R, S_L), wigner_inv (E, S_L, R)."""
+        res, c, t = self.res, self.sphere_channels_reduce, self.res.num_taps
+        h = self.act(self.fc1_dist(x_edge))
+        rotated = []
+        for side in (0, 1):
+            xs = x[edge_index[side]]
+            xs = xs.view(-1, 1, res.sphere_basis, c).repeat(1, t, 1, 1).view(-1, res.sphere_basis, c)
+            rotated.append(torch.bmm(wigner, xs).view(-1, res.sphere_basis_reduce * c))
+        m = self.act(self.fc1_edge_proj(torch.cat(rotated, dim=1)))
+        m = (m.view(-1, t, self.hidden_channels) * h.view(-1, 1, self.hidden_channels))
+        m = self.act(self.fc1_edge(m.view(-1, self.hidden_channels)))
+        m = self.act(self.fc2_edge(m))
+        m = m.view(-1, t * res.sphere_basis_reduce, c)
+        m = torch.einsum("abc,bd->adc", m, res.mapping(m)).contiguous()
+        return torch.bmm(wigner_inv, m)
+
+
+class EdgeBlock(nn.Module):
+    """One interaction: messages from every resolution summed into targets, then (use_grid) a
+    per-grid-point MLP over [ToGrid(x_down), ToGrid(messages)], back to coefficients. (N, S, C) -> (N, S, C)."""
+
+    def __init__(self, resolutions: list[Resolution], grid: Grid | None, channels: int,
+                 channels_reduce: int, expansion: nn.Module, max_elements: int, num_basis: int,
+                 num_gaussians: int, act: nn.Module) -> None:
+        super().__init__()
+        self.num_resolutions = len(resolutions)
+        self.act = act
+        self.sphere_channels = channels
+        self.sphere_channels_reduce = channels_reduce
+        self.distance_expansion = expansion
+        self.resolutions = resolutions
+        self.grid = grid
+        self.use_grid = grid is not None
+        self.sphere_basis = resolutions[0].sphere_basis
+        self.dist_block = DistanceBlock(num_gaussians, num_basis, expansion, max_elements, act)
+        self.message_blocks = nn.ModuleList(
+            MessageBlock(channels_reduce, r.hidden, num_basis, r, act) for r in resolutions
+        )
+        if channels != channels_reduce:
+            self.downsample = nn.Linear(channels, channels_reduce, bias=False)
+            self.upsample = nn.Linear(channels_reduce, channels, bias=False)
+        if grid is not None:
+            width = grid.num_bands * 2 * channels_reduce
+            self.fc1_sphere = nn.Linear(width, width)
+            self.fc2_sphere = nn.Linear(width, 2 * channels_reduce)
+            self.fc3_sphere = nn.Linear(2 * channels_reduce, channels_reduce)
+
+    def forward(self, x: torch.Tensor, atomic_numbers: torch.Tensor, ctx: EdgeContext) -> torch.Tensor:
+        c, cr, s = self.sphere_channels, self.sphere_channels_reduce, self.sphere_basis
+        ei = ctx.edge_index
+        x_edge = self.dist_block(ctx.edge_distance, atomic_numbers[ei[0]], atomic_numbers[ei[1]])
+        x_down = self.downsample(x.view(-1, c)) if c != cr else x
+        x_down = x_down.view(-1, s, cr)
+        x_new = x.new_zeros((x.shape[0], s, cr))
+        for r, (res, block) in enumerate(zip(self.resolutions, self.message_blocks)):
+            lo, hi = ctx.bounds[r], ctx.bounds[r + 1]
+            request = OpRequest("edge_rotation", x.device, x.dtype, res.lmax, res.mmax,
+                                res.num_taps, cr)
+            ctx.dispatcher.choose(request)
+            msg = block(x_down[:, : res.sphere_basis, :], x_edge[lo:hi], ei[:, lo:hi],
+                        *ctx.rotations[r])
+            ctx.dispatcher.choose(OpRequest("scatter_aggregation", *_req_args(request)))
+            x_new[:, : res.sphere_basis, :].index_add_(0, ei[1, lo:hi], msg.to(x_new.dtype))
+        if self.grid is not None:
+            ctx.dispatcher.choose(OpRequest("grid_projection", x.device, x.dtype,
+                                            self.grid.lmax, 0, 1, cr))
+            g = torch.cat([self.grid.to_grid(x_down, cr), self.grid.to_grid(x_new, cr)], dim=1)
+            g = self.act(self.fc1_sphere(g))
+            g = self.act(self.fc2_sphere(g))
+            x_new = self.grid.from_grid(self.fc3_sphere(g), cr)
+        if c != cr:
+            x_new = self.upsample(x_new.view(-1, cr))
+        return x_new.view(-1, s, c)
+
+
+def _req_args(r: OpRequest) -> tuple:
+    return (r.device, r.dtype, r.lmax, r.mmax, r.num_taps, r.channels)
+
+
+class SphericalChannelNetwork(nn.Module):
+    """Spherical Channel Network, a drop-in for ``fairchem.core.models.scn.SphericalChannelNetwork``.
+
+    Positional arguments follow ocpmodels (num_atoms, bond_feat_dim and num_targets are ignored).
+    Keyword-only: fairchem's use_pbc_single, direct_forces, enforce_max_neighbors_strictly, and
+    scn_fast's use_fused, backend ("auto", "reference", "triton", "extension"), precision ("fp32"),
+    deterministic_frames (each edge frame's roll a pure function of its edge vector).
+
+    forward(data) -> {"energy": (B,), "forces": (N, 3)} for any object with pos, cell,
+    atomic_numbers, natoms, batch, pbc (and edge_index, cell_offsets, neighbors when otf_graph=False).
+    """
+
+    def __init__(
+        self,
+        num_atoms: int | None = None,
+        bond_feat_dim: int | None = None,
+        num_targets: int | None = None,
+        use_pbc: bool = True,
+        regress_forces: bool = True,
+        otf_graph: bool = False,
+        max_num_neighbors: int = 20,
+        cutoff: float = 8.0,
+        max_num_elements: int = 90,
+        num_interactions: int = 8,
+        lmax: int = 6,
+        mmax: int = 1,
+        num_resolutions: int = 2,
+        sphere_channels: int = 128,
+        sphere_channels_reduce: int = 128,
+        hidden_channels: int = 256,
+        num_taps: int = -1,
+        use_grid: bool = True,
+        num_bands: int = 1,
+        num_sphere_samples: int = 128,
+        num_basis_functions: int = 128,
+        distance_function: str = "gaussian",
+        basis_width_scalar: float = 1.0,
+        distance_resolution: float = 0.02,
+        show_timing_info: bool = False,
+        *,
+        use_pbc_single: bool = True,
+        direct_forces: bool = True,
+        enforce_max_neighbors_strictly: bool = True,
+        use_fused: bool = False,
+        backend: str = "auto",
+        precision: str = "fp32",
+        deterministic_frames: bool = False,
+    ) -> None:
+        super().__init__()
+        _check_config(lmax, mmax, num_resolutions, num_bands, cutoff, distance_resolution,
+                      max_num_neighbors, direct_forces, precision)
+        self.regress_forces = regress_forces
+        self.use_pbc = use_pbc
+        self.use_pbc_single = use_pbc_single
+        self.otf_graph = otf_graph
+        self.cutoff = cutoff
+        self.max_num_elements = max_num_elements
+        self.max_num_neighbors = self.max_neighbors = max_num_neighbors
+        self.enforce_max_neighbors_strictly = enforce_max_neighbors_strictly
+        self.num_interactions = num_interactions
+        self.lmax, self.mmax = lmax, mmax
+        self.sphere_basis = (lmax + 1) ** 2
+        self.sphere_channels = sphere_channels
+        self.sphere_channels_reduce = sphere_channels_reduce
+        self.hidden_channels = hidden_channels
+        self.num_sphere_samples = num_sphere_samples
+        self.num_basis_functions = num_basis_functions
+        self.distance_function = distance_function
+        self.basis_width_scalar = basis_width_scalar
+        self.distance_resolution = distance_resolution
+        self.use_grid = use_grid
+        self.show_timing_info = show_timing_info
+        self.direct_forces = direct_forces
+        self.precision = precision
+        self.deterministic_frames = deterministic_frames
+        self.dispatcher = Dispatcher(use_fused=use_fused, backend=backend)
+        self.act = nn.SiLU()
+
+        self.sphere_embedding = nn.Embedding(max_num_elements, sphere_channels)
+        self.num_gaussians = int(cutoff / distance_resolution)
+        self.distance_expansion = make_distance_expansion(
+            distance_function, cutoff, self.num_gaussians, basis_width_scalar
+        )
+        if num_resolutions == 1:
+            specs = [(lmax, hidden_channels, max_num_neighbors - 0.01)]
+        else:
+            specs = [(lmax, hidden_channels, 12 - 0.01),
+                     (max(4, lmax - 2), hidden_channels // 4, max_num_neighbors - 0.01)]
+        self.resolutions = [Resolution(lm, mmax, num_taps, h, rc) for lm, h, rc in specs]
+        self.grid = Grid(lmax, num_bands) if use_grid else None
+        self.num_bands = num_bands
+        self.edge_blocks = nn.ModuleList(
+            EdgeBlock(self.resolutions, self.grid, sphere_channels, sphere_channels_reduce,
+                      self.distance_expansion, max_num_elements, num_basis_functions,
+                      self.num_gaussians, self.act)
+            for _ in range(num_interactions)
+        )
+        self.energy_fc1 = nn.Linear(sphere_channels, sphere_channels)
+        self.energy_fc2 = nn.Linear(sphere_channels, sphere_channels_reduce)
+        self.energy_fc3 = nn.Linear(sphere_channels_reduce, 1)
+        if regress_forces:
+            self.force_fc1 = nn.Linear(sphere_channels, sphere_channels)
+            self.force_fc2 = nn.Linear(sphere_channels, sphere_channels_reduce)
+            self.force_fc3 = nn.Linear(sphere_channels_reduce, 1)
+
+    # ------------------------------------------------------------------ inputs and graph
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.sphere_embedding.weight.dtype
+
+    def read_input(self, data: Any) -> Structure:
+        """Validated structure fields of ``data`` in the model's dtype (ValueError on bad input)."""
+        st = read_structure(data, use_pbc=self.use_pbc, max_num_elements=self.max_num_elements,
+                            dtype=self.dtype)
+        validate_structure(st.pos, st.cell, st.pbc, st.natoms)
+        return st
+
+    def generate_graph(self, data: Any, structure: Structure | None = None) -> GraphData:
+        """The radius graph of ``data``: built here (otf_graph=True, or no precomputed edges given) or
+        taken from data.edge_index / cell_offsets / neighbors, regrouped by target if needed."""
+        st = structure if structure is not None else self.read_input(data)
+        pre = getattr(data, "edge_index", None)
+        if not self.otf_graph and pre is not None:
+            offsets = getattr(data, "cell_offsets", None)
+            if offsets is None:
+                if self.use_pbc:
+                    raise ValueError("otf_graph=False with use_pbc=True needs data.cell_offsets")
+                offsets = torch.zeros(pre.shape[1], 3, dtype=torch.long, device=pre.device)
+            edge_index, offsets, _ = check_precomputed_graph(
+                pre.to(st.pos.device), offsets.to(st.pos.device), st.natoms, self.max_num_neighbors
+            )
+            neighbors = torch.bincount(st.batch[edge_index[1]], minlength=len(st.natoms))
+            given = getattr(data, "neighbors", None)
+            if given is not None and not torch.equal(torch.as_tensor(given).reshape(-1).to(neighbors),
+                                                     neighbors):
+                raise ValueError(
+                    f"data.neighbors {torch.as_tensor(given).tolist()} disagrees with the edges per "
+                    f"structure {neighbors.tolist()} in data.edge_index"
+                )
+        else:
+            if not self.otf_graph:
+                warnings.warn("otf_graph=False but data has no edge_index: building the graph here",
+                              stacklevel=2)
+            g = radius_graph_pbc(st.pos, st.cell, st.pbc, st.natoms, self.cutoff,
+                                 self.max_num_neighbors, self.enforce_max_neighbors_strictly)
+            edge_index, offsets, neighbors = g.edge_index, g.cell_offsets, g.neighbors
+        vec = edge_vectors(st.pos, st.cell, st.batch, edge_index, offsets)
+        offsets_f = offsets.to(st.pos.dtype)
+        shift = torch.bmm(offsets_f.view(-1, 1, 3), st.cell[st.batch[edge_index[1]]]).view(-1, 3)
+        return GraphData(edge_index, vec.norm(dim=-1), vec, offsets_f, shift, neighbors)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, data: Any) -> dict[str, torch.Tensor]:
+        """{"energy": (B,), "forces": (N, 3)} (forces only with regress_forces)."""
+        start = time.perf_counter()
+        st = self.read_input(data)
+        graph = self.generate_graph(data, st)
+        out = self._forward_graph(st, graph)
+        if self.show_timing_info:
+            logger.info("SCN forward: %d atoms, %.4f s", len(st.pos), time.perf_counter() - start)
+        return out
+
+    def _edge_context(self, st: Structure, graph: GraphData) -> EdgeContext:
+        """Rank edges per target by distance, group them by resolution, and build edge rotations."""
+        n = st.pos.shape[0]
+        rank = rank_edges(graph.edge_distance, graph.edge_index[1], n)
+        group = torch.full_like(rank, len(self.resolutions) - 1)
+        for r in reversed(range(len(self.resolutions) - 1)):
+            group = torch.where(rank <= self.resolutions[r].rank_cutoff, r, group)
+        order = torch.argsort(group, stable=True)
+        counts = torch.bincount(group, minlength=len(self.resolutions)).tolist()
+        bounds = [0]
+        for cnt in counts:
+            bounds.append(bounds[-1] + cnt)
+        edge_index = graph.edge_index[:, order]
+        frames = edge_frames(graph.edge_distance_vec[order], self.deterministic_frames)
+        rotations = [
+            res.wigner(frames[bounds[r] : bounds[r + 1]]) for r, res in enumerate(self.resolutions)
+        ]
+        self._last_edge_index_reordered = edge_index
+        self._last_edge_rot_mat = frames
+        return EdgeContext(graph.edge_distance[order], edge_index, bounds, rotations, self.dispatcher)
+
+    def _forward_graph(self, st: Structure, graph: GraphData) -> dict[str, torch.Tensor]:
+        ctx = self._edge_context(st, graph)
+        z = st.atomic_numbers
+        x = st.pos.new_zeros((len(z), self.sphere_basis, self.sphere_channels))
+        x[:, 0, :] = self.sphere_embedding(z)
+        self._last_block_io: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for i, block in enumerate(self.edge_blocks):
+            y = block(x, z, ctx)
+            self._last_block_io.append((x.detach(), y.detach()))
+            x = x + y if i > 0 else y
+        return self._heads(x, st)
+
+    def _heads(self, x: torch.Tensor, st: Structure) -> dict[str, torch.Tensor]:
+        """Energy: mean over sphere samples of an MLP on x's values there, summed per structure.
+        Forces: the point-weighted mean of a second MLP's values."""
+        p = self.num_sphere_samples
+        y = so3.sphere_harmonics_at_points(p, self.lmax).to(dtype=x.dtype, device=x.device)
+        on_sphere = torch.einsum("abc,pb->apc", x, y).contiguous().view(-1, self.sphere_channels)
+        e = self.act(self.energy_fc1(on_sphere))
+        e = self.act(self.energy_fc2(e))
+        e = self.energy_fc3(e).view(-1, p, 1)
+        node_energy = torch.sum(e, dim=1) / p
+        energy = x.new_zeros(len(st.natoms)).index_add(0, st.batch, node_energy.view(-1))
+        out = {"energy": energy}
+        if self.regress_forces:
+            f = self.act(self.force_fc1(on_sphere))
+            f = self.act(self.force_fc2(f))
+            f = self.force_fc3(f).view(-1, p, 1)
+            pts = so3.sphere_points(p).to(dtype=x.dtype, device=x.device)
+            out["forces"] = torch.sum(f * pts.view(1, p, 3), dim=1) / p
+        return out
+
+    # ------------------------------------------------------------------ reporting
+    def explain(self) -> dict[str, dict]:
+        """Per fused op: {"ran": backend or None, "refused": {backend: reason}} for the last call."""
+        return self.dispatcher.explain()
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def rank_edges(distance: torch.Tensor, target: torch.Tensor, num_atoms: int) -> torch.Tensor:
+    """Rank (E,) of each edge among its target's edges by distance (0 = nearest; ties keep edge order)."""
+    if distance.numel() == 0:
+        return target.new_zeros(0)
+    order = torch.argsort(distance, stable=True)
+    order = order[torch.argsort(target[order], stable=True)]
+    counts = torch.bincount(target, minlength=num_atoms)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order), device=order.device) - starts[target[order]]
+    return rank
+
+
+def _check_config(lmax: int, mmax: int, num_resolutions: int, num_bands: int, cutoff: float,
+                  distance_resolution: float, max_num_neighbors: int, direct_forces: bool,
+                  precision: str) -> None:
+    if not 1 <= lmax <= 10:
+        raise ValueError(f"lmax must be in 1..10, got {lmax}")
+    if mmax not in (0, 1):
+        raise ValueError(f"mmax must be 0 or 1, got {mmax}")
+    if num_resolutions not in (1, 2):
+        raise ValueError(f"num_resolutions must be 1 or 2, got {num_resolutions}")
+    if num_resolutions == 2 and lmax < 4:
+        raise ValueError(
+            f"num_resolutions=2 uses lmax max(4, lmax-2) for far edges, which needs lmax >= 4; got {lmax}"
+        )
+    if not 1 <= num_bands <= lmax + 1:
+        raise ValueError(f"num_bands must be in 1..lmax+1, got {num_bands}")
+    if cutoff <= 0 or distance_resolution <= 0 or int(cutoff / distance_resolution) < 2:
+        raise ValueError(
+            f"cutoff ({cutoff}) / distance_resolution ({distance_resolution}) must give >= 2 basis functions"
+        )
+    if max_num_neighbors <= 0:
+        raise ValueError(f"max_num_neighbors must be positive, got {max_num_neighbors}")
+    if not direct_forces:
+        raise ValueError(
+            "direct_forces=False (forces as -dE/dx) is not supported: SCN predicts forces directly, "
+            "and upstream SCN ignores this flag"
+        )
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "fp32":
+        raise NotImplementedError(f"precision={precision!r} is not available yet; use 'fp32'")
+    if not math.isfinite(cutoff):
+        raise ValueError("cutoff must be finite")
