@@ -66,7 +66,9 @@ class AtomsBatch:
         )
         return out.to(device) if device is not None else out
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> AtomsBatch:
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> AtomsBatch:
         """A copy on ``device``; ``dtype`` converts the float fields (pos, cell)."""
         kw = {}
         for f in fields(self):

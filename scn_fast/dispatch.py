@@ -121,9 +121,13 @@ class Dispatcher:
                 + "; ".join(f"{k}: {v}" for k, v in refused.items())
             )
         if self.use_fused and wanted not in ("auto", "reference"):
-            refused.update({b: f"backend={wanted!r} was requested" for b in BACKENDS if b != chosen})
+            refused.update(
+                {b: f"backend={wanted!r} was requested" for b in BACKENDS if b != chosen}
+            )
         elif self.use_fused and wanted == "reference":
-            refused.update({b: "backend='reference' was requested" for b in BACKENDS if b != chosen})
+            refused.update(
+                {b: "backend='reference' was requested" for b in BACKENDS if b != chosen}
+            )
         if chosen in refused:
             del refused[chosen]
         self._last[request.op] = {"ran": chosen, "refused": dict(sorted(refused.items()))}

@@ -57,7 +57,9 @@ class Resolution:
     whose distance rank is <= rank_cutoff (and above the previous resolution's) use this resolution.
     """
 
-    def __init__(self, lmax: int, mmax: int, num_taps: int, hidden: int, rank_cutoff: float) -> None:
+    def __init__(
+        self, lmax: int, mmax: int, num_taps: int, hidden: int, rank_cutoff: float
+    ) -> None:
         self.lmax, self.mmax, self.hidden, self.rank_cutoff = lmax, mmax, hidden, rank_cutoff
         self.sphere_basis = (lmax + 1) ** 2
         self.sphere_basis_reduce = so3.sphere_basis_reduce(lmax, mmax)
@@ -86,7 +88,9 @@ class Resolution:
             row = 0
             for l, block in enumerate(blocks):
                 mm = min(l, self.mmax)
-                w[:, row : row + 2 * mm + 1, l * l : (l + 1) ** 2] = block[:, l - mm : l + mm + 1, :]
+                w[:, row : row + 2 * mm + 1, l * l : (l + 1) ** 2] = block[
+                    :, l - mm : l + mm + 1, :
+                ]
                 row += 2 * mm + 1
             per_tap.append(w)
         wigner = torch.stack(per_tap, dim=1).view(e * self.num_taps, r, s)
@@ -131,11 +135,13 @@ class Grid:
 
 @dataclass
 class EdgeContext:
-    """Per-forward edge data shared by all blocks: edges grouped by resolution (bounds[r]:bounds[r+1]),
-    their distances (E,), indices (2, E), per-resolution rotations, and the model's dispatcher."""
+    """Per-forward edge data shared by all blocks, edges grouped by resolution (bounds[r]:bounds[r+1]):
+    edge_distance (E,), edge_index (2, E), frames (E, 3, 3) edge rotation matrices, rotations[r] =
+    (wigner (E_r*T, R, S_L), wigner_inv (E_r, S_L, R)), and the model's dispatcher."""
 
     edge_distance: torch.Tensor
     edge_index: torch.Tensor
+    frames: torch.Tensor
     bounds: list[int]
     rotations: list[tuple[torch.Tensor, torch.Tensor]]
     dispatcher: Dispatcher
@@ -144,8 +150,14 @@ class EdgeContext:
 class DistanceBlock(nn.Module):
     """Edge features (E, K): silu(fc1_edge_attr(silu(src_emb + tgt_emb + fc1_dist(basis(d)))))."""
 
-    def __init__(self, in_channels: int, num_basis: int, expansion: nn.Module, max_elements: int,
-                 act: nn.Module) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        num_basis: int,
+        expansion: nn.Module,
+        max_elements: int,
+        act: nn.Module,
+    ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.distance_expansion = expansion
@@ -168,8 +180,9 @@ class MessageBlock(nn.Module):
     """Messages of one resolution: rotate source and target into each edge frame and tap, MLP, combine
     taps, rotate back. Returns (E_r, S_L, C') per edge."""
 
-    def __init__(self, channels: int, hidden: int, num_basis: int, res: Resolution,
-                 act: nn.Module) -> None:
+    def __init__(
+        self, channels: int, hidden: int, num_basis: int, res: Resolution, act: nn.Module
+    ) -> None:
         super().__init__()
         self.act = act
         self.hidden_channels = hidden
@@ -180,18 +193,26 @@ class MessageBlock(nn.Module):
         self.fc1_edge = nn.Linear(hidden, hidden)
         self.fc2_edge = nn.Linear(hidden, res.sphere_basis_reduce * channels)
 
-    def forward(self, x: torch.Tensor, x_edge: torch.Tensor, edge_index: torch.Tensor,
-                wigner: torch.Tensor, wigner_inv: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        x_edge: torch.Tensor,
+        edge_index: torch.Tensor,
+        wigner: torch.Tensor,
+        wigner_inv: torch.Tensor,
+    ) -> torch.Tensor:
         """x (N, S_L, C'), x_edge (E, K), edge_index (2, E), wigner (E*T, R, S_L), wigner_inv (E, S_L, R)."""
         res, c, t = self.res, self.sphere_channels_reduce, self.res.num_taps
         h = self.act(self.fc1_dist(x_edge))
         rotated = []
         for side in (0, 1):
             xs = x[edge_index[side]]
-            xs = xs.view(-1, 1, res.sphere_basis, c).repeat(1, t, 1, 1).view(-1, res.sphere_basis, c)
+            xs = (
+                xs.view(-1, 1, res.sphere_basis, c).repeat(1, t, 1, 1).view(-1, res.sphere_basis, c)
+            )
             rotated.append(torch.bmm(wigner, xs).view(-1, res.sphere_basis_reduce * c))
         m = self.act(self.fc1_edge_proj(torch.cat(rotated, dim=1)))
-        m = (m.view(-1, t, self.hidden_channels) * h.view(-1, 1, self.hidden_channels))
+        m = m.view(-1, t, self.hidden_channels) * h.view(-1, 1, self.hidden_channels)
         m = self.act(self.fc1_edge(m.view(-1, self.hidden_channels)))
         m = self.act(self.fc2_edge(m))
         m = m.view(-1, t * res.sphere_basis_reduce, c)
@@ -203,9 +224,18 @@ class EdgeBlock(nn.Module):
     """One interaction: messages from every resolution summed into targets, then (use_grid) a
     per-grid-point MLP over [ToGrid(x_down), ToGrid(messages)], back to coefficients. (N, S, C) -> (N, S, C)."""
 
-    def __init__(self, resolutions: list[Resolution], grid: Grid | None, channels: int,
-                 channels_reduce: int, expansion: nn.Module, max_elements: int, num_basis: int,
-                 num_gaussians: int, act: nn.Module) -> None:
+    def __init__(
+        self,
+        resolutions: list[Resolution],
+        grid: Grid | None,
+        channels: int,
+        channels_reduce: int,
+        expansion: nn.Module,
+        max_elements: int,
+        num_basis: int,
+        num_gaussians: int,
+        act: nn.Module,
+    ) -> None:
         super().__init__()
         self.num_resolutions = len(resolutions)
         self.act = act
@@ -229,25 +259,30 @@ class EdgeBlock(nn.Module):
             self.fc2_sphere = nn.Linear(width, 2 * channels_reduce)
             self.fc3_sphere = nn.Linear(2 * channels_reduce, channels_reduce)
 
-    def forward(self, x: torch.Tensor, atomic_numbers: torch.Tensor, ctx: EdgeContext) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, atomic_numbers: torch.Tensor, ctx: EdgeContext
+    ) -> torch.Tensor:
         c, cr, s = self.sphere_channels, self.sphere_channels_reduce, self.sphere_basis
         ei = ctx.edge_index
         x_edge = self.dist_block(ctx.edge_distance, atomic_numbers[ei[0]], atomic_numbers[ei[1]])
         x_down = self.downsample(x.view(-1, c)) if c != cr else x
         x_down = x_down.view(-1, s, cr)
         x_new = x.new_zeros((x.shape[0], s, cr))
-        for r, (res, block) in enumerate(zip(self.resolutions, self.message_blocks)):
+        for r, (res, block) in enumerate(zip(self.resolutions, self.message_blocks, strict=True)):
             lo, hi = ctx.bounds[r], ctx.bounds[r + 1]
-            request = OpRequest("edge_rotation", x.device, x.dtype, res.lmax, res.mmax,
-                                res.num_taps, cr)
+            request = OpRequest(
+                "edge_rotation", x.device, x.dtype, res.lmax, res.mmax, res.num_taps, cr
+            )
             ctx.dispatcher.choose(request)
-            msg = block(x_down[:, : res.sphere_basis, :], x_edge[lo:hi], ei[:, lo:hi],
-                        *ctx.rotations[r])
+            msg = block(
+                x_down[:, : res.sphere_basis, :], x_edge[lo:hi], ei[:, lo:hi], *ctx.rotations[r]
+            )
             ctx.dispatcher.choose(OpRequest("scatter_aggregation", *_req_args(request)))
             x_new[:, : res.sphere_basis, :].index_add_(0, ei[1, lo:hi], msg.to(x_new.dtype))
         if self.grid is not None:
-            ctx.dispatcher.choose(OpRequest("grid_projection", x.device, x.dtype,
-                                            self.grid.lmax, 0, 1, cr))
+            ctx.dispatcher.choose(
+                OpRequest("grid_projection", x.device, x.dtype, self.grid.lmax, 0, 1, cr)
+            )
             g = torch.cat([self.grid.to_grid(x_down, cr), self.grid.to_grid(x_new, cr)], dim=1)
             g = self.act(self.fc1_sphere(g))
             g = self.act(self.fc2_sphere(g))
@@ -310,8 +345,17 @@ class SphericalChannelNetwork(nn.Module):
         deterministic_frames: bool = False,
     ) -> None:
         super().__init__()
-        _check_config(lmax, mmax, num_resolutions, num_bands, cutoff, distance_resolution,
-                      max_num_neighbors, direct_forces, precision)
+        _check_config(
+            lmax,
+            mmax,
+            num_resolutions,
+            num_bands,
+            cutoff,
+            distance_resolution,
+            max_num_neighbors,
+            direct_forces,
+            precision,
+        )
         self.regress_forces = regress_forces
         self.use_pbc = use_pbc
         self.use_pbc_single = use_pbc_single
@@ -347,15 +391,25 @@ class SphericalChannelNetwork(nn.Module):
         if num_resolutions == 1:
             specs = [(lmax, hidden_channels, max_num_neighbors - 0.01)]
         else:
-            specs = [(lmax, hidden_channels, 12 - 0.01),
-                     (max(4, lmax - 2), hidden_channels // 4, max_num_neighbors - 0.01)]
+            specs = [
+                (lmax, hidden_channels, 12 - 0.01),
+                (max(4, lmax - 2), hidden_channels // 4, max_num_neighbors - 0.01),
+            ]
         self.resolutions = [Resolution(lm, mmax, num_taps, h, rc) for lm, h, rc in specs]
         self.grid = Grid(lmax, num_bands) if use_grid else None
         self.num_bands = num_bands
         self.edge_blocks = nn.ModuleList(
-            EdgeBlock(self.resolutions, self.grid, sphere_channels, sphere_channels_reduce,
-                      self.distance_expansion, max_num_elements, num_basis_functions,
-                      self.num_gaussians, self.act)
+            EdgeBlock(
+                self.resolutions,
+                self.grid,
+                sphere_channels,
+                sphere_channels_reduce,
+                self.distance_expansion,
+                max_num_elements,
+                num_basis_functions,
+                self.num_gaussians,
+                self.act,
+            )
             for _ in range(num_interactions)
         )
         self.energy_fc1 = nn.Linear(sphere_channels, sphere_channels)
@@ -373,8 +427,9 @@ class SphericalChannelNetwork(nn.Module):
 
     def read_input(self, data: Any) -> Structure:
         """Validated structure fields of ``data`` in the model's dtype (ValueError on bad input)."""
-        st = read_structure(data, use_pbc=self.use_pbc, max_num_elements=self.max_num_elements,
-                            dtype=self.dtype)
+        st = read_structure(
+            data, use_pbc=self.use_pbc, max_num_elements=self.max_num_elements, dtype=self.dtype
+        )
         validate_structure(st.pos, st.cell, st.pbc, st.natoms)
         return st
 
@@ -394,18 +449,28 @@ class SphericalChannelNetwork(nn.Module):
             )
             neighbors = torch.bincount(st.batch[edge_index[1]], minlength=len(st.natoms))
             given = getattr(data, "neighbors", None)
-            if given is not None and not torch.equal(torch.as_tensor(given).reshape(-1).to(neighbors),
-                                                     neighbors):
+            if given is not None and not torch.equal(
+                torch.as_tensor(given).reshape(-1).to(neighbors), neighbors
+            ):
                 raise ValueError(
                     f"data.neighbors {torch.as_tensor(given).tolist()} disagrees with the edges per "
                     f"structure {neighbors.tolist()} in data.edge_index"
                 )
         else:
             if not self.otf_graph:
-                warnings.warn("otf_graph=False but data has no edge_index: building the graph here",
-                              stacklevel=2)
-            g = radius_graph_pbc(st.pos, st.cell, st.pbc, st.natoms, self.cutoff,
-                                 self.max_num_neighbors, self.enforce_max_neighbors_strictly)
+                warnings.warn(
+                    "otf_graph=False but data has no edge_index: building the graph here",
+                    stacklevel=2,
+                )
+            g = radius_graph_pbc(
+                st.pos,
+                st.cell,
+                st.pbc,
+                st.natoms,
+                self.cutoff,
+                self.max_num_neighbors,
+                self.enforce_max_neighbors_strictly,
+            )
             edge_index, offsets, neighbors = g.edge_index, g.cell_offsets, g.neighbors
         vec = edge_vectors(st.pos, st.cell, st.batch, edge_index, offsets)
         offsets_f = offsets.to(st.pos.dtype)
@@ -418,13 +483,14 @@ class SphericalChannelNetwork(nn.Module):
         start = time.perf_counter()
         st = self.read_input(data)
         graph = self.generate_graph(data, st)
-        out = self._forward_graph(st, graph)
+        out = self.forward_graph(st, graph)
         if self.show_timing_info:
             logger.info("SCN forward: %d atoms, %.4f s", len(st.pos), time.perf_counter() - start)
         return out
 
-    def _edge_context(self, st: Structure, graph: GraphData) -> EdgeContext:
-        """Rank edges per target by distance, group them by resolution, and build edge rotations."""
+    def edge_context(self, st: Structure, graph: GraphData) -> EdgeContext:
+        """Rank edges per target by distance, group them by resolution (stable), build their frames
+        (drawing the random rolls, unless deterministic_frames) and Wigner rotations."""
         n = st.pos.shape[0]
         rank = rank_edges(graph.edge_distance, graph.edge_index[1], n)
         group = torch.full_like(rank, len(self.resolutions) - 1)
@@ -440,19 +506,19 @@ class SphericalChannelNetwork(nn.Module):
         rotations = [
             res.wigner(frames[bounds[r] : bounds[r + 1]]) for r, res in enumerate(self.resolutions)
         ]
-        self._last_edge_index_reordered = edge_index
-        self._last_edge_rot_mat = frames
-        return EdgeContext(graph.edge_distance[order], edge_index, bounds, rotations, self.dispatcher)
+        return EdgeContext(
+            graph.edge_distance[order], edge_index, frames, bounds, rotations, self.dispatcher
+        )
 
-    def _forward_graph(self, st: Structure, graph: GraphData) -> dict[str, torch.Tensor]:
-        ctx = self._edge_context(st, graph)
+    def forward_graph(self, st: Structure, graph: GraphData) -> dict[str, torch.Tensor]:
+        """The model on a validated structure and its graph (``forward`` = read_input, generate_graph,
+        forward_graph)."""
+        ctx = self.edge_context(st, graph)
         z = st.atomic_numbers
         x = st.pos.new_zeros((len(z), self.sphere_basis, self.sphere_channels))
         x[:, 0, :] = self.sphere_embedding(z)
-        self._last_block_io: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i, block in enumerate(self.edge_blocks):
             y = block(x, z, ctx)
-            self._last_block_io.append((x.detach(), y.detach()))
             x = x + y if i > 0 else y
         return self._heads(x, st)
 
@@ -499,9 +565,17 @@ def rank_edges(distance: torch.Tensor, target: torch.Tensor, num_atoms: int) -> 
     return rank
 
 
-def _check_config(lmax: int, mmax: int, num_resolutions: int, num_bands: int, cutoff: float,
-                  distance_resolution: float, max_num_neighbors: int, direct_forces: bool,
-                  precision: str) -> None:
+def _check_config(
+    lmax: int,
+    mmax: int,
+    num_resolutions: int,
+    num_bands: int,
+    cutoff: float,
+    distance_resolution: float,
+    max_num_neighbors: int,
+    direct_forces: bool,
+    precision: str,
+) -> None:
     if not 1 <= lmax <= 10:
         raise ValueError(f"lmax must be in 1..10, got {lmax}")
     if mmax not in (0, 1):

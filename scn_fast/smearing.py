@@ -14,7 +14,12 @@ def _offsets(start: float, stop: float, num: int) -> torch.Tensor:
     """Float32 centres ``linspace(start, stop, num)``; coefficients derive from their float32 spacing."""
     if num < 2:
         raise ValueError(f"a distance basis needs at least 2 functions, got {num}")
-    return torch.linspace(start, stop, num, dtype=torch.float32)
+    return torch.linspace(start, stop, num, dtype=torch.float32, device="cpu")
+
+
+def _on_default_device(t: torch.Tensor) -> torch.Tensor:
+    """t moved to the current default device (so ``with torch.device("meta")`` construction works)."""
+    return t.to(torch.empty(0).device)
 
 
 class GaussianSmearing(nn.Module):
@@ -26,7 +31,7 @@ class GaussianSmearing(nn.Module):
         self.num_output = num
         # width * spacing is rounded to float32 before squaring, as upstream does.
         self.coeff = -0.5 / (width * (offset[1] - offset[0])).item() ** 2
-        self.register_buffer("offset", offset)
+        self.register_buffer("offset", _on_default_device(offset))
 
     def forward(self, dist: torch.Tensor) -> torch.Tensor:
         return torch.exp(self.coeff * (dist.view(-1, 1) - self.offset.view(1, -1)) ** 2)
@@ -40,7 +45,7 @@ class SigmoidSmearing(nn.Module):
         offset = _offsets(start, stop, num)
         self.num_output = num
         self.coeff = (width / (offset[1] - offset[0])).item()  # a float32 quotient, as upstream
-        self.register_buffer("offset", offset)
+        self.register_buffer("offset", _on_default_device(offset))
 
     def forward(self, dist: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.coeff * (dist.view(-1, 1) - self.offset.view(1, -1)))

@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 from e3nn import o3
@@ -25,7 +25,7 @@ F64 = torch.float64
 _J_MATRIX = ((0.0, -1.0, 0.0), (-1.0, 0.0, 0.0), (0.0, 0.0, 1.0))
 
 
-@lru_cache(maxsize=None)
+@cache
 def wigner_j(l: int) -> torch.Tensor:
     """J_l, the (2l+1, 2l+1) float64 matrix with Y_l(P r) = J_l Y_l(r) for P = [[0,-1,0],[-1,0,0],[0,0,1]].
 
@@ -170,7 +170,7 @@ def _default_float64() -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-@lru_cache(maxsize=None)
+@cache
 def grid_matrices(lmax: int, num_bands: int) -> GridMatrices:
     """The ToGrid / FromGrid matrices of upstream SCN (e3nn ``integral`` normalisation), in float64."""
     if not 1 <= num_bands <= lmax + 1:
@@ -189,11 +189,16 @@ def grid_matrices(lmax: int, num_bands: int) -> GridMatrices:
     to_sha = torch.block_diag(*shas).view(num_bands, res_alpha, -1).transpose(0, 1)
     to_sha = to_sha.reshape(res_alpha * num_bands, -1)
     return GridMatrices(
-        res_beta, res_alpha, to_shb.contiguous(), to_sha.contiguous(), fg.sha.clone(), fg.shb.clone()
+        res_beta,
+        res_alpha,
+        to_shb.contiguous(),
+        to_sha.contiguous(),
+        fg.sha.clone(),
+        fg.shb.clone(),
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def sphere_points(num_points: int) -> torch.Tensor:
     """(P, 3) float64 golden-spiral points on the unit sphere scaled by a density weight (mean 1).
 
@@ -205,7 +210,11 @@ def sphere_points(num_points: int) -> torch.Tensor:
     theta = 2 * math.pi * i / phi_golden
     polar = torch.arccos(1 - 2 * (i + 0.5) / num_points)
     pts = torch.cat(
-        [torch.cos(theta) * torch.sin(polar), torch.sin(theta) * torch.sin(polar), torch.cos(polar)],
+        [
+            torch.cos(theta) * torch.sin(polar),
+            torch.sin(theta) * torch.sin(polar),
+            torch.cos(polar),
+        ],
         dim=1,
     )
     d2 = ((pts.view(1, -1, 3) - pts.view(-1, 1, 3)) ** 2).sum(dim=2)
@@ -214,7 +223,7 @@ def sphere_points(num_points: int) -> torch.Tensor:
     return pts * w.view(-1, 1)
 
 
-@lru_cache(maxsize=None)
+@cache
 def sphere_harmonics_at_points(num_points: int, lmax: int) -> torch.Tensor:
     """(P, S) float64 unnormalised real spherical harmonics (degrees 0..lmax) at ``sphere_points``."""
     return o3.spherical_harmonics(list(range(lmax + 1)), sphere_points(num_points), normalize=False)

@@ -1,0 +1,12 @@
+"""scn_fast: a faithful and fast Spherical Channel Network (SCN).
+
+``SphericalChannelNetwork`` is a drop-in for fairchem's / ocpmodels' SCN (same constructor, same
+state_dict, same outputs), with fused kernels selected by a dispatcher (``use_fused=True``).
+"""
+
+from .data import AtomsBatch
+from .model import GraphData, SphericalChannelNetwork
+from .presets import PRESETS, preset
+
+__all__ = ["PRESETS", "AtomsBatch", "GraphData", "SphericalChannelNetwork", "preset"]
+__version__ = "0.1.0"

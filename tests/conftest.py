@@ -1,0 +1,61 @@
+"""Shared fixtures: golden files (upstream's own outputs, copied from shared/golden) and tolerances."""
+
+from __future__ import annotations
+
+import os
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+GOLDEN_DIR = Path(__file__).parent / "golden"
+GOLDEN_FILES = sorted(p.name for p in GOLDEN_DIR.glob("*__*.pt"))
+
+# DESIGN.md section 8 (the project's one tolerance table).
+TOL = {
+    "reference_fp32": {"energy": 1e-5, "force_u_factor": 3.0, "force_floor": 2e-5},
+    "reference_fp64": {"energy": 1e-9, "force": 1e-8},
+}
+
+
+def load_golden(name: str) -> dict:
+    return torch.load(GOLDEN_DIR / name, weights_only=True)
+
+
+@pytest.fixture(params=GOLDEN_FILES)
+def golden(request) -> dict:
+    return load_golden(request.param)
+
+
+def golden_inputs(g: dict, precomputed: bool = False) -> types.SimpleNamespace:
+    data = types.SimpleNamespace(**{k: v.clone() for k, v in g["inputs"].items()})
+    if precomputed:
+        data.edge_index = g["graph"]["precomputed_edge_index"].clone()
+        data.cell_offsets = g["graph"]["cell_offsets"].clone()
+        data.neighbors = g["graph"]["precomputed_neighbors"].clone()
+    return data
+
+
+def energy_error(e: torch.Tensor, truth: torch.Tensor) -> float:
+    """max |dE| / max(1, |E|) over structures."""
+    return ((e.double() - truth).abs() / truth.abs().clamp(min=1.0)).max().item()
+
+
+def force_error(f: torch.Tensor, truth: torch.Tensor) -> float:
+    """max |dF| / max |F_truth|."""
+    return ((f.double() - truth).abs().max() / truth.abs().max()).item()
+
+
+def pytest_collection_modifyitems(config, items):
+    has_cuda = torch.cuda.is_available()
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device; none is visible"))
+
+
+@pytest.fixture(autouse=True)
+def _no_backend_override(monkeypatch):
+    """Tests choose backends explicitly; a developer's SCN_FAST_BACKEND must not leak in."""
+    if "SCN_FAST_BACKEND" in os.environ:
+        monkeypatch.delenv("SCN_FAST_BACKEND")
