@@ -18,6 +18,14 @@ BACKENDS = ("reference", "triton", "extension")
 BACKEND_CHOICES = ("auto", *BACKENDS)
 OPS = ("edge_rotation", "scatter_aggregation", "grid_projection")
 ENV_BACKEND = "SCN_FAST_BACKEND"
+# backend="auto" tries these in order, per device type.
+AUTO_ORDER = {
+    "cuda": ("triton", "extension", "reference"),
+    "cpu": ("extension", "triton", "reference"),
+}
+AUTO_SKIPS_INTERPRETER = (
+    "on CPU Triton runs only in its interpreter, a testing tool: backend='auto' never picks it"
+)
 
 
 @dataclass(frozen=True)
@@ -35,11 +43,16 @@ class OpRequest:
 
 @dataclass
 class Implementation:
-    """One backend of one op: ``refusal(request)`` is None when it supports the request."""
+    """One backend of one op: ``refusal(request)`` is None when it supports the request.
+
+    ``implemented=False`` marks a backend that has no code for the op in this version: an explicit
+    request for that backend then runs the op on the reference (and says so) instead of raising.
+    """
 
     op: str
     backend: str
     refusal: Callable[[OpRequest], str | None]
+    implemented: bool = True
 
 
 def _reference_refusal(request: OpRequest) -> str | None:
@@ -53,8 +66,8 @@ def _not_built(request: OpRequest) -> str | None:
 _REGISTRY: dict[str, dict[str, Implementation]] = {
     op: {
         "reference": Implementation(op, "reference", _reference_refusal),
-        "triton": Implementation(op, "triton", _not_built),
-        "extension": Implementation(op, "extension", _not_built),
+        "triton": Implementation(op, "triton", _not_built, implemented=False),
+        "extension": Implementation(op, "extension", _not_built, implemented=False),
     }
     for op in OPS
 }
@@ -105,9 +118,14 @@ class Dispatcher:
             order = ["reference"]
             refused = {b: "use_fused=False" for b in BACKENDS if b != "reference"}
         elif wanted == "auto":
-            order = ["triton", "extension", "reference"]
-        else:
+            order = list(AUTO_ORDER.get(request.device.type, ("extension", "triton", "reference")))
+            if request.device.type == "cpu":
+                refused["triton"] = AUTO_SKIPS_INTERPRETER
+                order.remove("triton")
+        elif impls[wanted].implemented:
             order = [wanted]
+        else:
+            order = [wanted, "reference"]
         chosen = None
         for name in order:
             reason = impls[name].refusal(request)
@@ -120,18 +138,22 @@ class Dispatcher:
                 f"backend {wanted!r} cannot run {request.op}: "
                 + "; ".join(f"{k}: {v}" for k, v in refused.items())
             )
-        if self.use_fused and wanted not in ("auto", "reference"):
-            refused.update(
-                {b: f"backend={wanted!r} was requested" for b in BACKENDS if b != chosen}
-            )
-        elif self.use_fused and wanted == "reference":
-            refused.update(
-                {b: "backend='reference' was requested" for b in BACKENDS if b != chosen}
-            )
+        if self.use_fused and wanted != "auto":
+            for b in BACKENDS:
+                if b != chosen and b not in refused:
+                    refused[b] = f"backend={wanted!r} was requested"
         if chosen in refused:
             del refused[chosen]
         self._last[request.op] = {"ran": chosen, "refused": dict(sorted(refused.items()))}
         return chosen
+
+    def fall_back(self, op: str, why: str) -> str:
+        """Override the last choice for ``op`` with the reference, recording ``why``."""
+        rec = self._last[op]
+        if rec["ran"] != "reference":
+            rec["refused"] = dict(sorted({**rec["refused"], rec["ran"]: why}.items()))
+            rec["ran"] = "reference"
+        return "reference"
 
     def explain(self) -> dict[str, dict]:
         """{op: {"ran": backend or None, "refused": {backend: reason}}} for the last forward/backward."""

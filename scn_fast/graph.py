@@ -15,6 +15,8 @@ float64 whatever the input dtype.
 
 Algorithm (memory O(N * neighbours)):
 
+0. Strongly skewed cells are first lattice-reduced (an integer unimodular change of basis of
+   the periodic vectors, undone on the offsets at the end) so the image count stays small.
 1. Each system gets a *frame*: its lattice vectors along periodic dimensions, completed by
    orthonormal vectors along non-periodic ones. Fractional coordinates in that frame are
    wrapped into [0, 1) along periodic dimensions (the integer shift is remembered).
@@ -24,16 +26,19 @@ Algorithm (memory O(N * neighbours)):
 3. Ghosts are sorted into bins of fractional width >= ``cutoff * |reciprocal vector|`` per
    dimension, so a pair within the cutoff is in the same or an adjacent bin. Each target scans
    its 27 neighbouring bins; candidate pairs are expanded in bounded chunks of targets.
-4. The distance of every surviving pair is recomputed in float64 with one canonical formula
-   (see ``_pair_distance_sq``) and the exact ``d < cutoff`` test is applied.
+4. The squared distance of every surviving pair is recomputed in float64 with one canonical
+   formula (see ``_pair_distance_sq``) and the exact test ``d2 < cutoff**2`` is applied (ASE's
+   strict ``d < cutoff``; upstream uses ``<=``, which differs only for exact equality).
 5. Edges are sorted into the output order and truncated per target.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -59,6 +64,8 @@ _APPROX_PAD = 1e-6  # Angstrom; margin of the approximate candidate test (exact 
 _MAX_BINS_PER_DIM = 1024  # caps the bin grid of very extended systems (bins then grow)
 _CHUNK_PAIRS = 1 << 20  # candidate pairs expanded at once (bounds transient memory)
 _OVERLAP_BIN_LENGTH = 1.0  # Angstrom; bin length used by the coincident-atom search
+_MAX_DEFECT = 2.0  # cells with prod|a_d| / volume above this are lattice-reduced first
+_MAX_REDUCTION_STEPS = 200
 
 
 @dataclass
@@ -92,6 +99,7 @@ class _Batch:
 
     @property
     def num_systems(self) -> int:
+        """Number of systems B."""
         return int(self.natoms.numel())
 
 
@@ -137,14 +145,15 @@ def radius_graph_pbc(
 
     tgt, src, off = _candidate_pairs(data, cutoff, bin_length=cutoff)
     d2 = _pair_distance_sq(data.pos, data.cell, data.batch, tgt, src, off)
-    within = d2 < cutoff * cutoff
+    within = torch.nonzero(d2 < cutoff * cutoff).squeeze(1)  # ASE's d < cutoff, in float64
     tgt, src, off, d2 = tgt[within], src[within], off[within], d2[within]
 
     order = _lexsort([tgt, src, off[:, 0], off[:, 1], off[:, 2]])
     tgt, src, off, d2 = tgt[order], src[order], off[order], d2[order]
 
-    keep = _neighbor_mask(tgt, d2, int(pos.shape[0]), int(max_num_neighbors),
-                          enforce_max_neighbors_strictly)
+    keep = _neighbor_mask(
+        tgt, d2, int(pos.shape[0]), int(max_num_neighbors), enforce_max_neighbors_strictly
+    )
     tgt, src, off = tgt[keep], src[keep], off[keep]
 
     neighbors = torch.bincount(data.batch[tgt], minlength=data.num_systems)
@@ -324,17 +333,8 @@ def _check_lattice(cell: torch.Tensor, pbc: torch.Tensor) -> None:
             f"< {MIN_LATTICE_VECTOR} Angstrom (singular cell; atoms would coincide with their "
             f"own periodic images)"
         )
-    num_periodic = pbc.sum(dim=1)
-    scale = torch.where(pbc, norms, torch.ones_like(norms)).prod(dim=1)  # (B,)
-    # Three periodic vectors: |det|. Two: |a x b| of the periodic pair (cyclic after the
-    # missing dimension). Fewer: nothing more to check.
-    missing = torch.argmin(pbc.long(), dim=1)
-    rows = torch.arange(cell.shape[0], device=cell.device)
-    area = torch.linalg.cross(cell[rows, (missing + 1) % 3], cell[rows, (missing + 2) % 3]).norm(
-        dim=1
-    )
-    measure = torch.where(num_periodic == 3, torch.linalg.det(cell).abs(), area)
-    singular = (num_periodic >= 2) & (measure < SINGULAR_TOLERANCE * scale)
+    measure, scale = _periodic_volume(cell, pbc)
+    singular = (pbc.sum(dim=1) >= 2) & (measure < SINGULAR_TOLERANCE * scale)
     if bool(singular.any()):
         b = int(torch.nonzero(singular)[0, 0])
         dims = torch.nonzero(pbc[b]).flatten().tolist()
@@ -344,6 +344,19 @@ def _check_lattice(cell: torch.Tensor, pbc: torch.Tensor) -> None:
             f"{float(measure[b]):.3g} is below {SINGULAR_TOLERANCE} times the product of the "
             f"lattice vector lengths ({float(scale[b]):.3g})"
         )
+
+
+def _periodic_volume(cell: torch.Tensor, pbc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Volume spanned by the periodic lattice vectors and the product of their lengths, (B,)
+    each: |det(cell)| with three periodic vectors, |a x b| of the periodic pair with two
+    (meaningless with fewer)."""
+    norms = cell.norm(dim=2)
+    scale = torch.where(pbc, norms, torch.ones_like(norms)).prod(dim=1)
+    missing = torch.argmin(pbc.long(), dim=1)  # the non-periodic dimension when there are two
+    rows = torch.arange(cell.shape[0], device=cell.device)
+    area = torch.linalg.cross(cell[rows, (missing + 1) % 3], cell[rows, (missing + 2) % 3])
+    measure = torch.where(pbc.all(dim=1), torch.linalg.det(cell).abs(), area.norm(dim=1))
+    return measure, scale
 
 
 def _check_overlaps(data: _Batch) -> None:
@@ -458,33 +471,80 @@ def _unit(vec: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class _Ghosts:
-    """Periodic images of atoms near their system, sorted by bin.
+class _Grid:
+    """Per-system bin grid in fractional coordinates covering the window [lo, hi] (B, 3):
+    bin width (B, 3) and bins per dimension nbins (B, 3) int64."""
 
-    atom (G,) source atom; image (G, 3) int64 offset relative to the *wrapped* atom; frac
-    (G, 3) fractional and xyz (3, G) Cartesian coordinates (contiguous per axis); key (G,) bin.
+    lo: torch.Tensor
+    hi: torch.Tensor
+    width: torch.Tensor
+    nbins: torch.Tensor
+
+
+@dataclass
+class _Ghosts:
+    """Periodic images of atoms inside their system's grid window, sorted by bin key.
+
+    atom (G,) source atom; image (G, 3) int64 offset relative to the *wrapped* atom; xyz (3, G)
+    Cartesian coordinates (contiguous per axis); key (G,) int64 bin key, non-decreasing.
     """
 
     atom: torch.Tensor
     image: torch.Tensor
-    frac: torch.Tensor
     xyz: torch.Tensor
     key: torch.Tensor
 
-    def take(self, index: torch.Tensor) -> _Ghosts:
-        """The ghosts at ``index`` (G',), in that order."""
-        return _Ghosts(self.atom[index], self.image[index], self.frac[index],
-                       self.xyz[:, index].contiguous(), self.key[index])
+
+def _reduction_transforms(cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor | None:
+    """Unimodular integer matrices T (B, 3, 3) int64 such that the periodic rows of T @ cell
+    form a reduced (nearly orthogonal) basis of the same lattice; identity on non-periodic rows
+    and for systems whose periodic vectors are already reasonably orthogonal (orthogonality
+    defect <= ``_MAX_DEFECT``). None when no system needs a reduction.
+
+    Only affects the cost of the search: a skewed cell needs many more images.
+    """
+    measure, scale = _periodic_volume(cell, pbc)
+    need = (pbc.sum(dim=1) >= 2) & (scale > _MAX_DEFECT * measure)
+    if not bool(need.any()):
+        return None
+    transforms = np.tile(np.eye(3, dtype=np.int64), (cell.shape[0], 1, 1))
+    for b in torch.nonzero(need).flatten().tolist():
+        dims = torch.nonzero(pbc[b]).flatten().tolist()
+        vectors = cell[b, dims].cpu().numpy()
+        transforms[b][np.ix_(dims, dims)] = _reduce_basis(vectors)
+    return torch.from_numpy(transforms).to(cell.device)
 
 
-@dataclass
-class _Grid:
-    """Per-system bin grid in fractional coordinates: origin lo (B, 3), bin width (B, 3),
-    bins per dimension nbins (B, 3) int64."""
+def _reduce_basis(vectors: np.ndarray) -> np.ndarray:
+    """Integer unimodular T (k, k) with T @ vectors a reduced basis (k = 2 or 3 rows).
 
-    lo: torch.Tensor
-    width: torch.Tensor
-    nbins: torch.Tensor
+    Alternates size reduction (subtract the rounded projection on another vector) with trying
+    every combination with coefficients in {-1, 0, 1} as a replacement of a basis vector;
+    every accepted step strictly shortens one vector, so it terminates.
+    """
+    k = len(vectors)
+    basis, transform = vectors.astype(np.float64).copy(), np.eye(k, dtype=np.int64)
+    combos = np.array(list(itertools.product((-1, 0, 1), repeat=k)), dtype=np.int64)
+    for _ in range(_MAX_REDUCTION_STEPS):
+        changed = False
+        for i, j in itertools.permutations(range(k), 2):
+            q = round(float(basis[i] @ basis[j]) / float(basis[j] @ basis[j]))
+            if q and np.linalg.norm(basis[i] - q * basis[j]) < np.linalg.norm(basis[i]):
+                basis[i] -= q * basis[j]
+                transform[i] -= q * transform[j]
+                changed = True
+        lengths = np.linalg.norm(combos @ basis, axis=1)
+        for i in np.argsort(-np.linalg.norm(basis, axis=1)):
+            usable = combos[:, i] == 1  # replacing row i keeps T unimodular
+            best = int(np.argmin(np.where(usable, lengths, np.inf)))
+            if lengths[best] < np.linalg.norm(basis[i]) * (1 - 1e-12):
+                basis[i] = combos[best] @ basis
+                transform[i] = combos[best] @ transform
+                changed = True
+                break
+        if not changed:
+            break
+    return transform
 
 
 def _candidate_pairs(
@@ -500,22 +560,22 @@ def _candidate_pairs(
     empty = torch.zeros(0, dtype=torch.long, device=device)
     if data.pos.shape[0] == 0:
         return empty, empty, empty.view(0, 3)
+    transforms = _reduction_transforms(data.cell, data.pbc)
+    if transforms is not None:  # search in a reduced basis; offsets are mapped back below
+        data = replace(data, cell=transforms.to(torch.float64) @ data.cell)
     inv = torch.linalg.inv(_system_frames(data.cell, data.pbc))  # frac = cart @ inv
     recip_norm = inv.norm(dim=1)  # (B, 3): |column d| = |reciprocal vector d|
     reach = cutoff * recip_norm * (1 + _REL_PAD) + _ABS_PAD  # fractional cutoff per dim
     frac, shift = _wrap(data, inv)
 
     lo, hi = _segment_min_max(frac, data.batch, data.num_systems)
-    lo, hi = lo - reach, hi + reach
-    reps = torch.where(data.pbc, torch.ceil(reach), torch.zeros_like(reach)).long()
-    ghosts = _make_ghosts(data, frac, shift, reps, lo, hi)
-
+    lo, hi = lo - reach, hi + reach  # every source image that can matter lies in [lo, hi]
     width_req = max(cutoff, bin_length) * recip_norm * (1 + _REL_PAD) + _ABS_PAD
     nbins = torch.floor((hi - lo) / width_req).clamp(1, _MAX_BINS_PER_DIM)
-    grid = _Grid(lo=lo, width=(hi - lo) / nbins, nbins=nbins.long())
-    ghosts.key = _linear_key(_bin_coords(ghosts.frac, data.batch[ghosts.atom], grid),
-                             data.batch[ghosts.atom], grid.nbins)
-    ghosts = ghosts.take(torch.sort(ghosts.key, stable=True).indices)
+    grid = _Grid(lo=lo, hi=hi, width=(hi - lo) / nbins, nbins=nbins.long())
+
+    reps = torch.where(data.pbc, torch.ceil(reach), torch.zeros_like(reach)).long()
+    ghosts = _make_ghosts(data, frac, shift, reps, grid)
     counts, starts = _neighbour_bins(frac, data.batch, grid, ghosts.key)  # (N, 27) each
 
     tpos = data.pos + torch.einsum("nk,nkl->nl", shift.to(torch.float64), data.cell[data.batch])
@@ -532,16 +592,20 @@ def _candidate_pairs(
     src = ghosts.atom[ghost]
     off = ghosts.image[ghost] + shift[src] - shift[tgt]
     keep = torch.nonzero((src != tgt) | off.any(dim=1)).squeeze(1)
-    return tgt[keep], src[keep], off[keep]
+    tgt, src, off = tgt[keep], src[keep], off[keep]
+    if transforms is not None:  # n @ (T @ cell) = (n @ T) @ cell
+        off = (off[:, :, None] * transforms[data.batch[tgt]]).sum(dim=1)
+    return tgt, src, off
 
 
 def _wrap(data: _Batch, inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Fractional coordinates (N, 3) wrapped into [0, 1) along periodic dimensions, and the
     integer shifts (N, 3) int64 applied: wrapped atom = pos + shift @ cell."""
+    periodic = data.pbc[data.batch]
     frac = torch.einsum("nk,nkl->nl", data.pos, inv[data.batch])
-    shift = torch.where(data.pbc[data.batch], -torch.floor(frac), torch.zeros_like(frac))
+    shift = torch.where(periodic, -torch.floor(frac), torch.zeros_like(frac))
     frac = frac + shift
-    over = frac >= 1.0  # round-off can give exactly 1.0
+    over = periodic & (frac >= 1.0)  # round-off can give exactly 1.0
     frac = torch.where(over, frac - 1.0, frac)
     return frac, (shift - over.to(shift.dtype)).long()
 
@@ -560,43 +624,53 @@ def _segment_min_max(
 
 
 def _make_ghosts(
-    data: _Batch,
-    frac: torch.Tensor,
-    shift: torch.Tensor,
-    reps: torch.Tensor,
-    lo: torch.Tensor,
-    hi: torch.Tensor,
+    data: _Batch, frac: torch.Tensor, shift: torch.Tensor, reps: torch.Tensor, grid: _Grid
 ) -> _Ghosts:
-    """Images m (|m_d| <= reps[b, d]) of every wrapped atom whose fractional coordinates lie in
-    the window [lo, hi] of its system.
+    """Images m (|m_d| <= reps[b, d]) of every wrapped atom that lie inside the grid window of
+    its system, sorted by bin.
 
     frac (N, 3) wrapped fractional coordinates, shift (N, 3) int64 wrapping shifts,
-    reps (B, 3) int64, lo/hi (B, 3) window.
+    reps (B, 3) int64 image range per system and dimension.
     """
-    device = frac.device
-    widths = 2 * reps + 1  # (B, 3)
-    per_image = widths.prod(dim=1)  # (B,)
-    per_system = data.natoms * per_image
-    total = int(per_system.sum())
-    gsys = torch.repeat_interleave(torch.arange(data.num_systems, device=device), per_system,
-                                   output_size=total)
-    first_atom = torch.cumsum(data.natoms, 0) - data.natoms
-    local = torch.arange(total, device=device) - (torch.cumsum(per_system, 0) - per_system)[gsys]
-    atom = first_atom[gsys] + torch.div(local, per_image[gsys], rounding_mode="floor")
-    code = local % per_image[gsys]
-    w = widths[gsys]
-    m2 = code % w[:, 2]
-    code = torch.div(code, w[:, 2], rounding_mode="floor")
-    image = torch.stack([torch.div(code, w[:, 1], rounding_mode="floor"), code % w[:, 1], m2], 1)
-    image = image - reps[gsys]
-
+    atom, image, gsys = _enumerate_images(data.natoms, reps)
     gfrac = frac[atom] + image.to(frac.dtype)
-    inside = ((gfrac >= lo[gsys]) & (gfrac <= hi[gsys])).all(dim=1)
+    inside = ((gfrac >= grid.lo[gsys]) & (gfrac <= grid.hi[gsys])).all(dim=1)
     inside = torch.nonzero(inside).squeeze(1)
     atom, image, gfrac, gsys = atom[inside], image[inside], gfrac[inside], gsys[inside]
+
+    key = _linear_key(_bin_coords(gfrac, gsys, grid), gsys, grid.nbins)
+    key, order = torch.sort(key, stable=True)
+    atom, image, gsys = atom[order], image[order], gsys[order]
     total_shift = (image + shift[atom]).to(torch.float64)
     cart = data.pos[atom] + torch.einsum("gk,gkl->gl", total_shift, data.cell[gsys])
-    return _Ghosts(atom=atom, image=image, frac=gfrac, xyz=cart.T.contiguous(), key=atom)
+    return _Ghosts(atom=atom, image=image, xyz=cart.T.contiguous(), key=key)
+
+
+def _enumerate_images(
+    natoms: torch.Tensor, reps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every (atom, image m) with |m_d| <= reps[b, d] for the atom's system b.
+
+    natoms (B,), reps (B, 3) int64 -> atom (G,), image (G, 3), system (G,) int64, where
+    G = sum_b natoms[b] * prod_d (2 reps[b, d] + 1).
+    """
+    device = natoms.device
+    widths = 2 * reps + 1  # (B, 3)
+    per_atom = widths.prod(dim=1)  # images per atom, (B,)
+    per_system = natoms * per_atom
+    total = int(per_system.sum())
+    system = torch.repeat_interleave(
+        torch.arange(len(natoms), device=device), per_system, output_size=total
+    )
+    first_atom = torch.cumsum(natoms, 0) - natoms
+    local = torch.arange(total, device=device) - (torch.cumsum(per_system, 0) - per_system)[system]
+    atom = first_atom[system] + torch.div(local, per_atom[system], rounding_mode="floor")
+    code = local % per_atom[system]
+    w = widths[system]
+    last = code % w[:, 2]
+    code = torch.div(code, w[:, 2], rounding_mode="floor")
+    image = torch.stack([torch.div(code, w[:, 1], rounding_mode="floor"), code % w[:, 1], last], 1)
+    return atom, image - reps[system], system
 
 
 def _bin_coords(frac: torch.Tensor, system: torch.Tensor, grid: _Grid) -> torch.Tensor:

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,6 +27,14 @@ from .graph import (
     edge_vectors,
     radius_graph_pbc,
     validate_structure,
+)
+from .ops import (
+    EdgeCSR,
+    compact_wigner,
+    edge_csr,
+    edge_rotation,
+    scatter_aggregation,
+    tap_projection,
 )
 from .smearing import make_distance_expansion
 
@@ -64,6 +72,7 @@ class Resolution:
         self.sphere_basis = (lmax + 1) ** 2
         self.sphere_basis_reduce = so3.sphere_basis_reduce(lmax, mmax)
         self.taps = so3.tap_set(lmax, mmax, num_taps)
+        self.taps_arg = num_taps
         self.num_taps = len(self.taps.angles)
         self.rows = so3.kept_rows(lmax, mmax)
         self._cache: dict[tuple, Any] = {}
@@ -136,15 +145,45 @@ class Grid:
 @dataclass
 class EdgeContext:
     """Per-forward edge data shared by all blocks, edges grouped by resolution (bounds[r]:bounds[r+1]):
-    edge_distance (E,), edge_index (2, E), frames (E, 3, 3) edge rotation matrices, rotations[r] =
-    (wigner (E_r*T, R, S_L), wigner_inv (E_r, S_L, R)), and the model's dispatcher."""
+    edge_distance (E,), edge_index (2, E), frames (E, 3, 3) edge rotation matrices, the resolutions,
+    the number of atoms and the model's dispatcher. Per-resolution rotations are built on first use
+    and shared by all blocks: ``dense`` (reference path), ``compact`` and ``csr`` (fused path)."""
 
     edge_distance: torch.Tensor
     edge_index: torch.Tensor
     frames: torch.Tensor
     bounds: list[int]
-    rotations: list[tuple[torch.Tensor, torch.Tensor]]
+    resolutions: list[Resolution]
+    num_nodes: int
     dispatcher: Dispatcher
+    _cache: dict = field(default_factory=dict)
+
+    def _frames(self, r: int) -> torch.Tensor:
+        return self.frames[self.bounds[r] : self.bounds[r + 1]]
+
+    def dense(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Resolution r's (wigner (E_r*T, R, S_L), wigner_inv (E_r, S_L, R)), as upstream."""
+        key = ("dense", r)
+        if key not in self._cache:
+            self._cache[key] = self.resolutions[r].wigner(self._frames(r))
+        return self._cache[key]
+
+    def compact(self, r: int) -> torch.Tensor:
+        """Resolution r's compact Wigner rows wig (E_r, K) (ops/SPEC.md)."""
+        key = ("compact", r)
+        if key not in self._cache:
+            res = self.resolutions[r]
+            self._cache[key] = compact_wigner(self._frames(r), res.lmax, res.mmax)
+        return self._cache[key]
+
+    def csr(self, r: int) -> tuple[EdgeCSR, EdgeCSR]:
+        """Resolution r's edges grouped by [source, target] (P = 2) and by target alone (P = 1)."""
+        key = ("csr", r)
+        if key not in self._cache:
+            ei = self.edge_index[:, self.bounds[r] : self.bounds[r + 1]]
+            both = edge_csr(ei.t(), self.num_nodes)
+            self._cache[key] = (both, both.side(1))
+        return self._cache[key]
 
 
 class DistanceBlock(nn.Module):
@@ -219,6 +258,32 @@ class MessageBlock(nn.Module):
         m = torch.einsum("abc,bd->adc", m, res.mapping(m)).contiguous()
         return torch.bmm(wigner_inv, m)
 
+    def forward_fused(
+        self,
+        x: torch.Tensor,
+        x_edge: torch.Tensor,
+        wig: torch.Tensor,
+        csr_both: EdgeCSR,
+        csr_target: EdgeCSR,
+        rotate_backend: str,
+        scatter_backend: str,
+    ) -> torch.Tensor:
+        """The same messages through the fused ops, already summed into their targets: x (N, S, C'),
+        x_edge (E, K), wig (E, K_w) compact rotations -> (N, S_L, C')."""
+        res, c, h = self.res, self.sphere_channels_reduce, self.hidden_channels
+        gate = self.act(self.fc1_dist(x_edge))
+        y = edge_rotation(x, wig, csr_both, res.lmax, res.mmax, rotate_backend)
+        pre = tap_projection(
+            y, self.fc1_edge_proj.weight, self.fc1_edge_proj.bias, res.lmax, res.mmax, res.taps_arg
+        )
+        m = self.act(pre) * gate.view(-1, 1, h)
+        m = self.act(self.fc1_edge(m.view(-1, h)))
+        m = self.act(self.fc2_edge(m))
+        m = m.view(-1, res.num_taps * res.sphere_basis_reduce, c)
+        m = torch.einsum("abc,bd->adc", m, res.mapping(m))
+        m = m.reshape(-1, 1, res.sphere_basis_reduce, c)
+        return scatter_aggregation(m, wig, csr_target, res.lmax, res.mmax, scatter_backend)
+
 
 class EdgeBlock(nn.Module):
     """One interaction: messages from every resolution summed into targets, then (use_grid) a
@@ -270,15 +335,17 @@ class EdgeBlock(nn.Module):
         x_new = x.new_zeros((x.shape[0], s, cr))
         for r, (res, block) in enumerate(zip(self.resolutions, self.message_blocks, strict=True)):
             lo, hi = ctx.bounds[r], ctx.bounds[r + 1]
-            request = OpRequest(
-                "edge_rotation", x.device, x.dtype, res.lmax, res.mmax, res.num_taps, cr
-            )
-            ctx.dispatcher.choose(request)
-            msg = block(
-                x_down[:, : res.sphere_basis, :], x_edge[lo:hi], ei[:, lo:hi], *ctx.rotations[r]
-            )
-            ctx.dispatcher.choose(OpRequest("scatter_aggregation", *_req_args(request)))
-            x_new[:, : res.sphere_basis, :].index_add_(0, ei[1, lo:hi], msg.to(x_new.dtype))
+            rotate, scatter = _edge_backends(ctx.dispatcher, res, x, cr)
+            if rotate == "reference":
+                msg = block(
+                    x_down[:, : res.sphere_basis, :], x_edge[lo:hi], ei[:, lo:hi], *ctx.dense(r)
+                )
+                x_new[:, : res.sphere_basis, :].index_add_(0, ei[1, lo:hi], msg.to(x_new.dtype))
+            else:
+                summed = block.forward_fused(
+                    x_down, x_edge[lo:hi], ctx.compact(r), *ctx.csr(r), rotate, scatter
+                )
+                x_new[:, : res.sphere_basis, :] += summed
         if self.grid is not None:
             ctx.dispatcher.choose(
                 OpRequest("grid_projection", x.device, x.dtype, self.grid.lmax, 0, 1, cr)
@@ -292,8 +359,19 @@ class EdgeBlock(nn.Module):
         return x_new.view(-1, s, c)
 
 
-def _req_args(r: OpRequest) -> tuple:
-    return (r.device, r.dtype, r.lmax, r.mmax, r.num_taps, r.channels)
+def _edge_backends(
+    dispatcher: Dispatcher, res: Resolution, x: torch.Tensor, channels: int
+) -> tuple[str, str]:
+    """Backends of (edge_rotation, scatter_aggregation) for one resolution. The fused message path
+    needs both fused ops; if either falls back to the reference, both run the reference."""
+    args = (x.device, x.dtype, res.lmax, res.mmax, res.num_taps, channels)
+    rotate = dispatcher.choose(OpRequest("edge_rotation", *args))
+    scatter = dispatcher.choose(OpRequest("scatter_aggregation", *args))
+    if "reference" in (rotate, scatter) and rotate != scatter:
+        why = "the fused message path needs both edge ops fused"
+        rotate = dispatcher.fall_back("edge_rotation", why)
+        scatter = dispatcher.fall_back("scatter_aggregation", why)
+    return rotate, scatter
 
 
 class SphericalChannelNetwork(nn.Module):
@@ -503,11 +581,14 @@ class SphericalChannelNetwork(nn.Module):
             bounds.append(bounds[-1] + cnt)
         edge_index = graph.edge_index[:, order]
         frames = edge_frames(graph.edge_distance_vec[order], self.deterministic_frames)
-        rotations = [
-            res.wigner(frames[bounds[r] : bounds[r + 1]]) for r, res in enumerate(self.resolutions)
-        ]
         return EdgeContext(
-            graph.edge_distance[order], edge_index, frames, bounds, rotations, self.dispatcher
+            graph.edge_distance[order],
+            edge_index,
+            frames,
+            bounds,
+            self.resolutions,
+            n,
+            self.dispatcher,
         )
 
     def forward_graph(self, st: Structure, graph: GraphData) -> dict[str, torch.Tensor]:

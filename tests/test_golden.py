@@ -77,7 +77,9 @@ def test_graph_reordering_frames_and_block_internals(golden):
         for h in hooks:
             h.remove()
     assert len(seen) == len(internals["block_out"])
-    for (x_in, x_out), ref_in, ref_out in zip(seen, internals["x_in"], internals["block_out"], strict=True):
+    for (x_in, x_out), ref_in, ref_out in zip(
+        seen, internals["x_in"], internals["block_out"], strict=True
+    ):
         assert (x_in - ref_in).abs().max() <= 1e-5 * ref_in.abs().max()
         assert (x_out - ref_out).abs().max() <= 1e-5 * ref_out.abs().max()
 

@@ -285,14 +285,31 @@ def test_explain_reports_what_ran_and_why_not(monkeypatch):
     fused = tiny_model(use_fused=True)
     with torch.no_grad():
         fused(data)
+    report = fused.explain()
+    for op in ("edge_rotation", "scatter_aggregation"):
+        assert report[op]["ran"] == "extension"
+        assert "never picks" in report[op]["refused"]["triton"]
+    grid = report["grid_projection"]
+    assert grid["ran"] == "reference"
+    assert "not implemented" in grid["refused"]["extension"]
+    assert "never picks" in grid["refused"]["triton"]
+
+    monkeypatch.setenv("SCN_FAST_BACKEND", "reference")
+    with torch.no_grad():
+        fused(data)
     for rec in fused.explain().values():
         assert rec["ran"] == "reference"
         assert set(rec["refused"]) == {"triton", "extension"}
-        assert all("not implemented" in why for why in rec["refused"].values())
 
-    monkeypatch.setenv("SCN_FAST_BACKEND", "triton")
-    with pytest.raises(BackendUnavailableError, match="triton"):
-        fused(data)
     monkeypatch.setenv("SCN_FAST_BACKEND", "gpu")
     with pytest.raises(ValueError, match="SCN_FAST_BACKEND"):
         fused(data)
+
+
+def test_explicit_backend_that_cannot_run_raises_with_reasons():
+    model = tiny_model(use_fused=True, backend="extension").to(torch.bfloat16)
+    with (
+        pytest.raises(BackendUnavailableError, match=r"extension.*float32 and float64"),
+        torch.no_grad(),
+    ):
+        model(AtomsBatch.from_ase([pt_bulk()]))

@@ -1,0 +1,23 @@
+"""Fused ops of the SCN edge path, registered under the torch.library namespace ``scn_fast``.
+
+``edge_rotation`` (gather + rotate into edge frames), ``scatter_aggregation`` (rotate back + segment
+sum into atoms) and ``tap_projection`` (fc1_edge_proj over all taps using the tap symmetry). Each
+has a fake (meta) implementation and autograd, and runs the backend named in its call.
+"""
+
+from .edge_csr import EdgeCSR, edge_csr
+from .edge_rotation import edge_rotation
+from .layout import compact_wigner, edge_layout, tap_symmetry
+from .scatter_aggregation import scatter_aggregation
+from .tap_projection import tap_projection
+
+__all__ = [
+    "EdgeCSR",
+    "compact_wigner",
+    "edge_csr",
+    "edge_layout",
+    "edge_rotation",
+    "scatter_aggregation",
+    "tap_projection",
+    "tap_symmetry",
+]
