@@ -158,6 +158,14 @@ class EdgeContext:
     dispatcher: Dispatcher
     _cache: dict = field(default_factory=dict)
 
+    def basis(self, expansion: nn.Module) -> torch.Tensor:
+        """The distance expansion of the edges (E, G): every block shares one expansion module,
+        so it is computed once per forward."""
+        key = ("basis", id(expansion))
+        if key not in self._cache:
+            self._cache[key] = expansion(self.edge_distance)
+        return self._cache[key]
+
     def _frames(self, r: int) -> torch.Tensor:
         return self.frames[self.bounds[r] : self.bounds[r + 1]]
 
@@ -209,8 +217,16 @@ class DistanceBlock(nn.Module):
         nn.init.uniform_(self.target_embedding.weight.data, -0.001, 0.001)
         self.fc1_edge_attr = nn.Linear(num_basis, num_basis)
 
-    def forward(self, dist: torch.Tensor, z_src: torch.Tensor, z_tgt: torch.Tensor) -> torch.Tensor:
-        h = self.fc1_dist(self.distance_expansion(dist))
+    def forward(
+        self,
+        dist: torch.Tensor,
+        z_src: torch.Tensor,
+        z_tgt: torch.Tensor,
+        basis: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """dist (E,), element indices (E,), optional precomputed basis (E, G) -> (E, K)."""
+        basis = self.distance_expansion(dist) if basis is None else basis
+        h = self.fc1_dist(basis)
         h = self.act(self.source_embedding(z_src) + self.target_embedding(z_tgt) + h)
         return self.act(self.fc1_edge_attr(h))
 
@@ -329,7 +345,12 @@ class EdgeBlock(nn.Module):
     ) -> torch.Tensor:
         c, cr, s = self.sphere_channels, self.sphere_channels_reduce, self.sphere_basis
         ei = ctx.edge_index
-        x_edge = self.dist_block(ctx.edge_distance, atomic_numbers[ei[0]], atomic_numbers[ei[1]])
+        # The fused path computes the shared distance expansion once per forward (exact); the
+        # reference path recomputes it in every block, as upstream does.
+        basis = ctx.basis(self.distance_expansion) if ctx.dispatcher.use_fused else None
+        x_edge = self.dist_block(
+            ctx.edge_distance, atomic_numbers[ei[0]], atomic_numbers[ei[1]], basis
+        )
         x_down = self.downsample(x.view(-1, c)) if c != cr else x
         x_down = x_down.view(-1, s, cr)
         x_new = x.new_zeros((x.shape[0], s, cr))

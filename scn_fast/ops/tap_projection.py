@@ -4,10 +4,10 @@ tap-repeated input and with 41% of its FLOPs (DESIGN.md section 3).
 Upstream feeds fc1_edge_proj the rotated features of every tap, a_t = [Q_t y_src, Q_t y_tgt]
 (E*T rows of width 2*R*C, Q_t a signed row permutation). With 4 taps the m = 0 rows are equal in all
 taps and, on the m = +-1 rows, tap 2 = -tap 0 and tap 3 = -tap 1. Splitting the weight's columns
-into the m = 0 part W0 and the m = +-1 part W1 (and W1Q, W1 with tap 1's signed permutation folded
-in):
+into the m = 0 part W0 and the m = +-1 part W1, with y0 / y1 the matching rows of y and y1' tap 1's
+arrangement of y1 (a signed row permutation):
 
-    A = W0 y0,  B0 = W1 y1,  B1 = W1Q y1
+    A = W0 y0,  B0 = W1 y1,  B1 = W1 y1'
     pre[:, 0] = A + B0 + b,  pre[:, 1] = A + B1 + b,  pre[:, 2] = A - B0 + b,  pre[:, 3] = A - B1 + b
 
 (R0 + 2 R1) row blocks of GEMM instead of 4 R, exactly, in forward and backward. With one tap it is
@@ -21,23 +21,23 @@ import torch
 from .layout import tap_symmetry
 
 
-def _split_weight(weight: torch.Tensor, sym, r: int, c: int):
-    """W0 (H, 2*R0*C), W1 (H, 2*R1*C), W1Q (H, 2*R1*C) from weight (H, 2*R*C)."""
+def _split_weight(weight: torch.Tensor, sym, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """W0 (H, 2*R0*C) and W1 (H, 2*R1*C): the columns of weight (H, 2*R*C) on m = 0 / m = +-1 rows."""
     h = weight.shape[0]
     w = weight.view(h, 2, r, c)
-    rows0, rows1 = sym.rows0.to(weight.device), sym.rows1.to(weight.device)
-    w0 = w.index_select(2, rows0).reshape(h, -1)
-    w1v = w.index_select(2, rows1)
-    inv = torch.argsort(sym.perm1).to(weight.device)
-    sign = sym.sign1.to(device=weight.device, dtype=weight.dtype)
-    w1q = (w1v * sign.view(1, 1, -1, 1)).index_select(2, inv)
-    return w0, w1v.reshape(h, -1), w1q.reshape(h, -1)
+    w0 = w.index_select(2, sym.rows0.to(weight.device)).reshape(h, -1)
+    w1 = w.index_select(2, sym.rows1.to(weight.device)).reshape(h, -1)
+    return w0, w1
 
 
-def _split_input(y: torch.Tensor, sym):
+def _split_input(y: torch.Tensor, sym) -> tuple[torch.Tensor, torch.Tensor]:
+    """y0 (E, 2*R0*C) and y1q (2E, 2*R1*C) = [y1; tap 1's arrangement of y1] from y (E, 2, R, C)."""
     e = y.shape[0]
-    rows0, rows1 = sym.rows0.to(y.device), sym.rows1.to(y.device)
-    return y.index_select(2, rows0).reshape(e, -1), y.index_select(2, rows1).reshape(e, -1)
+    y0 = y.index_select(2, sym.rows0.to(y.device)).reshape(e, -1)
+    y1 = y.index_select(2, sym.rows1.to(y.device))
+    sign = sym.sign1.to(device=y.device, dtype=y.dtype).view(1, 1, -1, 1)
+    y1_tap1 = y1.index_select(2, sym.perm1.to(y.device)) * sign
+    return y0, torch.cat([y1, y1_tap1], dim=0).reshape(2 * e, -1)
 
 
 @torch.library.custom_op("scn_fast::tap_projection", mutates_args=())
@@ -48,12 +48,11 @@ def _tap_projection(
     e, _, r, c = y.shape
     if sym.num_taps == 1:
         return torch.addmm(bias, y.reshape(e, -1), weight.t()).view(e, 1, -1)
-    w0, w1, w1q = _split_weight(weight, sym, r, c)
-    y0, y1 = _split_input(y, sym)
+    w0, w1 = _split_weight(weight, sym, r, c)
+    y0, y1q = _split_input(y, sym)
     a = torch.addmm(bias, y0, w0.t())
-    b0 = y1 @ w1.t()
-    b1 = y1 @ w1q.t()
-    return torch.stack([a + b0, a + b1, a - b0, a - b1], dim=1)
+    b = (y1q @ w1.t()).view(2, e, -1)  # B0 and B1 in one GEMM
+    return torch.stack([a + b[0], a + b[1], a - b[0], a - b[1]], dim=1)
 
 
 @_tap_projection.register_fake
@@ -79,20 +78,20 @@ def _backward(ctx, dpre):
         dw = d.t() @ y.reshape(e, -1)
         return dy, dw, d.sum(0), None, None, None
     da = dpre.sum(1)
-    db0 = dpre[:, 0] - dpre[:, 2]
-    db1 = dpre[:, 1] - dpre[:, 3]
-    w0, w1, w1q = _split_weight(weight, sym, r, c)
-    y0, y1 = _split_input(y, sym)
+    db = torch.cat([dpre[:, 0] - dpre[:, 2], dpre[:, 1] - dpre[:, 3]], dim=0)  # (2E, H)
+    w0, w1 = _split_weight(weight, sym, r, c)
+    y0, y1q = _split_input(y, sym)
     rows0, rows1 = sym.rows0.to(y.device), sym.rows1.to(y.device)
+    # dy: m = 0 rows from A; m = +-1 rows from B0 plus tap 1's arrangement undone on B1's part.
+    dy1q = (db @ w1).view(2, e, 2, -1, c)
+    sign = sym.sign1.to(device=y.device, dtype=y.dtype).view(1, 1, -1, 1)
+    undo = torch.zeros_like(dy1q[1]).index_add_(2, sym.perm1.to(y.device), dy1q[1] * sign)
     dy = y.new_zeros(y.shape)
     dy.index_copy_(2, rows0, (da @ w0).view(e, 2, -1, c))
-    dy.index_copy_(2, rows1, (db0 @ w1 + db1 @ w1q).view(e, 2, -1, c))
-    dw1q = (db1.t() @ y1).view(h, 2, -1, c)
-    sign = sym.sign1.to(device=y.device, dtype=y.dtype).view(1, 1, -1, 1)
-    dw1 = (db0.t() @ y1).view(h, 2, -1, c) + sign * dw1q.index_select(2, sym.perm1.to(y.device))
+    dy.index_copy_(2, rows1, dy1q[0] + undo)
     dw = weight.new_zeros((h, 2, r, c))
     dw.index_copy_(2, rows0, (da.t() @ y0).view(h, 2, -1, c))
-    dw.index_copy_(2, rows1, dw1)
+    dw.index_copy_(2, rows1, (db.t() @ y1q).view(h, 2, -1, c))
     return dy, dw.view(h, -1), da.sum(0), None, None, None
 
 
