@@ -3,6 +3,9 @@
 ``scn-fast predict [FILE]``: energies and forces of the structures in FILE (any ASE-readable file; all
 frames), or of a built-in Cu(111)+CO slab when FILE is omitted, from a randomly initialised model of a
 preset (default scn-t4-b2, seeded).
+
+``scn-fast bench``: the benchmark suite, speed, memory and error of every path side by side against
+the reference (scn_fast/benchmark; see ``scn-fast bench --help``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .benchmark.cli import add_bench_parser
 from .presets import PRESETS, preset
 
 
@@ -87,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-fused", action="store_true", help="use fused kernels where available")
     p.add_argument("--deterministic-frames", action="store_true")
     p.set_defaults(func=cmd_predict)
+    add_bench_parser(sub)
     return parser
 
 

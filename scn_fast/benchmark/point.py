@@ -1,0 +1,383 @@
+"""One benchmark point: a preset on one system, every requested mode x path x precision.
+
+Order of work (DESIGN.md section 6, correctness first):
+
+1. The float32 reference runs once under ``torch.no_grad()`` with forward hooks on its nn.Linear layers:
+   its outputs are the baseline every path is checked against, its GEMM shapes give the floors. A
+   float64 copy of it (same weights, same deterministic frames) gives ``u``, the reference's own float32
+   force error, which widens the fused force limit to max(5e-5, 5u).
+2. Per mode, every path runs one step; its energy and forces (and, in training, parameter gradients)
+   are compared with the baseline at its precision's tolerance (``tolerance``). A path outside is
+   ``wrong`` and is not timed; a path whose requested backend did not run (``model.explain()``), or that
+   raises, is ``failed``; one that runs out of memory is ``oom``.
+3. The paths that passed are timed together (``measure.time_interleaved``; the checked step counts as
+   each path's first warm-up call), then each one's activation memory is measured on one more step.
+
+``python -m scn_fast.benchmark.point CONFIG_JSON`` runs a point in its own process under a memory limit
+(CPU: ``RLIMIT_AS``; CUDA: the device's own memory) and prints each record as one line
+``@@scn-bench-record@@ {json}`` on stdout as soon as it is known.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import resource
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..data import AtomsBatch
+from ..dispatch import BackendUnavailableError
+from ..model import SphericalChannelNetwork
+from . import measure
+from .env import environment
+from .errors import finite, first_line, free_device_memory, status_of, time_limit, timed_out
+from .floor import TRAINING_FACTOR, Floor, device_peak_flops, gemm_floor, record_gemm_calls
+from .models import Models, grads_of, new_model
+from .paths import COMPILE, PathSpec, backend_mismatch, make_step, path_spec
+from .records import make_record
+from .systems import build_system, parse_size
+from .tolerance import check_outputs, energy_error, force_error, tolerance_for
+
+RECORD_PREFIX = "@@scn-bench-record@@ "
+NO_BASELINE = "no float32 reference to check against"
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    """A timestamped progress line on stderr (the point's log file)."""
+    print(f"[{time.perf_counter() - _T0:8.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
+# Test hook: called as CHECK_HOOK(spec, mode, outputs) on each path's outputs (all but the float32
+# reference) before they are checked; returns the outputs to check. Lets tests inject a wrong path.
+CHECK_HOOK: Callable[[PathSpec, str, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = (
+    None
+)
+
+
+@dataclass
+class PointConfig:
+    """What one point runs. ``paths``: "reference", fused backend names, "reference+compile".
+    ``skip``: [mode, path, precision] triples not to run (they ran out of memory at a smaller size).
+    ``mem_limit_bytes``: RLIMIT_AS for the point process on CPU (None: none); ``mem_headroom_bytes``:
+    instead, the address space after start-up plus this much. ``compile_timeout_s``: limit on the first
+    (compiling) call of the torch.compile path. ``threads``: torch's intra-op threads (None: default)."""
+
+    preset: str
+    size: str
+    device: str = "cpu"
+    modes: list[str] = field(default_factory=lambda: ["inference", "training"])
+    paths: list[str] = field(default_factory=lambda: ["reference"])
+    precisions: list[str] = field(default_factory=lambda: ["fp32"])
+    repeats: int = 3
+    warmup: int = 1
+    seed: int = 0
+    gemm_repeats: int = 5
+    skip: list[list[str]] = field(default_factory=list)
+    mem_limit_bytes: int | None = None
+    mem_headroom_bytes: int | None = None
+    compile_timeout_s: float | None = 900.0
+    threads: int | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> PointConfig:
+        return cls(**json.loads(text))
+
+
+# ----------------------------------------------------------------------------- the point
+def _reference_errors_vs_fp64(
+    ref: SphericalChannelNetwork, data: AtomsBatch, base: dict[str, torch.Tensor]
+) -> tuple[float | None, float | None, str | None]:
+    """(energy error, force error u, why unavailable) of the float32 baseline against float64."""
+    try:
+        m64 = copy.deepcopy(ref).double()
+        with torch.no_grad():
+            o64 = m64(data.to(dtype=torch.float64))
+        del m64
+        f_err = force_error(base["forces"], o64["forces"]) if "forces" in base else None
+        return energy_error(base["energy"], o64["energy"]), f_err, None
+    except Exception as exc:
+        free_device_memory(data.pos.device)
+        return None, None, f"float64 reference unavailable ({first_line(exc)})"
+
+
+def _ordered(specs: list[PathSpec]) -> list[PathSpec]:
+    """The float32 reference first (it is every path's baseline), then the rest in the given order."""
+    return sorted(specs, key=lambda s: 0 if (s.kind, s.precision) == ("reference", "fp32") else 1)
+
+
+class _Guarded:
+    """A step that, once it raises, keeps (status, reason) and becomes a no-op (the exception itself
+    is dropped: its traceback would keep the failed step's tensors alive)."""
+
+    def __init__(self, step: Callable[[], Any], device: torch.device):
+        self.step, self.device = step, device
+        self.error: tuple[str, str] | None = None
+
+    def __call__(self) -> Any:
+        if self.error is not None:
+            return None
+        try:
+            return self.step()
+        except Exception as exc:
+            self.error = (status_of(exc), first_line(exc))
+        free_device_memory(self.device)
+        return None
+
+
+def run_point(cfg: PointConfig, emit: Callable[[dict], None] | None = None) -> list[dict]:
+    """Run one point (module doc); returns its records, also passing each to ``emit`` when known."""
+    records: list[dict] = []
+
+    def out(**fields: Any) -> None:
+        rec = finite(make_record(**fields))
+        records.append(rec)
+        if emit is not None:
+            emit(rec)
+
+    device = torch.device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.set_float32_matmul_precision("highest")
+    spec_sys = parse_size(cfg.size)
+    data = AtomsBatch.from_ase(build_system(spec_sys), device=device)
+    skip = {tuple(s) for s in cfg.skip}
+    specs = _ordered([path_spec(n, p) for p in cfg.precisions for n in cfg.paths])
+    todo = {m: [s for s in specs if (m, s.name, s.precision) not in skip] for m in cfg.modes}
+    common: dict[str, Any] = {
+        "config": cfg.preset,
+        "system": spec_sys.label,
+        "natoms": int(data.natoms.sum()),
+        "nstructures": len(data),
+        **environment(device),
+    }
+
+    def fields_of(s: PathSpec, mode: str, **more: Any) -> dict[str, Any]:
+        return {
+            **common,
+            "mode": mode,
+            "backend": s.name,
+            "requested_backend": s.requested_backend,
+            "path_kind": s.kind,
+            "precision": s.precision,
+            **more,
+        }
+
+    # 1. baseline, GEMM shapes, u
+    log(f"{cfg.preset} @ {spec_sys.label}: {common['natoms']} atoms on {cfg.device}")
+    try:
+        torch.manual_seed(cfg.seed)
+        ref = new_model(cfg.preset, fused=False, backend="auto", precision="fp32").to(device)
+        common["nedges"] = int(ref.generate_graph(data).edge_index.shape[1])
+        with record_gemm_calls(ref) as calls, torch.no_grad():
+            base = {k: v.detach().clone() for k, v in ref(data).items()}
+    except Exception as exc:
+        traceback.print_exc()
+        free_device_memory(device)
+        why = first_line(exc)
+        for mode, ss in todo.items():
+            for s in ss:
+                is_ref = (s.kind, s.precision) == ("reference", "fp32")
+                status = status_of(exc) if is_ref else "failed"
+                reason = why if is_ref else f"{NO_BASELINE} ({why})"
+                out(**fields_of(s, mode, status=status, reason=reason))
+        return records
+    log(f"float32 reference done ({common['nedges']} edges, {len(calls)} nn.Linear calls)")
+    e64, u, u_note = _reference_errors_vs_fp64(ref, data, base)
+    log(f"float64 reference done (u = {u})")
+    if u_note:
+        print(f"scn-bench: {u_note}", file=sys.stderr)
+    models = Models(cfg.preset, ref, device)
+    floors: dict[str, Floor | None] = {}
+
+    def floor_of(precision: str, mode: str) -> Floor | None:
+        if precision not in floors:
+            try:
+                log(f"GEMM floor ({precision})")
+                floors[precision] = gemm_floor(calls, device, precision, repeats=cfg.gemm_repeats)
+            except Exception as exc:
+                print(f"scn-bench: GEMM floor ({precision}): {first_line(exc)}", file=sys.stderr)
+                free_device_memory(device)
+                floors[precision] = None
+        f = floors[precision]
+        return None if f is None else (f.scaled(TRAINING_FACTOR) if mode == "training" else f)
+
+    # 2. and 3., per mode
+    for mode in cfg.modes:
+        _run_mode(cfg, mode, todo[mode], models, data, base, e64, u, floor_of, fields_of, out)
+        free_device_memory(device)
+    return records
+
+
+def _run_mode(cfg, mode, specs, models, data, base, e64, u, floor_of, fields_of, out) -> None:
+    device = torch.device(cfg.device)
+    ok: dict[PathSpec, tuple[_Guarded, dict[str, Any]]] = {}
+    ref_grads: dict[str, torch.Tensor | None] | None = None
+    for s in specs:
+        f = fields_of(s, mode, ref_fp32_vs_fp64_force_err=u)
+        log(f"{mode} {s.name} {s.precision}: checked step")
+        try:
+            entry, result, note = _first_step(cfg, s, mode, models, data)
+        except Exception as exc:
+            if not isinstance(exc, NotImplementedError | BackendUnavailableError | TimeoutError):
+                traceback.print_exc()
+            free_device_memory(device)
+            reason = first_line(exc)
+            if s.kind == "compile" and timed_out(exc):
+                reason = f"compiling took longer than compile_timeout_s = {cfg.compile_timeout_s} s"
+            out(**f, status=status_of(exc), reason=reason)
+            continue
+        explain = entry.module.explain()
+        f.update(explain=explain, requested_backend=entry.requested_backend, reason=note)
+        mismatch = backend_mismatch(s, explain)
+        if mismatch:
+            out(**{**f, "status": "failed", "reason": mismatch})
+            continue
+        grads = grads_of(entry.module) if mode == "training" else None
+        if (s.kind, s.precision) == ("reference", "fp32"):
+            f.update(energy_err_rel=e64, max_force_err_rel=u, error_baseline="float64 reference")
+            if grads is not None:
+                ref_grads = {k: None if g is None else g.detach().clone() for k, g in grads.items()}
+        else:
+            checked = CHECK_HOOK(s, mode, result) if CHECK_HOOK is not None else result
+            tol = tolerance_for(s.kind, s.precision)
+            chk = check_outputs(checked, base, tol, u, grads, ref_grads)
+            f.update(
+                energy_err_rel=chk.energy_err,
+                max_force_err_rel=chk.force_err,
+                force_cosine=chk.force_cos,
+                max_grad_err_rel=chk.grad_err,
+                force_err_limit=chk.force_limit,
+                error_baseline="float32 reference",
+            )
+            if not chk.passed:
+                out(**{**f, "status": "wrong", "reason": chk.reason})
+                continue
+        del result, grads
+        ok[s] = (_Guarded(make_step(entry.call, entry.params, mode, data), device), f)
+
+    steps = {s: g for s, (g, _) in ok.items()}
+    log(f"{mode}: timing {[s.name + ' ' + s.precision for s in steps]}")
+    # The checked step above was each path's first warm-up call.
+    warmup = max(0, cfg.warmup - 1)
+    times = measure.time_interleaved(steps, device, cfg.repeats, warmup)
+    log(f"{mode}: memory")
+    mem = {s: measure.activation_memory(g, device) for s, g in steps.items()}
+    ref_spec = next((s for s in ok if (s.kind, s.precision) == ("reference", "fp32")), None)
+    ref_median = None
+    if ref_spec is not None and steps[ref_spec].error is None:
+        ref_median = measure.median(times[ref_spec])
+    for s, (g, f) in ok.items():
+        if g.error is not None:
+            out(**{**f, "status": g.error[0], "reason": g.error[1]})
+            continue
+        med = measure.median(times[s])
+        fl = floor_of(s.precision, mode)
+        out(
+            **f,
+            status="ok",
+            median_s=med,
+            times_s=times[s],
+            speedup_vs_reference=(ref_median / med) if ref_median and med else None,
+            peak_mem_bytes=mem.get(s),
+            floor_s=fl.algebraic_s if fl else None,
+            gemm_floor_s=fl.gemm_s if fl else None,
+            time_over_floor=(med / fl.algebraic_s) if fl and fl.algebraic_s > 0 else None,
+            time_over_gemm_floor=(med / fl.gemm_s) if fl and fl.gemm_s > 0 else None,
+            gemm_flops=fl.flops if fl else None,
+            algebraic_gemm_flops=fl.algebraic_flops if fl else None,
+            gemm_flops_per_s=fl.flops_per_s if fl else None,
+            device_peak_flops_per_s=device_peak_flops(f["device"], s.precision)
+            if device.type == "cuda"
+            else None,
+        )
+
+
+def _first_step(cfg: PointConfig, s: PathSpec, mode: str, models: Models, data: AtomsBatch):
+    """Build ``s`` and run its first (checked) step: (entry, outputs, note). An explicitly requested
+    fused backend that the dispatcher refuses for some op is retried with backend="auto", kept only if
+    the edge ops then ran on the requested backend (the caller checks explain)."""
+    limit = cfg.compile_timeout_s if s.name == COMPILE else None
+    entry = models.get(s)
+    try:
+        with time_limit(limit):
+            result = make_step(entry.call, entry.params, mode, data)()
+        return entry, result, entry.note
+    except BackendUnavailableError as exc:
+        if s.kind != "fused" or entry.requested_backend == "auto":
+            raise
+        auto = models.get(s, backend="auto")
+        auto.note = (
+            f"backend={s.name!r} raised ({first_line(exc)}); ran backend='auto' instead, kept only "
+            "because its edge ops ran on the requested backend"
+        )
+        result = make_step(auto.call, auto.params, mode, data)()
+        if backend_mismatch(s, auto.module.explain()):
+            models.replace(s, exc.with_traceback(None))  # backend='auto' does not run it either
+            raise exc
+        models.replace(s, auto)
+        return auto, result, auto.note
+
+
+# ----------------------------------------------------------------------------- process entry
+def apply_memory_limit(cfg: PointConfig) -> int | None:
+    """Set RLIMIT_AS for this process on CPU (the limit, or the current address space plus the
+    headroom); returns the limit set, or None. On CUDA the device's memory is the limit."""
+    if torch.device(cfg.device).type != "cpu":
+        return None
+    limit = cfg.mem_limit_bytes
+    if cfg.mem_headroom_bytes is not None:
+        current = measure.address_space_bytes() or 0
+        limit = current + cfg.mem_headroom_bytes
+    if limit is None:
+        return None
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    return limit
+
+
+def _preload(cfg: PointConfig) -> None:
+    """Load what the paths need before the memory limit applies (a failed build is reported later)."""
+    if "extension" in cfg.paths:
+        try:
+            from ..extension import load_extension
+
+            load_extension()
+        except Exception as exc:
+            print(f"scn-bench: extension unavailable: {first_line(exc)}", file=sys.stderr)
+    if torch.device(cfg.device).type == "cuda":
+        torch.zeros(1, device=cfg.device)  # create the CUDA context
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = PointConfig.from_json(argv[0] if argv else sys.stdin.read())
+    _preload(cfg)
+    apply_memory_limit(cfg)
+
+    def emit(rec: dict) -> None:
+        sys.stdout.write(RECORD_PREFIX + json.dumps(rec, allow_nan=False) + "\n")
+        sys.stdout.flush()
+
+    try:
+        run_point(cfg, emit)
+    except MemoryError:
+        traceback.print_exc()
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
