@@ -111,6 +111,7 @@ class TapSymmetry:
     perm1: torch.Tensor
     sign1: torch.Tensor
     mapping: torch.Tensor
+    pair_signs: tuple[float, float] = (1.0, 1.0)
 
 
 @cache
@@ -146,4 +147,11 @@ def tap_symmetry(lmax: int, mmax: int, num_taps: int) -> TapSymmetry:
         assert torch.equal(q[2][rows0][:, rows0], torch.eye(len(rows0), dtype=q.dtype))
         assert torch.equal(q[2][rows1][:, rows1], -torch.eye(len(rows1), dtype=q.dtype))
         assert torch.equal(q[3], q[1] @ q[2])
+        # Tap 1 swaps the m = -1 and m = +1 rows of each degree with fixed signs.
+        pairs = torch.arange(len(rows1)).view(-1, 2)
+        assert torch.equal(perm1.view(-1, 2), pairs.flip(1))
+        signs = sign1.view(-1, 2)
+        assert torch.equal(signs, signs[:1].expand_as(signs))
+        pair_signs = (float(signs[0, 0]), float(signs[0, 1]))
+        return TapSymmetry(4, q, rows0, rows1, perm1, sign1, taps.mapping, pair_signs)
     return TapSymmetry(len(taps.angles), q, rows0, rows1, perm1, sign1, taps.mapping)
