@@ -16,7 +16,7 @@ import torch
 
 BACKENDS = ("reference", "triton", "extension")
 BACKEND_CHOICES = ("auto", *BACKENDS)
-OPS = ("edge_rotation", "scatter_aggregation", "grid_projection")
+OPS = ("edge_rotation", "scatter_aggregation", "grid_projection", "output_heads")
 ENV_BACKEND = "SCN_FAST_BACKEND"
 # backend="auto" tries these in order, per device type.
 AUTO_ORDER = {

@@ -36,6 +36,8 @@ from .ops import (
     scatter_aggregation,
     tap_projection,
 )
+from .ops.grid_projection import grid_mlp
+from .ops.output_heads import head_weights, output_heads
 from .smearing import make_distance_expansion
 
 logger = logging.getLogger(__name__)
@@ -368,13 +370,25 @@ class EdgeBlock(nn.Module):
                 )
                 x_new[:, : res.sphere_basis, :] += summed
         if self.grid is not None:
-            ctx.dispatcher.choose(
+            grid_backend = ctx.dispatcher.choose(
                 OpRequest("grid_projection", x.device, x.dtype, self.grid.lmax, 0, 1, cr)
             )
-            g = torch.cat([self.grid.to_grid(x_down, cr), self.grid.to_grid(x_new, cr)], dim=1)
-            g = self.act(self.fc1_sphere(g))
-            g = self.act(self.fc2_sphere(g))
-            x_new = self.grid.from_grid(self.fc3_sphere(g), cr)
+            if grid_backend == "reference":
+                g = torch.cat([self.grid.to_grid(x_down, cr), self.grid.to_grid(x_new, cr)], dim=1)
+                g = self.act(self.fc1_sphere(g))
+                g = self.act(self.fc2_sphere(g))
+                x_new = self.grid.from_grid(self.fc3_sphere(g), cr)
+            else:
+                x_new = grid_mlp(
+                    x_down,
+                    x_new,
+                    self.fc1_sphere,
+                    self.fc2_sphere,
+                    self.fc3_sphere,
+                    lmax=self.grid.lmax,
+                    num_bands=self.grid.num_bands,
+                    backend=grid_backend,
+                )
         if c != cr:
             x_new = self.upsample(x_new.view(-1, cr))
         return x_new.view(-1, s, c)
@@ -628,6 +642,24 @@ class SphericalChannelNetwork(nn.Module):
         """Energy: mean over sphere samples of an MLP on x's values there, summed per structure.
         Forces: the point-weighted mean of a second MLP's values."""
         p = self.num_sphere_samples
+        heads_backend = self.dispatcher.choose(
+            OpRequest("output_heads", x.device, x.dtype, self.lmax, 0, 1, self.sphere_channels)
+        )
+        if heads_backend != "reference":
+            node_energy, forces = output_heads(
+                x,
+                num_points=p,
+                lmax=self.lmax,
+                energy=head_weights(self.energy_fc1, self.energy_fc2, self.energy_fc3),
+                forces=head_weights(self.force_fc1, self.force_fc2, self.force_fc3)
+                if self.regress_forces
+                else None,
+                backend=heads_backend,
+            )
+            out = {"energy": x.new_zeros(len(st.natoms)).index_add(0, st.batch, node_energy)}
+            if self.regress_forces:
+                out["forces"] = forces
+            return out
         y = so3.sphere_harmonics_at_points(p, self.lmax).to(dtype=x.dtype, device=x.device)
         on_sphere = torch.einsum("abc,pb->apc", x, y).contiguous().view(-1, self.sphere_channels)
         e = self.act(self.energy_fc1(on_sphere))

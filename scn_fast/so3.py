@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, wraps
 
 import torch
 from e3nn import o3
@@ -21,10 +21,23 @@ from e3nn.o3 import FromS2Grid, ToS2Grid
 
 F64 = torch.float64
 
+
+def _on_cpu(fn):
+    """Build a cached constant on the CPU whatever the caller's default device."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.device("cpu"):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 # The improper 3x3 map whose degree-l representation J_l appears in D = X(a) J X(b) J X(c).
 _J_MATRIX = ((0.0, -1.0, 0.0), (-1.0, 0.0, 0.0), (0.0, 0.0, 1.0))
 
 
+@_on_cpu
 @cache
 def wigner_j(l: int) -> torch.Tensor:
     """J_l, the (2l+1, 2l+1) float64 matrix with Y_l(P r) = J_l Y_l(r) for P = [[0,-1,0],[-1,0,0],[0,0,1]].
@@ -112,6 +125,7 @@ class TapSet:
     mapping: torch.Tensor
 
 
+@_on_cpu
 def tap_set(lmax: int, mmax: int, num_taps: int) -> TapSet:
     """Taps of upstream SCN: one (angle 0) unless mmax == 1 and num_taps != 1, then four at k*pi/2.
 
@@ -160,16 +174,19 @@ class GridMatrices:
 
 @contextmanager
 def _default_float64() -> Iterator[None]:
-    """Run e3nn constructors with float64 as the default dtype: with only ``dtype=float64`` passed,
-    e3nn 0.6's FromS2Grid still builds its quadrature weights in float32 (1e-8 errors)."""
+    """Run e3nn constructors with float64 as the default dtype (with only ``dtype=float64`` passed,
+    e3nn 0.6's FromS2Grid still builds its quadrature weights in float32: 1e-8 errors) and on the
+    CPU whatever the caller's default device (``with torch.device("meta")`` model construction)."""
     old = torch.get_default_dtype()
     torch.set_default_dtype(F64)
     try:
-        yield
+        with torch.device("cpu"):
+            yield
     finally:
         torch.set_default_dtype(old)
 
 
+@_on_cpu
 @cache
 def grid_matrices(lmax: int, num_bands: int) -> GridMatrices:
     """The ToGrid / FromGrid matrices of upstream SCN (e3nn ``integral`` normalisation), in float64."""
@@ -198,6 +215,7 @@ def grid_matrices(lmax: int, num_bands: int) -> GridMatrices:
     )
 
 
+@_on_cpu
 @cache
 def sphere_points(num_points: int) -> torch.Tensor:
     """(P, 3) float64 golden-spiral points on the unit sphere scaled by a density weight (mean 1).
@@ -223,6 +241,7 @@ def sphere_points(num_points: int) -> torch.Tensor:
     return pts * w.view(-1, 1)
 
 
+@_on_cpu
 @cache
 def sphere_harmonics_at_points(num_points: int, lmax: int) -> torch.Tensor:
     """(P, S) float64 unnormalised real spherical harmonics (degrees 0..lmax) at ``sphere_points``."""

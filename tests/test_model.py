@@ -277,7 +277,7 @@ def test_explain_reports_what_ran_and_why_not(monkeypatch):
     with torch.no_grad():
         model(data)
     report = model.explain()
-    assert set(report) == {"edge_rotation", "scatter_aggregation", "grid_projection"}
+    assert set(report) == {"edge_rotation", "scatter_aggregation", "grid_projection", "output_heads"}
     for rec in report.values():
         assert rec["ran"] == "reference"
         assert rec["refused"] == {"triton": "use_fused=False", "extension": "use_fused=False"}
@@ -289,10 +289,9 @@ def test_explain_reports_what_ran_and_why_not(monkeypatch):
     for op in ("edge_rotation", "scatter_aggregation"):
         assert report[op]["ran"] == "extension"
         assert "never picks" in report[op]["refused"]["triton"]
-    grid = report["grid_projection"]
-    assert grid["ran"] == "reference"
-    assert "not implemented" in grid["refused"]["extension"]
-    assert "never picks" in grid["refused"]["triton"]
+    for op in ("grid_projection", "output_heads"):
+        assert report[op]["ran"] == "extension", (op, report[op])
+        assert "never picks" in report[op]["refused"]["triton"]
 
     monkeypatch.setenv("SCN_FAST_BACKEND", "reference")
     with torch.no_grad():

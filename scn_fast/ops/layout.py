@@ -114,6 +114,7 @@ class TapSymmetry:
     pair_signs: tuple[float, float] = (1.0, 1.0)
 
 
+@so3._on_cpu
 @cache
 def tap_symmetry(lmax: int, mmax: int, num_taps: int) -> TapSymmetry:
     """The taps of resolution (lmax, mmax, num_taps) as signed permutations of tap 0 (verified)."""
