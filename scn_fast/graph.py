@@ -45,6 +45,7 @@ __all__ = [
     "RadiusGraph",
     "check_precomputed_graph",
     "edge_vectors",
+    "image_shifts",
     "radius_graph_pbc",
     "validate_structure",
 ]
@@ -114,6 +115,8 @@ def radius_graph_pbc(
     cutoff: float,
     max_num_neighbors: int,
     enforce_max_neighbors_strictly: bool = True,
+    *,
+    validate: bool = True,
 ) -> RadiusGraph:
     """Build the periodic radius graph of a batch of systems.
 
@@ -130,6 +133,7 @@ def radius_graph_pbc(
             ties broken by (distance, source index, cell offset lexicographic). False: upstream's
             degenerate mode, keeping every candidate with squared distance <= the squared
             distance of the (max_num_neighbors + 1)-th nearest + ``DEGENERACY_TOLERANCE``.
+        validate: run ``validate_structure`` first; False only for callers that just did.
 
     Returns:
         RadiusGraph with edges sorted by (target, source, offset n0, n1, n2).
@@ -139,7 +143,8 @@ def radius_graph_pbc(
     """
     if not (float(cutoff) > 0.0 and math.isfinite(float(cutoff))):
         raise ValueError(f"cutoff must be a positive finite number, got {cutoff}")
-    validate_structure(pos, cell, pbc, natoms)
+    if validate:
+        validate_structure(pos, cell, pbc, natoms)
     data = _normalise(pos, cell, pbc, natoms)
     cutoff = float(cutoff)
 
@@ -180,10 +185,19 @@ def edge_vectors(
         (E, 3) tensor in ``pos.dtype``; differentiable with respect to ``pos`` and ``cell``.
     """
     src, tgt = edge_index[0], edge_index[1]
-    vec = pos[src] - pos[tgt]
-    edge_cell = cell[batch[tgt]].to(pos.dtype)
-    shift = torch.bmm(cell_offsets.to(pos.dtype).view(-1, 1, 3), edge_cell).view(-1, 3)
-    return vec + shift
+    return pos[src] - pos[tgt] + image_shifts(cell, batch, edge_index, cell_offsets, pos.dtype)
+
+
+def image_shifts(
+    cell: torch.Tensor,
+    batch: torch.Tensor,
+    edge_index: torch.Tensor,
+    cell_offsets: torch.Tensor,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """(E, 3) Cartesian image shifts n @ cell[batch[i]] of the edges' sources, in ``dtype``."""
+    edge_cell = cell[batch[edge_index[1]]].to(dtype)
+    return torch.bmm(cell_offsets.to(dtype).view(-1, 1, 3), edge_cell).view(-1, 3)
 
 
 def validate_structure(

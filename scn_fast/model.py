@@ -25,6 +25,7 @@ from .frames import edge_frames
 from .graph import (
     check_precomputed_graph,
     edge_vectors,
+    image_shifts,
     radius_graph_pbc,
     validate_structure,
 )
@@ -583,12 +584,14 @@ class SphericalChannelNetwork(nn.Module):
                 self.cutoff,
                 self.max_num_neighbors,
                 self.enforce_max_neighbors_strictly,
+                validate=False,  # read_input validated st
             )
             edge_index, offsets, neighbors = g.edge_index, g.cell_offsets, g.neighbors
+        shift = image_shifts(st.cell, st.batch, edge_index, offsets, st.pos.dtype)
         vec = edge_vectors(st.pos, st.cell, st.batch, edge_index, offsets)
-        offsets_f = offsets.to(st.pos.dtype)
-        shift = torch.bmm(offsets_f.view(-1, 1, 3), st.cell[st.batch[edge_index[1]]]).view(-1, 3)
-        return GraphData(edge_index, vec.norm(dim=-1), vec, offsets_f, shift, neighbors)
+        return GraphData(
+            edge_index, vec.norm(dim=-1), vec, offsets.to(st.pos.dtype), shift, neighbors
+        )
 
     # ------------------------------------------------------------------ forward
     def forward(self, data: Any) -> dict[str, torch.Tensor]:

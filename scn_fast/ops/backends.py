@@ -34,6 +34,29 @@ def _common_refusal(request: OpRequest) -> str | None:
     return None
 
 
+# ----------------------------------------------------------------------------- shared checks
+def extension_unavailable() -> str | None:
+    """Why the C++ extension cannot run at all (None when it can or may still build)."""
+    from ..extension import extension_status
+
+    ok, why = extension_status()
+    return None if ok else f"the C++ extension is unavailable: {why}"
+
+
+def triton_unavailable(device: torch.device, is_interpreted: Callable[[], bool]) -> str | None:
+    """Why Triton kernels cannot run on ``device`` at all: not installed, a CPU device without the
+    interpreter (``is_interpreted()`` of the kernel module), or another device type."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton, on Linux)"
+    if device.type == "cuda" or (device.type == "cpu" and is_interpreted()):
+        return None
+    if device.type == "cpu":
+        return (
+            "Triton runs on CUDA devices (set TRITON_INTERPRET=1 to run it on CPU tensors, slowly)"
+        )
+    return f"no Triton code for device type {device.type!r}"
+
+
 # ----------------------------------------------------------------------------- C++ extension
 def _ext():
     from ..extension import load_extension
@@ -50,14 +73,9 @@ def _ext_rotate_scatter(m, wig, perm, ptr, lmax, mmax, num_nodes):
 
 
 def _ext_refusal(request: OpRequest) -> str | None:
-    from ..extension import extension_status
-
-    reason = _common_refusal(request)
+    reason = _common_refusal(request) or extension_unavailable()
     if reason:
         return reason
-    ok, why = extension_status()
-    if not ok:
-        return f"the C++ extension is unavailable: {why}"
     if request.device.type == "cpu":
         if request.dtype not in _FLOATS:
             return f"the CPU twin supports float32 and float64, not {request.dtype}"
@@ -93,26 +111,15 @@ def triton_interpreter_enabled() -> bool:
 
 
 def _triton_refusal(request: OpRequest) -> str | None:
-    reason = _common_refusal(request)
+    reason = _common_refusal(request) or triton_unavailable(
+        request.device, triton_interpreter_enabled
+    )
     if reason:
         return reason
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (pip install triton, on Linux)"
-    if request.device.type == "cuda":
-        if request.dtype not in _GPU_TYPES:
-            return f"the Triton kernels do not support {request.dtype}"
-        return None
-    if request.device.type == "cpu":
-        if triton_interpreter_enabled():
-            return (
-                None
-                if request.dtype in (*_FLOATS, torch.bfloat16)
-                else f"unsupported {request.dtype}"
-            )
-        return (
-            "Triton runs on CUDA devices (set TRITON_INTERPRET=1 to run it on CPU tensors, slowly)"
-        )
-    return f"no Triton code for device type {request.device.type!r}"
+    supported = _GPU_TYPES if request.device.type == "cuda" else (*_FLOATS, torch.bfloat16)
+    if request.dtype not in supported:
+        return f"the Triton kernels do not support {request.dtype} on {request.device.type}"
+    return None
 
 
 BACKENDS: dict[str, EdgeBackend] = {

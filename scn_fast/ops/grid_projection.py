@@ -30,7 +30,6 @@ Backends: "extension" (``csrc/grid_ops.cpp``: ATen GEMMs, CPU and CUDA), "triton
 from __future__ import annotations
 
 import functools
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 
 from .. import so3
 from ..dispatch import Implementation, OpRequest, register
+from .backends import extension_unavailable, triton_unavailable
 
 FUSED_BACKENDS = ("extension", "triton")
 _FLOATS = (torch.float32, torch.float64)
@@ -120,14 +120,9 @@ def _ext_module():
 
 
 def _ext_refusal(request: OpRequest) -> str | None:
-    from ..extension import extension_status
-
-    reason = _common_refusal(request)
+    reason = _common_refusal(request) or extension_unavailable()
     if reason:
         return reason
-    ok, why = extension_status()
-    if not ok:
-        return f"the C++ extension is unavailable: {why}"
     if request.device.type not in ("cpu", "cuda"):
         return f"no extension code for device type {request.device.type!r}"
     if request.dtype not in _FLOATS:
@@ -142,22 +137,14 @@ def _triton_module():
 
 
 def _triton_refusal(request: OpRequest) -> str | None:
-    reason = _common_refusal(request)
+    reason = _common_refusal(request) or triton_unavailable(
+        request.device, lambda: _triton_module().is_interpreted()
+    )
     if reason:
         return reason
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (pip install triton, on Linux)"
     if request.dtype not in _FLOATS:
         return f"the Triton grid kernels support float32 and float64, not {request.dtype}"
-    if request.device.type == "cuda":
-        return None
-    if request.device.type == "cpu":
-        if _triton_module().is_interpreted():
-            return None
-        return (
-            "Triton runs on CUDA devices (set TRITON_INTERPRET=1 to run it on CPU tensors, slowly)"
-        )
-    return f"no Triton code for device type {request.device.type!r}"
+    return None
 
 
 BACKENDS: dict[str, GridBackend] = {
