@@ -4,9 +4,18 @@
 state_dict, same outputs), with fused kernels selected by a dispatcher (``use_fused=True``).
 """
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .data import AtomsBatch
 from .model import GraphData, SphericalChannelNetwork
 from .presets import PRESETS, preset
 
-__all__ = ["PRESETS", "AtomsBatch", "GraphData", "SphericalChannelNetwork", "preset"]
+__all__ = [
+    "PRESETS",
+    "AtomsBatch",
+    "GraphData",
+    "SphericalChannelNetwork",
+    "load_checkpoint",
+    "preset",
+    "save_checkpoint",
+]
 __version__ = "0.1.0"

@@ -459,6 +459,36 @@ class SphericalChannelNetwork(nn.Module):
         deterministic_frames: bool = False,
     ) -> None:
         super().__init__()
+        self.model_config: dict[str, Any] = {
+            "use_pbc": use_pbc,
+            "use_pbc_single": use_pbc_single,
+            "regress_forces": regress_forces,
+            "otf_graph": otf_graph,
+            "max_num_neighbors": max_num_neighbors,
+            "cutoff": cutoff,
+            "max_num_elements": max_num_elements,
+            "num_interactions": num_interactions,
+            "lmax": lmax,
+            "mmax": mmax,
+            "num_resolutions": num_resolutions,
+            "sphere_channels": sphere_channels,
+            "sphere_channels_reduce": sphere_channels_reduce,
+            "hidden_channels": hidden_channels,
+            "num_taps": num_taps,
+            "use_grid": use_grid,
+            "num_bands": num_bands,
+            "num_sphere_samples": num_sphere_samples,
+            "num_basis_functions": num_basis_functions,
+            "distance_function": distance_function,
+            "basis_width_scalar": basis_width_scalar,
+            "distance_resolution": distance_resolution,
+            "show_timing_info": show_timing_info,
+            "direct_forces": direct_forces,
+        }
+        """Upstream constructor keyword arguments (what a checkpoint's config["model"] stores)."""
+        self.normalizers: dict[str, dict[str, float]] = {}
+        """{"energy"|"forces": {"mean": m, "rmsd": s}}: predict() returns out * s + m (a checkpoint's
+        target normalizers; empty = identity)."""
         _check_config(
             lmax,
             mmax,
@@ -677,6 +707,27 @@ class SphericalChannelNetwork(nn.Module):
             f = self.force_fc3(f).view(-1, p, 1)
             pts = so3.sphere_points(p).to(dtype=x.dtype, device=x.device)
             out["forces"] = torch.sum(f * pts.view(1, p, 3), dim=1) / p
+        return out
+
+    @torch.no_grad()
+    def predict(self, data: Any) -> dict[str, torch.Tensor]:
+        """Energies (B,) and forces (N, 3) in physical units: ``forward`` (no autograd graph) with
+        each output denormalized as fairchem does, ``out * rmsd + mean`` (``self.normalizers``,
+        set by ``load_checkpoint``). ``data``: a batch object, or ``ase.Atoms`` / a list of them."""
+        from ase import Atoms
+
+        if isinstance(data, Atoms) or (
+            isinstance(data, (list, tuple)) and data and isinstance(data[0], Atoms)
+        ):
+            from .data import AtomsBatch
+
+            data = AtomsBatch.from_ase(
+                data, dtype=self.dtype, device=self.sphere_embedding.weight.device
+            )
+        out = self(data)
+        for key, norm in self.normalizers.items():
+            if key in out:
+                out[key] = out[key] * norm["rmsd"] + norm["mean"]
         return out
 
     # ------------------------------------------------------------------ reporting
