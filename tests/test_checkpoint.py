@@ -116,7 +116,7 @@ def test_bad_checkpoints(tmp_path) -> None:
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pt"):
+    with pytest.raises(ValueError, match=r"junk\.pt"):
         load_checkpoint(tmp_path / "junk.pt")
 
 
