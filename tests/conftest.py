@@ -23,6 +23,8 @@ TOL = {
     "reference_fp64": {"energy": 1e-9, "force": 1e-8},
     "fused_fp32": {"energy": 1e-5, "force_u_factor": 5.0, "force_floor": 5e-5, "grad_rel": 1e-3},
     "fused_fp64": {"energy": 1e-9, "force": 1e-8},
+    "tf32": {"energy": 5e-4, "force_cos": 0.999, "force_max": 0.05},
+    "bf16": {"energy": 2e-3, "force_cos": 0.99, "force_max": 0.20},
     "op_fp32": 1e-5,
     "op_fp64": 1e-12,
 }

@@ -9,12 +9,15 @@ from typing import Any
 
 import torch
 
-PRECISIONS_BY_DEVICE = {"cpu": ("fp32", "bf16"), "cuda": ("fp32", "tf32", "bf16")}
+from ..precision import gemm_support
+
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 def supported_precisions(device: torch.device | str) -> tuple[str, ...]:
-    """Precisions the benchmark runs on this device type (tf32 exists on CUDA only)."""
-    return PRECISIONS_BY_DEVICE.get(torch.device(device).type, ("fp32",))
+    """Precisions the benchmark runs by default on ``device``: fp32, and each low precision whose
+    GEMMs run natively there (an emulated mode has float32 speed; ask for it with --precision)."""
+    return tuple(p for p in PRECISIONS if p == "fp32" or gemm_support(p, device)[0])
 
 
 def cpu_model() -> str:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..precision import gemm_support
 from .measure import synchronize
 
 # Dense (non-sparse) peak FLOP/s by device-name pattern, most specific first; values in TFLOP/s for
@@ -112,7 +113,7 @@ def record_gemm_calls(model: nn.Module) -> Iterator[list[GemmCall]]:
 @contextmanager
 def matmul_precision(precision: str) -> Iterator[None]:
     """fp32 GEMMs without TF32 ("fp32"), or with it ("tf32"), restoring the previous setting."""
-    old = torch.get_float32_matmul_precision()
+    old = torch.get_float32_matmul_precision()  # "high" = TF32 on CUDA; no effect on CPU
     torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
     try:
         yield
@@ -120,8 +121,11 @@ def matmul_precision(precision: str) -> Iterator[None]:
         torch.set_float32_matmul_precision(old)
 
 
-def gemm_dtype(precision: str) -> torch.dtype:
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+def gemm_dtype(precision: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """The dtype the floor's GEMMs run in: bf16 where bf16 GEMMs are native, else float32 (the
+    model emulates bf16 with float32 GEMMs there, scn_fast.precision)."""
+    native = gemm_support(precision, device)[0]
+    return torch.bfloat16 if precision == "bf16" and native else torch.float32
 
 
 def time_gemm(
@@ -138,7 +142,7 @@ def time_gemm(
     Shapes that take under a millisecond are timed in batches of calls (each sample about 1 ms) so
     that timer and scheduling noise does not dominate them.
     """
-    dtype = gemm_dtype(precision)
+    dtype = gemm_dtype(precision, device)
     gen = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
     w = torch.randn(n, k, generator=gen).to(device=device, dtype=dtype)

@@ -1,0 +1,183 @@
+"""Precision modes: ``"fp32"`` (default, faithful), ``"tf32"`` and ``"bf16"`` (opt-in, faster GEMMs).
+
+A low-precision mode rounds the operands of the model's GEMMs (every ``nn.Linear``: the edge MLPs,
+``fc1_edge_proj``, the grid MLP, the output heads) to TF32 (10-bit mantissa) or bfloat16 (7-bit) and
+accumulates in float32; outputs, the residual stream, the Wigner rotations, the frames, the grid
+projections and every reduction (message sums, head means, per-structure energies) stay float32.
+
+Two implementations give those numerics:
+- native: the GEMM runs on low-precision units (CUDA TF32 / bf16 tensor cores from sm_80, CPUs
+  with AVX512-BF16 or AMX for bf16), operands stored in bf16 for backward (half the memory);
+- emulated: operands rounded to the mode's precision, the GEMM run in float32. Same rounding of
+  inputs, no speedup; chosen where the hardware has no such units (TF32 on any CPU; bf16 on CPUs
+  without AVX512-BF16/AMX, where torch's bf16 GEMM is a scalar loop ~150x slower than float32,
+  measured on an AVX2 EPYC) and inside the fused ops' own GEMMs (their kernels are float32).
+``gemm_support(precision, device)`` says which one runs and why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+def gemm_support(precision: str, device: torch.device | str) -> tuple[bool, str]:
+    """(native, reason): whether ``precision``'s GEMMs run on low-precision units on ``device``."""
+    check_precision(precision)
+    device = torch.device(device)
+    if precision == "fp32":
+        return True, "float32 GEMMs"
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        if major >= 8:
+            return True, f"{precision} tensor cores (sm_{major}x)"
+        return (
+            False,
+            f"sm_{major}x has no {precision} tensor cores: operands rounded, float32 GEMMs",
+        )
+    if device.type == "cpu" and precision == "bf16":
+        avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+        if avx512_bf16 or amx:
+            return True, "bf16 GEMMs on " + ("AMX" if amx else "AVX512-BF16")
+        return False, (
+            "this CPU has no AVX512-BF16/AMX (torch's bf16 GEMM would be ~150x slower than "
+            "float32): operands rounded to bf16, float32 GEMMs"
+        )
+    return False, f"no {precision} GEMM units on {device.type}: operands rounded, float32 GEMMs"
+
+
+def round_tf32(x: torch.Tensor) -> torch.Tensor:
+    """float32 values rounded to TF32 (10 explicit mantissa bits, round to nearest even), as float32."""
+    bits = x.float().contiguous().view(torch.int32)
+    lsb = (bits >> 13) & 1
+    rounded = (bits + 0x0FFF + lsb) & ~0x1FFF
+    finite = torch.isfinite(x)
+    return torch.where(finite, rounded.view(torch.float32), x.float())
+
+
+def round_to(x: torch.Tensor, precision: str) -> torch.Tensor:
+    """``x`` rounded to ``precision`` and returned in x's dtype (identity for fp32)."""
+    if precision == "bf16":
+        return x.to(torch.bfloat16).to(x.dtype)
+    if precision == "tf32":
+        return round_tf32(x).to(x.dtype)
+    return x
+
+
+class _RoundOperand(torch.autograd.Function):
+    """Forward: round to the precision; backward: identity (the gradient of the exact op)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, precision: str) -> torch.Tensor:
+        return round_to(x, precision)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def gemm_operand(x: torch.Tensor, precision: str) -> torch.Tensor:
+    """A GEMM operand in ``precision`` (rounded; straight-through gradient). fp32: ``x`` itself."""
+    if precision == "fp32" or not x.is_floating_point() or x.dtype == torch.float64:
+        return x
+    return _RoundOperand.apply(x, precision)
+
+
+@contextlib.contextmanager
+def _cuda_tf32(enabled: bool) -> Iterator[None]:
+    if not enabled:
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, precision: str, native: bool) -> torch.Tensor:
+    """a @ b with operands in ``precision`` and a float32 result (a, b as saved: bf16 or fp32)."""
+    if precision == "bf16":
+        if native:
+            return torch.mm(a.to(torch.bfloat16), b.to(torch.bfloat16)).float()
+        return torch.mm(a.to(torch.bfloat16).float(), b.to(torch.bfloat16).float())
+    if native:  # tf32 on CUDA
+        with _cuda_tf32(True):
+            return torch.mm(a, b)
+    return torch.mm(round_tf32(a), round_tf32(b))
+
+
+class _LowPrecisionLinear(torch.autograd.Function):
+    """y = x W^T + b with x, W (and, in backward, dy) rounded to the precision; float32 accumulation
+    and outputs; bias and its gradient float32. x (M, K), W (O, K), b (O,) -> (M, O)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, precision: str, native: bool):
+        store = torch.bfloat16 if precision == "bf16" else torch.float32
+        xs = x.to(store) if precision == "bf16" else round_tf32(x)
+        ws = weight.to(store) if precision == "bf16" else round_tf32(weight)
+        out = _mm(xs, ws.t(), precision, native)
+        if bias is not None:
+            out = out + bias
+        ctx.save_for_backward(xs, ws)
+        ctx.precision, ctx.native, ctx.has_bias = precision, native, bias is not None
+        ctx.dtypes = (x.dtype, weight.dtype)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xs, ws = ctx.saved_tensors
+        p, native = ctx.precision, ctx.native
+        g = grad.float()
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _mm(g, ws, p, native).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            gw = _mm(g.t(), xs, p, native).to(ctx.dtypes[1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g.sum(0)
+        return gx, gw, gb, None, None
+
+
+def low_precision_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    precision: str,
+    native: bool,
+) -> torch.Tensor:
+    """``F.linear`` in ``precision`` (see module doc); any leading shape of x."""
+    if precision == "fp32" or x.dtype == torch.float64:
+        return F.linear(x, weight, bias)
+    lead = x.shape[:-1]
+    out = _LowPrecisionLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias, precision, native)
+    return out.view(*lead, weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, init and state_dict) whose GEMM follows ``self.precision``;
+    the model sets it on every layer. ``precision_native``: low-precision units (True) or emulated."""
+
+    precision: str = "fp32"
+    precision_native: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.precision == "fp32":
+            return F.linear(x, self.weight, self.bias)
+        return low_precision_linear(
+            x, self.weight, self.bias, self.precision, self.precision_native
+        )
