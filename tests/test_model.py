@@ -277,7 +277,12 @@ def test_explain_reports_what_ran_and_why_not(monkeypatch):
     with torch.no_grad():
         model(data)
     report = model.explain()
-    assert set(report) == {"edge_rotation", "scatter_aggregation", "grid_projection", "output_heads"}
+    assert set(report) == {
+        "edge_rotation",
+        "scatter_aggregation",
+        "grid_projection",
+        "output_heads",
+    }
     for rec in report.values():
         assert rec["ran"] == "reference"
         assert rec["refused"] == {"triton": "use_fused=False", "extension": "use_fused=False"}
