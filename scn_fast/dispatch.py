@@ -80,6 +80,13 @@ def register(impl: Implementation) -> None:
     _REGISTRY[impl.op][impl.backend] = impl
 
 
+@torch.compiler.disable(
+    reason="scn_fast: a backend choice that was not planned before the compiled region"
+)
+def _choose_eagerly(dispatcher: Dispatcher, request: OpRequest) -> str:
+    return dispatcher.choose(request)
+
+
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run a request; the message lists the reasons."""
 
@@ -95,6 +102,7 @@ class Dispatcher:
     use_fused: bool = False
     backend: str = "auto"
     _last: dict[str, dict] = field(default_factory=dict)
+    _decided: dict[OpRequest, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKEND_CHOICES:
@@ -110,7 +118,15 @@ class Dispatcher:
         return self.backend
 
     def choose(self, request: OpRequest) -> str:
-        """The backend to run ``request`` with; records what ran and why the others were refused."""
+        """The backend to run ``request`` with; records what ran and why the others were refused.
+
+        Inside a ``torch.compile`` trace it returns the decision taken eagerly for the same request
+        (the model plans every request of a forward before its compiled region), with no side
+        effect, so choosing never breaks the graph."""
+        if torch.compiler.is_compiling():
+            if request in self._decided:
+                return self._decided[request]
+            return _choose_eagerly(self, request)
         impls = _REGISTRY[request.op]
         refused: dict[str, str] = {}
         wanted = self.effective_backend
@@ -145,10 +161,14 @@ class Dispatcher:
         if chosen in refused:
             del refused[chosen]
         self._last[request.op] = {"ran": chosen, "refused": dict(sorted(refused.items()))}
+        self._decided[request] = chosen
         return chosen
 
     def fall_back(self, op: str, why: str) -> str:
-        """Override the last choice for ``op`` with the reference, recording ``why``."""
+        """Override the last choice for ``op`` with the reference, recording ``why`` (no record
+        inside a torch.compile trace: the eager plan recorded it)."""
+        if torch.compiler.is_compiling():
+            return "reference"
         rec = self._last[op]
         if rec["ran"] != "reference":
             rec["refused"] = dict(sorted({**rec["refused"], rec["ran"]: why}.items()))

@@ -37,8 +37,8 @@ from .ops import (
     scatter_aggregation,
     tap_projection,
 )
-from .ops.grid_projection import grid_projection
-from .ops.output_heads import output_heads
+from .ops.grid_projection import grid_constants, grid_projection
+from .ops.output_heads import heads_constants, output_heads
 from .precision import Linear, check_precision, gemm_operand, gemm_support
 from .smearing import make_distance_expansion
 
@@ -169,7 +169,18 @@ class EdgeContext:
         return self._cache[key]
 
     def _frames(self, r: int) -> torch.Tensor:
-        return self.frames[self.bounds[r] : self.bounds[r + 1]]
+        """Resolution r's frames (E_r, 3, 3), a copy (so its size is its own under torch.compile)."""
+        key = ("frames", r)
+        if key not in self._cache:
+            self._cache[key] = self.frames[self.bounds[r] : self.bounds[r + 1]].clone()
+        return self._cache[key]
+
+    def span(self, r: int) -> tuple[int, int]:
+        """(lo, hi) = (bounds[r], bounds[r + 1]), read from the per-resolution frames' shapes: under
+        torch.compile these are symbolic sizes (one graph for every edge count), where the ints of
+        ``bounds`` would be constants that the graph specialises on."""
+        sizes = [self._frames(k).shape[0] for k in range(r + 1)]
+        return sum(sizes[:-1]), sum(sizes)
 
     def dense(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Resolution r's (wigner (E_r*T, R, S_L), wigner_inv (E_r, S_L, R)), as upstream."""
@@ -363,7 +374,7 @@ class EdgeBlock(nn.Module):
         x_down = x_down.view(-1, s, cr)
         x_new = x.new_zeros((x.shape[0], s, cr))
         for r, (res, block) in enumerate(zip(self.resolutions, self.message_blocks, strict=True)):
-            lo, hi = ctx.bounds[r], ctx.bounds[r + 1]
+            lo, hi = ctx.span(r)
             rotate, scatter = _edge_backends(ctx.dispatcher, res, x, cr)
             if rotate == "reference":
                 msg = block(
@@ -668,13 +679,57 @@ class SphericalChannelNetwork(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, data: Any) -> dict[str, torch.Tensor]:
         """{"energy": (B,), "forces": (N, 3)} (forces only with regress_forces)."""
-        start = time.perf_counter()
-        st = self.read_input(data)
-        graph = self.generate_graph(data, st)
-        out = self.forward_graph(st, graph)
+        start = time.perf_counter() if self.show_timing_info else 0.0
+        st, ctx = self.prepare(data)
+        out = self.forward_context(st, ctx)
         if self.show_timing_info:
             logger.info("SCN forward: %d atoms, %.4f s", len(st.pos), time.perf_counter() - start)
         return out
+
+    @torch.compiler.disable(
+        reason="scn_fast: input checks, the radius graph, edge ranking, frames, rotations and "
+        "backend choices run eagerly (data-dependent shapes); the blocks and heads are compiled"
+    )
+    def prepare(self, data: Any) -> tuple[Structure, EdgeContext]:
+        """The eager part of ``forward``: the validated structure and its planned edge context
+        (:meth:`planned_context`). The rest, :meth:`forward_context`, is tensor math and custom ops
+        only, which ``torch.compile(model)`` captures as one graph."""
+        st = self.read_input(data)
+        return st, self.planned_context(st, self.generate_graph(data, st))
+
+    def planned_context(self, st: Structure, graph: GraphData) -> EdgeContext:
+        """:meth:`edge_context` with everything the blocks and heads would otherwise set up on the
+        fly done now: the GEMM precision applied, every backend chosen (recorded for ``explain()``;
+        inside a compiled region the dispatcher returns these decisions), the per-resolution
+        rotations and edge groupings built, the constants cached for the model's dtype and device,
+        and the atom and edge dimensions marked dynamic for torch.compile."""
+        self._apply_precision(st.pos.device)
+        ctx = self.edge_context(st, graph)
+        like, cr = st.pos, self.sphere_channels_reduce
+        for r, res in enumerate(self.resolutions):
+            rotate, _ = _edge_backends(self.dispatcher, res, like, cr)
+            if rotate == "reference":
+                ctx.dense(r)
+            else:
+                ctx.compact(r)
+                ctx.csr(r)
+            res.mapping(like)
+        if self.grid is not None:
+            request = OpRequest(
+                "grid_projection", like.device, like.dtype, self.grid.lmax, 0, 1, cr
+            )
+            if self.dispatcher.choose(request) == "reference":
+                self.grid._mats(like)
+            else:
+                grid_constants(self.grid.lmax, self.grid.num_bands, like.dtype, like.device)
+        self.dispatcher.choose(
+            OpRequest(
+                "output_heads", like.device, like.dtype, self.lmax, 0, 1, self.sphere_channels
+            )
+        )
+        heads_constants(self.num_sphere_samples, self.lmax, like.dtype, like.device)
+        _mark_sizes_dynamic(st, ctx)
+        return ctx
 
     def edge_context(self, st: Structure, graph: GraphData) -> EdgeContext:
         """Rank edges per target by distance, group them by resolution (stable), build their frames
@@ -704,8 +759,11 @@ class SphericalChannelNetwork(nn.Module):
     def forward_graph(self, st: Structure, graph: GraphData) -> dict[str, torch.Tensor]:
         """The model on a validated structure and its graph (``forward`` = read_input, generate_graph,
         forward_graph)."""
-        self._apply_precision(st.pos.device)
-        ctx = self.edge_context(st, graph)
+        return self.forward_context(st, self.planned_context(st, graph))
+
+    def forward_context(self, st: Structure, ctx: EdgeContext) -> dict[str, torch.Tensor]:
+        """The interaction blocks and heads on a planned edge context (:meth:`planned_context`):
+        the region ``torch.compile(model)`` compiles."""
         z = st.atomic_numbers
         x = st.pos.new_zeros((len(z), self.sphere_basis, self.sphere_channels))
         x[:, 0, :] = self.sphere_embedding(z)
@@ -733,23 +791,22 @@ class SphericalChannelNetwork(nn.Module):
                 else None,
                 backend=heads_backend,
             )
-            out = {"energy": x.new_zeros(len(st.natoms)).index_add(0, st.batch, node_energy)}
+            out = {"energy": _per_structure_sum(node_energy, st)}
             if self.regress_forces:
                 out["forces"] = forces
             return out
-        y = so3.sphere_harmonics_at_points(p, self.lmax).to(dtype=x.dtype, device=x.device)
+        y, _, pts = heads_constants(p, self.lmax, x.dtype, x.device)  # cached (planned_context)
         on_sphere = torch.einsum("abc,pb->apc", x, y).contiguous().view(-1, self.sphere_channels)
         e = self.act(self.energy_fc1(on_sphere))
         e = self.act(self.energy_fc2(e))
         e = self.energy_fc3(e).view(-1, p, 1)
         node_energy = torch.sum(e, dim=1) / p
-        energy = x.new_zeros(len(st.natoms)).index_add(0, st.batch, node_energy.view(-1))
+        energy = _per_structure_sum(node_energy.view(-1), st)
         out = {"energy": energy}
         if self.regress_forces:
             f = self.act(self.force_fc1(on_sphere))
             f = self.act(self.force_fc2(f))
             f = self.force_fc3(f).view(-1, p, 1)
-            pts = so3.sphere_points(p).to(dtype=x.dtype, device=x.device)
             out["forces"] = torch.sum(f * pts.view(1, p, 3), dim=1) / p
         return out
 
@@ -785,6 +842,36 @@ class SphericalChannelNetwork(nn.Module):
     @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _per_structure_sum(node_values: torch.Tensor, st: Structure) -> torch.Tensor:
+    """(B,) sums of node_values (N,) per structure. scatter_add, not index_add: the same sums in
+    the same order (bit-identical), but Inductor's CPU code generator fails on an index_add into
+    a one-element output (torch 2.13), which a single structure is under torch.compile."""
+    return node_values.new_zeros(len(st.natoms)).scatter_add(0, st.batch, node_values)
+
+
+def _mark_sizes_dynamic(st: Structure, ctx: EdgeContext) -> None:
+    """Mark the atom, structure and edge dimensions of the compiled region's inputs dynamic, so
+    that torch.compile traces one graph for all sizes at its first call (rather than a static
+    graph, then a dynamic one at the first new size). A hint: no effect outside torch.compile,
+    and sizes 0 and 1 are still specialised (one more graph each when they occur)."""
+    mark = torch._dynamo.maybe_mark_dynamic
+    for t in (st.pos, st.atomic_numbers, st.batch, st.natoms):
+        mark(t, 0)
+    mark(ctx.edge_distance, 0)
+    mark(ctx.edge_index, 1)
+    for (kind, _), value in ctx._cache.items():
+        if kind in ("frames", "compact"):
+            mark(value, 0)
+        elif kind == "dense":
+            for t in value:
+                mark(t, 0)
+        elif kind == "csr":
+            for c in value:
+                mark(c.idx, 0)
+                mark(c.perm, 1)
+                mark(c.ptr, 1)
 
 
 def rank_edges(distance: torch.Tensor, target: torch.Tensor, num_atoms: int) -> torch.Tensor:

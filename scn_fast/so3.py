@@ -18,16 +18,18 @@ from functools import cache, wraps
 import torch
 from e3nn import o3
 from e3nn.o3 import FromS2Grid, ToS2Grid
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 F64 = torch.float64
 
 
 def _on_cpu(fn):
-    """Build a cached constant on the CPU whatever the caller's default device."""
+    """Build a cached constant on the CPU whatever the caller's default device, as a real tensor
+    even when called under a fake tensor mode (an op's fake impl while torch.compile traces)."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
-        with torch.device("cpu"):
+        with torch.device("cpu"), unset_fake_temporarily():
             return fn(*args, **kwargs)
 
     return wrapper

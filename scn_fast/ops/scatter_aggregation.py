@@ -61,6 +61,6 @@ def scatter_aggregation(
     m: torch.Tensor, wig: torch.Tensor, csr: EdgeCSR, lmax: int, mmax: int, backend: str
 ) -> torch.Tensor:
     """Per-atom sums (N, S_L, C) of the back-rotated messages m (E, P, R, C) over ``csr``."""
-    return _scatter_aggregation(
-        m, wig, csr.idx, csr.perm, csr.ptr, lmax, mmax, csr.num_nodes, backend
-    )
+    # num_nodes from ptr's shape (not csr.num_nodes): a size torch.compile keeps symbolic
+    num_nodes = csr.ptr.shape[1] - 1
+    return _scatter_aggregation(m, wig, csr.idx, csr.perm, csr.ptr, lmax, mmax, num_nodes, backend)
