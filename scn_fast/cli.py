@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from .benchmark.cli import add_bench_parser
+from .data import read_frames
 from .presets import PRESETS, preset
 
 
@@ -31,15 +32,10 @@ def _load_structures(path: str | None) -> list:
         from .systems import cu111_co
 
         return [cu111_co()]
-    import ase.io
-
     try:
-        frames = ase.io.read(path, index=":")
-    except FileNotFoundError:
-        raise SystemExit(f"scn-fast: no such file: {path}") from None
-    except Exception as exc:  # ASE raises many types for unreadable files
-        raise SystemExit(f"scn-fast: cannot read {path} with ASE: {exc}") from None
-    return frames if isinstance(frames, list) else [frames]
+        return read_frames(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"scn-fast: {exc}") from None
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

@@ -186,3 +186,23 @@ def read_structure(
         batch=batch,
         pbc=pbc.contiguous(),
     )
+
+
+def read_frames(path: str, what: str = "file", missing_hint: str = "") -> list[Any]:
+    """Every frame of the ASE-readable file at ``path`` as ``ase.Atoms``. FileNotFoundError
+    ("no such {what}: {path}{missing_hint}") when it does not exist; ValueError when ASE cannot read it or it
+    holds no structures."""
+    import os
+
+    import ase.io
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no such {what}: {path}{missing_hint}")
+    try:
+        frames = ase.io.read(path, index=":")
+    except Exception as exc:  # ASE raises many types for unreadable files
+        raise ValueError(f"cannot read {path} with ASE: {exc}") from exc
+    frames = frames if isinstance(frames, list) else [frames]
+    if not frames:
+        raise ValueError(f"{path} holds no structures")
+    return frames

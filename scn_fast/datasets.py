@@ -9,7 +9,6 @@ seeded, resumable order in which structures are drawn.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 from ase import Atoms
 
-from .data import AtomsBatch
+from .data import AtomsBatch, read_frames
 
 BUILTIN_DATASETS = ("emt", "builtin:emt")
 EMT_METALS = ("Cu", "Pt", "Au", "Ni", "Ag")
@@ -85,20 +84,7 @@ def load_structures(source: str) -> list[Atoms]:
     is missing or unreadable; labels are checked by ``TrainingSet.from_atoms``."""
     if source in BUILTIN_DATASETS:
         return emt_dataset()
-    if not os.path.exists(source):
-        raise FileNotFoundError(
-            f"no such data file: {source} (or use --data emt for the built-in EMT set)"
-        )
-    import ase.io
-
-    try:
-        frames = ase.io.read(source, index=":")
-    except Exception as exc:  # ASE raises many types for unreadable files
-        raise ValueError(f"cannot read {source} with ASE: {exc}") from exc
-    frames = frames if isinstance(frames, list) else [frames]
-    if not frames:
-        raise ValueError(f"{source} holds no structures")
-    return frames
+    return read_frames(source, "data file", " (or use --data emt for the built-in EMT set)")
 
 
 def fixed_mask(atoms: Atoms) -> np.ndarray:
