@@ -39,7 +39,7 @@ from .ops import (
 )
 from .ops.grid_projection import grid_constants, grid_projection
 from .ops.output_heads import heads_constants, output_heads
-from .precision import Linear, check_precision, gemm_operand, gemm_support
+from .precision import Linear, check_precision, gemm_operand, gemm_support, linear_operands
 from .smearing import make_distance_expansion
 
 logger = logging.getLogger(__name__)
@@ -400,7 +400,7 @@ class EdgeBlock(nn.Module):
                 x_new = grid_projection(
                     gemm_operand(x_down, p),
                     gemm_operand(x_new, p),
-                    *_linear_params(p, self.fc1_sphere, self.fc2_sphere, self.fc3_sphere),
+                    *linear_operands(p, self.fc1_sphere, self.fc2_sphere, self.fc3_sphere),
                     lmax=self.grid.lmax,
                     num_bands=self.grid.num_bands,
                     backend=grid_backend,
@@ -408,15 +408,6 @@ class EdgeBlock(nn.Module):
         if c != cr:
             x_new = self.upsample(x_new.view(-1, cr))
         return x_new.view(-1, s, c)
-
-
-def _linear_params(precision: str, *layers: Linear) -> tuple[torch.Tensor, ...]:
-    """(w1, b1, w2, b2, ...) of ``layers`` for a fused op, weights as GEMM operands in ``precision``
-    (biases stay float32)."""
-    out: list[torch.Tensor] = []
-    for layer in layers:
-        out += [gemm_operand(layer.weight, precision), layer.bias]
-    return tuple(out)
 
 
 def _edge_backends(
@@ -785,8 +776,8 @@ class SphericalChannelNetwork(nn.Module):
                 gemm_operand(x, prec),
                 num_points=p,
                 lmax=self.lmax,
-                energy=_linear_params(prec, self.energy_fc1, self.energy_fc2, self.energy_fc3),
-                forces=_linear_params(prec, self.force_fc1, self.force_fc2, self.force_fc3)
+                energy=linear_operands(prec, self.energy_fc1, self.energy_fc2, self.energy_fc3),
+                forces=linear_operands(prec, self.force_fc1, self.force_fc2, self.force_fc3)
                 if self.regress_forces
                 else None,
                 backend=heads_backend,

@@ -109,16 +109,20 @@ def _cuda_tf32(enabled: bool) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, precision: str, native: bool) -> torch.Tensor:
-    """a @ b with operands in ``precision`` and a float32 result (a, b as saved: bf16 or fp32)."""
+def _operand(t: torch.Tensor, precision: str, native: bool) -> torch.Tensor:
+    """A GEMM operand as _mm takes it (and as saved for backward): bf16 storage for "bf16"; for
+    "tf32", float32 rounded to TF32 (emulated) or as is (native: the tensor cores round)."""
     if precision == "bf16":
-        if native:
-            return torch.mm(a.to(torch.bfloat16), b.to(torch.bfloat16)).float()
-        return torch.mm(a.to(torch.bfloat16).float(), b.to(torch.bfloat16).float())
-    if native:  # tf32 on CUDA
-        with _cuda_tf32(True):
-            return torch.mm(a, b)
-    return torch.mm(round_tf32(a), round_tf32(b))
+        return t.to(torch.bfloat16)
+    return t.float() if native else round_tf32(t)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, precision: str, native: bool) -> torch.Tensor:
+    """a @ b of two _operand()s with a float32 result."""
+    if precision == "bf16":
+        return torch.mm(a, b).float() if native else torch.mm(a.float(), b.float())
+    with _cuda_tf32(native):
+        return torch.mm(a, b)
 
 
 class _LowPrecisionLinear(torch.autograd.Function):
@@ -127,9 +131,7 @@ class _LowPrecisionLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, precision: str, native: bool):
-        store = torch.bfloat16 if precision == "bf16" else torch.float32
-        xs = x.to(store) if precision == "bf16" else round_tf32(x)
-        ws = weight.to(store) if precision == "bf16" else round_tf32(weight)
+        xs, ws = _operand(x, precision, native), _operand(weight, precision, native)
         out = _mm(xs, ws.t(), precision, native)
         if bias is not None:
             out = out + bias
@@ -142,14 +144,14 @@ class _LowPrecisionLinear(torch.autograd.Function):
     def backward(ctx, grad):
         xs, ws = ctx.saved_tensors
         p, native = ctx.precision, ctx.native
-        g = grad.float()
+        g = _operand(grad, p, native)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             gx = _mm(g, ws, p, native).to(ctx.dtypes[0])
         if ctx.needs_input_grad[1]:
             gw = _mm(g.t(), xs, p, native).to(ctx.dtypes[1])
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = g.sum(0)
+            gb = grad.float().sum(0)
         return gx, gw, gb, None, None
 
 
@@ -181,3 +183,12 @@ class Linear(nn.Linear):
         return low_precision_linear(
             x, self.weight, self.bias, self.precision, self.precision_native
         )
+
+
+def linear_operands(precision: str, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:
+    """(w1, b1, w2, b2, ...) of ``layers`` as a fused op takes them: weights as GEMM operands in
+    ``precision`` (:func:`gemm_operand`), biases unchanged."""
+    out: list[torch.Tensor] = []
+    for layer in layers:
+        out += [gemm_operand(layer.weight, precision), layer.bias]
+    return tuple(out)

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from .. import so3
 from ..dispatch import Implementation, OpRequest, register
+from ..precision import linear_operands
 from .backends import extension_unavailable, triton_unavailable
 
 FUSED_BACKENDS = ("extension", "triton")
@@ -330,12 +331,7 @@ def grid_mlp(
     return grid_projection(
         x_down,
         x_new,
-        fc1.weight,
-        fc1.bias,
-        fc2.weight,
-        fc2.bias,
-        fc3.weight,
-        fc3.bias,
+        *linear_operands("fp32", fc1, fc2, fc3),
         lmax=lmax,
         num_bands=num_bands,
         backend=backend,

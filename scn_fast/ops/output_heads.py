@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dispatch, so3
+from ..precision import linear_operands
 from .grid_projection import BACKENDS, TILE_ROWS, get_backend
 
 _CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -157,7 +158,7 @@ HeadWeights = tuple[
 
 def head_weights(fc1: torch.nn.Linear, fc2: torch.nn.Linear, fc3: torch.nn.Linear) -> HeadWeights:
     """(w1, b1, w2, b2, w3, b3) of one head's three nn.Linear layers."""
-    return (fc1.weight, fc1.bias, fc2.weight, fc2.bias, fc3.weight, fc3.bias)
+    return linear_operands("fp32", fc1, fc2, fc3)
 
 
 def output_heads_reference(
