@@ -34,8 +34,8 @@ from .ops import (
     compact_wigner,
     edge_csr,
     edge_rotation,
+    gated_tap_projection,
     scatter_aggregation,
-    tap_projection,
 )
 from .ops.grid_projection import grid_constants, grid_projection
 from .ops.output_heads import heads_constants, output_heads
@@ -162,10 +162,18 @@ class EdgeContext:
 
     def basis(self, expansion: nn.Module) -> torch.Tensor:
         """The distance expansion of the edges (E, G): every block shares one expansion module,
-        so it is computed once per forward."""
+        so it is computed once per forward, with subnormal values flushed to zero.
+
+        Gaussians far from their centre fall into the subnormal range (2,700 of 224,000 values on a
+        14-atom slab at cutoff 8); x86 CPUs take a microcode assist on every multiply by one, which
+        made fc1_dist's weight-gradient GEMM 12x slower (3.6 ms vs 0.29 ms at E = 560). The values
+        flushed are below the float type's smallest normal number (1.2e-38 in float32), far below
+        any output's rounding."""
         key = ("basis", id(expansion))
         if key not in self._cache:
-            self._cache[key] = expansion(self.edge_distance)
+            basis = expansion(self.edge_distance)
+            tiny = torch.finfo(basis.dtype).tiny
+            self._cache[key] = basis.masked_fill(basis.abs() < tiny, 0.0)
         return self._cache[key]
 
     def _frames(self, r: int) -> torch.Tensor:
@@ -302,16 +310,18 @@ class MessageBlock(nn.Module):
         res, c, h = self.res, self.sphere_channels_reduce, self.hidden_channels
         gate = self.act(self.fc1_dist(x_edge))
         y = edge_rotation(x, wig, csr_both, res.lmax, res.mmax, rotate_backend)
-        p = self.fc1_edge_proj.precision
-        pre = tap_projection(
-            gemm_operand(y, p),
-            gemm_operand(self.fc1_edge_proj.weight, p),
-            self.fc1_edge_proj.bias,
+        proj = self.fc1_edge_proj
+        m = gated_tap_projection(
+            y,
+            proj.weight,
+            proj.bias,
+            gate,
             res.lmax,
             res.mmax,
             res.taps_arg,
+            proj.precision,
+            proj.precision_native,
         )
-        m = self.act(pre) * gate.view(-1, 1, h)
         m = self.act(self.fc1_edge(m.view(-1, h)))
         m = self.act(self.fc2_edge(m))
         m = m.view(-1, res.num_taps * res.sphere_basis_reduce, c)

@@ -125,6 +125,37 @@ def _mm(a: torch.Tensor, b: torch.Tensor, precision: str, native: bool) -> torch
         return torch.mm(a, b)
 
 
+def _exact(t: torch.Tensor, precision: str) -> bool:
+    return precision == "fp32" or t.dtype == torch.float64
+
+
+def gemm_inputs(
+    tensors: tuple[torch.Tensor, ...], precision: str, native: bool
+) -> tuple[torch.Tensor, ...]:
+    """GEMM operands for :func:`gemm_mm` (no autograd): unchanged in "fp32" or float64; otherwise
+    in ``precision`` as a Linear's GEMM takes them (bf16 storage natively, rounded float32 when
+    emulated)."""
+    return tuple(t if _exact(t, precision) else _operand(t, precision, native) for t in tensors)
+
+
+def gemm_mm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    precision: str,
+    native: bool,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """a @ b of two :func:`gemm_inputs` operands, float32 (float64 for float64 operands) result,
+    written into ``out`` (any strided view of that dtype) when given."""
+    if _exact(a, precision) or a.dtype == torch.float32:
+        with _cuda_tf32(precision == "tf32" and native):
+            if out is None:
+                return torch.mm(a, b)
+            return torch.mm(a, b, out=out)
+    result = _mm(a, b, precision, native)
+    return result if out is None else out.copy_(result)
+
+
 class _LowPrecisionLinear(torch.autograd.Function):
     """y = x W^T + b with x, W (and, in backward, dy) rounded to the precision; float32 accumulation
     and outputs; bias and its gradient float32. x (M, K), W (O, K), b (O,) -> (M, O)."""

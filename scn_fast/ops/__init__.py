@@ -9,7 +9,7 @@ from .edge_csr import EdgeCSR, edge_csr
 from .edge_rotation import edge_rotation
 from .layout import compact_wigner, edge_layout, tap_symmetry
 from .scatter_aggregation import scatter_aggregation
-from .tap_projection import tap_projection
+from .tap_projection import gated_tap_projection, tap_projection
 
 __all__ = [
     "EdgeCSR",
@@ -17,6 +17,7 @@ __all__ = [
     "edge_csr",
     "edge_layout",
     "edge_rotation",
+    "gated_tap_projection",
     "scatter_aggregation",
     "tap_projection",
     "tap_symmetry",

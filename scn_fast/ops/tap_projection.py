@@ -1,127 +1,397 @@
-"""``scn_fast::tap_projection``: upstream's ``fc1_edge_proj`` applied to every tap, without the
-tap-repeated input and with 41% of its FLOPs (DESIGN.md section 3).
+"""``scn_fast::tap_projection`` and ``scn_fast::gated_tap_projection``: upstream's ``fc1_edge_proj``
+applied to every tap, without the tap-repeated input and with 41% of its FLOPs (DESIGN.md section 3),
+optionally followed by upstream's activation and distance gate in the same op.
 
 Upstream feeds fc1_edge_proj the rotated features of every tap, a_t = [Q_t y_src, Q_t y_tgt]
 (E*T rows of width 2*R*C, Q_t a signed row permutation). With 4 taps the m = 0 rows are equal in all
 taps and, on the m = +-1 rows, tap 2 = -tap 0 and tap 3 = -tap 1. Splitting the weight's columns
 into the m = 0 part W0 and the m = +-1 part W1, with y0 / y1 the matching rows of y and y1' tap 1's
-arrangement of y1 (a signed row permutation):
+arrangement of y1 (within each degree the m = -1 and m = +1 rows swapped, with fixed signs):
 
-    A = W0 y0,  B0 = W1 y1,  B1 = W1 y1'
-    pre[:, 0] = A + B0 + b,  pre[:, 1] = A + B1 + b,  pre[:, 2] = A - B0 + b,  pre[:, 3] = A - B1 + b
+    A = W0 y0 + b,  [B0; B1] = W1 [y1; y1']                  (two GEMMs)
+    pre[:, 0] = A + B0,  pre[:, 1] = A + B1,  pre[:, 2] = A - B0,  pre[:, 3] = A - B1
 
 (R0 + 2 R1) row blocks of GEMM instead of 4 R, exactly, in forward and backward. With one tap it is
-the plain linear map. y (E, 2, R, C), weight (H, 2*R*C), bias (H,)  ->  pre (E, T, H).
+the plain linear map. ``gated_tap_projection`` returns silu(pre) * gate and keeps A and B (3 E H
+numbers) for its backward instead of pre and silu(pre) (8 E H).
+
+Data movement: y (E, 2, R, C) and the weight (H, 2, R, C) are viewed as 2R rows of C channels; one
+``index_select`` per operand gathers the rows a GEMM needs into a contiguous buffer (for y: y0, and
+[y1 | y1'] side by side so that (E, 2 * 2R1 * C) is read as the (2E, 2R1 * C) matrix [y1; y1']
+interleaved by edge; for the weight: [W0 | W1] as column blocks of one buffer that the GEMMs read with
+a leading dimension). The weight gradient is written by the GEMMs straight into such a buffer and
+gathered back to upstream's column order in one pass.
+
+Shapes: y (E, 2, R, C), weight (H, 2*R*C), bias (H,), gate (E, H) -> (E, T, H).
+Precision: "fp32" (or float64 inputs) runs the GEMMs as given; "tf32" / "bf16" round every GEMM
+operand (forward and backward) as ``scn_fast.precision`` does for a Linear, natively or emulated.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cache
+
 import torch
+from torch.nn import functional as F
 
+from ..precision import gemm_inputs, gemm_mm
 from .layout import tap_symmetry
+from .workspace import workspace
 
 
-def _split_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """t (B, 2, R, C) with the mmax = 1 row order (row 0, then (m=-1, m=0, m=+1) per degree l >= 1)
-    -> its m = 0 rows (B, 2, L+1, C) and m = +-1 rows (B, 2, L, 2, C), with strided copies (no
-    index_select, which is slow along an inner dimension on CPU)."""
-    b, two, r, c = t.shape
-    trip = t[:, :, 1:].reshape(b, two, (r - 1) // 3, 3, c)
-    rows0 = torch.cat([t[:, :, :1], trip[:, :, :, 1]], dim=2)
-    return rows0, trip[:, :, :, 0::2].contiguous()
+@dataclass(frozen=True)
+class TapRows:
+    """Row gathers of one resolution (indices into the 2R rows [side 0 rows | side 1 rows]).
+
+    y0_rows (2 R0,): the m = 0 rows of both sides. pair_rows (4 R1,): the m = +-1 rows of both sides
+    (R1 per side, (m=-1, m=+1) per degree), then the same rows in tap 1's arrangement (each pair
+    swapped; ``neg_slot`` is the position, 0 or 1, within a pair whose value tap 1 negates, or None).
+    w_rows (2R,): y0_rows then the first half of pair_rows (the weight's [W0 | W1] order); w_inv its
+    inverse permutation.
+    """
+
+    y0_rows: torch.Tensor
+    pair_rows: torch.Tensor
+    neg_slots: tuple[int, ...]
+    w_rows: torch.Tensor
+    w_inv: torch.Tensor
+
+    @property
+    def n0(self) -> int:
+        return self.y0_rows.numel()
+
+    @property
+    def w_list(self) -> list[int]:
+        """w_rows as Python ints (the row-blocked GEMMs index with them)."""
+        return _W_LISTS.setdefault(id(self.w_rows), self.w_rows.tolist())
+
+    @property
+    def n1(self) -> int:
+        return self.pair_rows.numel() // 2
 
 
-def _join_rows(rows0: torch.Tensor, rows1: torch.Tensor) -> torch.Tensor:
-    """Inverse of _split_rows: (B, 2, L+1, C) and (B, 2, L, 2, C) -> (B, 2, 3L+1, C)."""
-    b, two, l1, c = rows0.shape
-    out = rows0.new_empty((b, two, 3 * (l1 - 1) + 1, c))
-    out[:, :, :1] = rows0[:, :, :1]
-    trip = out[:, :, 1:].view(b, two, l1 - 1, 3, c)
-    trip[:, :, :, 1] = rows0[:, :, 1:]
-    trip[:, :, :, 0::2] = rows1
-    return out
+@cache
+def _tap_rows_cpu(lmax: int, mmax: int, num_taps: int) -> TapRows:
+    sym = tap_symmetry(lmax, mmax, num_taps)
+    r = sym.q.shape[1]
+    y0_rows = torch.cat([sym.rows0 + side * r for side in (0, 1)])
+    m1 = torch.cat([sym.rows1 + side * r for side in (0, 1)])
+    swapped = m1.view(-1, 2).flip(1).reshape(-1)
+    pair_rows = torch.cat([m1, swapped])
+    w_rows = torch.cat([y0_rows, m1])
+    w_inv = torch.empty_like(w_rows)
+    w_inv[w_rows] = torch.arange(len(w_rows))
+    neg = tuple(k for k, s in enumerate(sym.pair_signs) if s < 0)
+    return TapRows(y0_rows, pair_rows, neg, w_rows, w_inv)
 
 
-def _tap1(rows1: torch.Tensor, sym) -> torch.Tensor:
-    """Tap 1's arrangement of the m = +-1 rows (B, 2, L, 2, C): within each degree the m = -1 and
-    m = +1 rows swap, with the signs of the tap's signed permutation."""
-    s_neg, s_pos = sym.pair_signs
-    return torch.stack([s_neg * rows1[:, :, :, 1], s_pos * rows1[:, :, :, 0]], dim=3)
+_DEVICE_ROWS: dict[tuple, TapRows] = {}
+_W_LISTS: dict[int, list[int]] = {}
 
 
-def _untap1(d: torch.Tensor, sym) -> torch.Tensor:
-    """Adjoint of _tap1."""
-    s_neg, s_pos = sym.pair_signs
-    return torch.stack([s_pos * d[:, :, :, 1], s_neg * d[:, :, :, 0]], dim=3)
+def tap_rows(lmax: int, mmax: int, num_taps: int, device: torch.device) -> TapRows:
+    """The row gathers of resolution (lmax, mmax, num_taps) with index tensors on ``device``."""
+    key = (lmax, mmax, num_taps, device)
+    if key not in _DEVICE_ROWS:
+        rows = _tap_rows_cpu(lmax, mmax, num_taps)
+        _DEVICE_ROWS[key] = TapRows(
+            rows.y0_rows.to(device),
+            rows.pair_rows.to(device),
+            rows.neg_slots,
+            rows.w_rows.to(device),
+            rows.w_inv.to(device),
+        )
+    return _DEVICE_ROWS[key]
 
 
-def _split_weight(weight: torch.Tensor, r: int, c: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """W0 (H, 2*R0*C) and W1 (H, 2*R1*C): the columns of weight (H, 2*R*C) on m = 0 / m = +-1 rows."""
+def _signs_of_tap1(t: torch.Tensor, rows: TapRows) -> torch.Tensor:
+    """Apply tap 1's signs, in place, to the second half of a (B, 2 n1, C) pair-row tensor."""
+    b, _, c = t.shape
+    half = t[:, rows.n1 :].view(b, rows.n1 // 2, 2, c)
+    for k in rows.neg_slots:
+        half[:, :, k].neg_()
+    return t
+
+
+def _split_input(y: torch.Tensor, rows: TapRows) -> tuple[torch.Tensor, torch.Tensor]:
+    """y (E, 2, R, C) -> y0 (E, 2 R0 C) and [y1; y1'] (2E, 2 R1 C) (rows interleaved by edge)."""
+    e, _, r, c = y.shape
+    y3 = y.reshape(e, 2 * r, c)
+    y0 = y3.index_select(1, rows.y0_rows).view(e, -1)
+    pair = _signs_of_tap1(y3.index_select(1, rows.pair_rows), rows)
+    return y0, pair.view(2 * e, -1)
+
+
+def _weight_operands(
+    weight: torch.Tensor, rows: TapRows, c: int, precision: str, native: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """W0 (H, 2 R0 C) and W1 (H, 2 R1 C) as GEMM operands: column blocks (views) of one gathered
+    (H, 2R, C) workspace (scratch: valid until the next call), in bf16 for native bf16 GEMMs."""
     h = weight.shape[0]
-    w0, w1 = _split_rows(weight.view(h, 2, r, c))
-    return w0.reshape(h, -1), w1.reshape(h, -1)
+    w3 = weight.reshape(h, -1, c)
+    if precision == "bf16" and native and weight.dtype == torch.float32:
+        w3 = workspace("tap_weight_bf16", w3.shape, torch.bfloat16, w3.device).copy_(w3)
+    wp = workspace("tap_weight", w3.shape, w3.dtype, w3.device)
+    torch.index_select(w3, 1, rows.w_rows, out=wp)
+    w0, w1 = wp[:, : rows.n0].reshape(h, -1), wp[:, rows.n0 :].reshape(h, -1)
+    if w3.dtype == torch.float32:
+        w0, w1 = gemm_inputs((w0, w1), precision, native)
+    return w0, w1
 
 
-def _split_input(y: torch.Tensor, sym) -> tuple[torch.Tensor, torch.Tensor]:
-    """y0 (E, 2*R0*C) and y1q (2E, 2*R1*C) = [y1; tap 1's arrangement of y1] from y (E, 2, R, C)."""
-    e = y.shape[0]
-    y0, y1 = _split_rows(y)
-    return y0.reshape(e, -1), torch.cat([y1, _tap1(y1, sym)], dim=0).reshape(2 * e, -1)
+def _combine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """pre (E, 4, H) = [A + B0, A + B1, A - B0, A - B1] from A (E, H) and B (E, 2, H)."""
+    e, h = a.shape
+    pre = a.new_empty((e, 2, 2, h))
+    torch.add(a.unsqueeze(1), b, out=pre[:, 0])
+    torch.sub(a.unsqueeze(1), b, out=pre[:, 1])
+    return pre.view(e, 4, h)
 
 
+@dataclass
+class _Projection:
+    """Forward GEMMs of one call: A (E, H) with the bias, B (E, 2, H) (None with one tap)."""
+
+    a: torch.Tensor
+    b: torch.Tensor | None
+
+
+def _row_blocked(y: torch.Tensor, precision: str, native: bool) -> bool:
+    """Whether to run the GEMMs per row block of C channels, reading the weight where it lies (CPU
+    with float32/float64 operands), rather than gathering it into [W0 | W1] first (elsewhere).
+
+    On CPU the gather is a 20 MB copy per call at scn-t4-b2 and costs more than it saves: the 2R
+    block GEMMs of K = C = 128 (strided operands, leading dimension 2RC) ran 8.4 ms against 9.7 ms
+    for gather + 2 GEMMs at E = 168 (2 threads), and write the weight gradient in place. On a GPU the
+    gather is a few microseconds and 2 large GEMMs beat 2R launches; native bf16 GEMMs need their
+    own (converted) copy of the weight anyway and must not accumulate across blocks in bf16."""
+    if y.device.type != "cpu":
+        return False
+    return precision == "fp32" or y.dtype == torch.float64 or not native
+
+
+def _project(y, weight, bias, lmax, mmax, num_taps, precision, native) -> _Projection:
+    e, _, r, c = y.shape
+    rows = tap_rows(lmax, mmax, num_taps, y.device)
+    if tap_symmetry(lmax, mmax, num_taps).num_taps == 1:
+        ys, ws = gemm_inputs((y.reshape(e, -1), weight), precision, native)
+        return _Projection(gemm_mm(ys, ws.t(), precision, native).add_(bias), None)
+    if _row_blocked(y, precision, native):
+        y3, w3 = gemm_inputs((y.reshape(e, 2 * r, c), weight.reshape(-1, 2 * r, c)), precision, native)
+        pair = _signs_of_tap1(y3.index_select(1, rows.pair_rows), rows).view(2 * e, rows.n1, c)
+        wl = rows.w_list
+        a = torch.addmm(bias, y3[:, wl[0]], w3[:, wl[0]].t())
+        for k in wl[1 : rows.n0]:
+            a.addmm_(y3[:, k], w3[:, k].t())
+        b = torch.mm(pair[:, 0], w3[:, wl[rows.n0]].t())
+        for j in range(1, rows.n1):
+            b.addmm_(pair[:, j], w3[:, wl[rows.n0 + j]].t())
+        return _Projection(a, b.view(e, 2, -1))
+    y0, pair = gemm_inputs(_split_input(y, rows), precision, native)
+    w0, w1 = _weight_operands(weight, rows, c, precision, native)
+    a = gemm_mm(y0, w0.t(), precision, native).add_(bias)
+    b = gemm_mm(pair, w1.t(), precision, native).view(e, 2, -1)
+    return _Projection(a, b)
+
+
+def _assemble_dy(dy: torch.Tensor, dpair: torch.Tensor, rows: TapRows) -> torch.Tensor:
+    """Fill the m = +-1 rows of dy (E, 2R, C) from the pair-row gradient dpair (E, 2 n1, C): y1's
+    own part plus y1''s with tap 1's signs and swap undone."""
+    e, _, c = dy.shape
+    dpair = _signs_of_tap1(dpair, rows)
+    swapped = dpair[:, rows.n1 :].view(e, -1, 2, c).flip(2).view(e, rows.n1, c)
+    return dy.index_copy_(1, rows.pair_rows[: rows.n1], dpair[:, : rows.n1].add_(swapped))
+
+
+def _project_backward(dpre, y, weight, lmax, mmax, num_taps, precision, native):
+    """(dy, dweight, dbias) of pre = projection(y) for dpre (E, T, H)."""
+    e, _, r, c = y.shape
+    h = weight.shape[0]
+    sym = tap_symmetry(lmax, mmax, num_taps)
+    if sym.num_taps == 1:
+        d = dpre.reshape(e, h)
+        ys, ws, ds = gemm_inputs((y.reshape(e, -1), weight, d), precision, native)
+        dy = gemm_mm(ds, ws, precision, native).view_as(y)
+        dw = gemm_mm(ds.t(), ys, precision, native)
+        return dy, dw, d.sum(0)
+    rows = tap_rows(lmax, mmax, num_taps, y.device)
+    d4 = dpre.view(e, 2, 2, h)
+    da = d4.sum((1, 2))
+    db = torch.sub(d4[:, 0], d4[:, 1]).view(2 * e, h)  # [dB0, dB1] interleaved by edge
+    dy = y.new_empty((e, 2 * r, c))
+    if _row_blocked(y, precision, native):
+        y3, w3, da_s, db_s = gemm_inputs(
+            (y.reshape(e, 2 * r, c), weight.reshape(h, 2 * r, c), da, db), precision, native
+        )
+        pair = _signs_of_tap1(y3.index_select(1, rows.pair_rows), rows).view(2 * e, rows.n1, c)
+        dpair = y.new_empty((2 * e, rows.n1, c))
+        dw = weight.new_empty((h, 2 * r, c))
+        wl = rows.w_list
+        for k in wl[: rows.n0]:
+            torch.mm(da_s, w3[:, k], out=dy[:, k])
+            torch.mm(da_s.t(), y3[:, k], out=dw[:, k])
+        for j, k in enumerate(wl[rows.n0 :]):
+            torch.mm(db_s, w3[:, k], out=dpair[:, j])
+            torch.mm(db_s.t(), pair[:, j], out=dw[:, k])
+        _assemble_dy(dy, dpair.view(e, 2 * rows.n1, c), rows)
+        return dy.view_as(y), dw.view(h, -1), da.sum(0)
+    y0, pair, da_s, db_s = gemm_inputs((*_split_input(y, rows), da, db), precision, native)
+    w0, w1 = _weight_operands(weight, rows, c, precision, native)
+    # dy: the m = 0 rows from A; the m = +-1 rows from B0 plus B1's part with tap 1 undone.
+    dy.index_copy_(1, rows.y0_rows, gemm_mm(da_s, w0, precision, native).view(e, rows.n0, c))
+    _assemble_dy(dy, gemm_mm(db_s, w1, precision, native).view(e, 2 * rows.n1, c), rows)
+    # dweight: both GEMMs write into the [W0 | W1] buffer, gathered back to upstream's order.
+    dwp = workspace("tap_dweight", (h, 2 * r, c), weight.dtype, weight.device)
+    gemm_mm(da_s.t(), y0, precision, native, out=dwp[:, : rows.n0].reshape(h, -1))
+    gemm_mm(db_s.t(), pair, precision, native, out=dwp[:, rows.n0 :].reshape(h, -1))
+    dw = dwp.index_select(1, rows.w_inv).view(h, -1)
+    return dy.view_as(y), dw, da.sum(0)
+
+
+# ----------------------------------------------------------------------------- ungated op
 @torch.library.custom_op("scn_fast::tap_projection", mutates_args=())
 def _tap_projection(
-    y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lmax: int, mmax: int, num_taps: int
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    lmax: int,
+    mmax: int,
+    num_taps: int,
+    precision: str,
+    native: bool,
 ) -> torch.Tensor:
-    sym = tap_symmetry(lmax, mmax, num_taps)
-    e, _, r, c = y.shape
-    if sym.num_taps == 1:
-        return torch.addmm(bias, y.reshape(e, -1), weight.t()).view(e, 1, -1)
-    w0, w1 = _split_weight(weight, r, c)
-    y0, y1q = _split_input(y, sym)
-    a = torch.addmm(bias, y0, w0.t())
-    b = (y1q @ w1.t()).view(2, e, -1)  # B0 and B1 in one GEMM
-    return torch.stack([a + b[0], a + b[1], a - b[0], a - b[1]], dim=1)
+    p = _project(y.contiguous(), weight, bias, lmax, mmax, num_taps, precision, native)
+    out = p.a.unsqueeze(1) if p.b is None else _combine(p.a, p.b)
+    return out.to(y.dtype)
 
 
-@_tap_projection.register_fake
-def _(y, weight, bias, lmax, mmax, num_taps):
+def _fake_out(y, weight, lmax, mmax, num_taps):
     t = tap_symmetry(lmax, mmax, num_taps).num_taps
     return y.new_empty((y.shape[0], t, weight.shape[0]))
 
 
+@_tap_projection.register_fake
+def _(y, weight, bias, lmax, mmax, num_taps, precision, native):
+    return _fake_out(y, weight, lmax, mmax, num_taps)
+
+
 def _setup_context(ctx, inputs, output):
-    y, weight, _bias, lmax, mmax, num_taps = inputs
+    y, weight, _bias, lmax, mmax, num_taps, precision, native = inputs
     ctx.save_for_backward(y, weight)
-    ctx.meta = (lmax, mmax, num_taps)
+    ctx.meta = (lmax, mmax, num_taps, precision, native)
 
 
 def _backward(ctx, dpre):
     y, weight = ctx.saved_tensors
-    sym = tap_symmetry(*ctx.meta)
-    e, _, r, c = y.shape
-    h = weight.shape[0]
-    if sym.num_taps == 1:
-        d = dpre.reshape(e, h)
-        dy = (d @ weight).view_as(y)
-        dw = d.t() @ y.reshape(e, -1)
-        return dy, dw, d.sum(0), None, None, None
-    da = dpre.sum(1)
-    db = torch.cat([dpre[:, 0] - dpre[:, 2], dpre[:, 1] - dpre[:, 3]], dim=0)  # (2E, H)
-    w0, w1 = _split_weight(weight, r, c)
-    y0, y1q = _split_input(y, sym)
-    # dy: the m = 0 rows from A; the m = +-1 rows from B0 plus B1's part with tap 1 undone.
-    dy1q = (db @ w1).view(2, e, 2, -1, 2, c)
-    dy = _join_rows((da @ w0).view(e, 2, -1, c), dy1q[0] + _untap1(dy1q[1], sym))
-    dw = _join_rows((da.t() @ y0).view(h, 2, -1, c), (db.t() @ y1q).view(h, 2, -1, 2, c))
-    return dy, dw.reshape(h, -1), da.sum(0), None, None, None
+    dy, dw, db = _project_backward(dpre.to(y.dtype), y.contiguous(), weight, *ctx.meta)
+    return dy, dw, db, None, None, None, None, None
 
 
 _tap_projection.register_autograd(_backward, setup_context=_setup_context)
 
 
 def tap_projection(
-    y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lmax: int, mmax: int, num_taps: int
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    lmax: int,
+    mmax: int,
+    num_taps: int,
+    precision: str = "fp32",
+    native: bool = True,
 ) -> torch.Tensor:
     """Pre-activations (E, T, H) of fc1_edge_proj for every tap of the rotated features y (E, 2, R, C)."""
-    return _tap_projection(y, weight, bias, lmax, mmax, num_taps)
+    return _tap_projection(y, weight, bias, lmax, mmax, num_taps, precision, native)
+
+
+# ----------------------------------------------------------------------------- gated op
+@torch.library.custom_op("scn_fast::gated_tap_projection", mutates_args=())
+def _gated(
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    gate: torch.Tensor,
+    lmax: int,
+    mmax: int,
+    num_taps: int,
+    precision: str,
+    native: bool,
+) -> torch.Tensor:
+    out, _ = _gated_forward(y, weight, bias, gate, lmax, mmax, num_taps, precision, native)
+    return out
+
+
+def _gated_forward(y, weight, bias, gate, lmax, mmax, num_taps, precision, native):
+    p = _project(y.contiguous(), weight, bias, lmax, mmax, num_taps, precision, native)
+    pre = p.a.unsqueeze(1).clone() if p.b is None else _combine(p.a, p.b)
+    return F.silu(pre, inplace=True).mul_(gate.unsqueeze(1)).to(y.dtype), p
+
+
+@_gated.register_fake
+def _(y, weight, bias, gate, lmax, mmax, num_taps, precision, native):
+    return _fake_out(y, weight, lmax, mmax, num_taps)
+
+
+@torch.library.custom_op("scn_fast::gated_tap_projection_train", mutates_args=())
+def _gated_train(
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    gate: torch.Tensor,
+    lmax: int,
+    mmax: int,
+    num_taps: int,
+    precision: str,
+    native: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, p = _gated_forward(y, weight, bias, gate, lmax, mmax, num_taps, precision, native)
+    b = p.b if p.b is not None else p.a.new_empty((p.a.shape[0], 0, p.a.shape[1]))
+    return out, p.a.to(y.dtype), b.to(y.dtype)
+
+
+@_gated_train.register_fake
+def _(y, weight, bias, gate, lmax, mmax, num_taps, precision, native):
+    out = _fake_out(y, weight, lmax, mmax, num_taps)
+    e, t, h = out.shape
+    return out, y.new_empty((e, h)), y.new_empty((e, 2 if t == 4 else 0, h))
+
+
+def _gated_setup(ctx, inputs, output):
+    y, weight, _bias, gate, lmax, mmax, num_taps, precision, native = inputs
+    _, a, b = output
+    ctx.save_for_backward(y, weight, gate, a, b)
+    ctx.meta = (lmax, mmax, num_taps, precision, native)
+
+
+def _gated_backward(ctx, dout, _da, _db):
+    y, weight, gate, a, b = ctx.saved_tensors
+    pre = a.unsqueeze(1) if b.shape[1] == 0 else _combine(a, b)
+    dout = dout.to(pre.dtype)
+    silu = F.silu(pre)
+    dgate = (dout * silu).sum(1)
+    dpre = torch.ops.aten.silu_backward(dout * gate.unsqueeze(1).to(pre.dtype), pre)
+    dy, dw, dbias = _project_backward(dpre, y.contiguous(), weight, *ctx.meta)
+    return dy.to(y.dtype), dw, dbias, dgate.to(gate.dtype), None, None, None, None, None
+
+
+_gated_train.register_autograd(_gated_backward, setup_context=_gated_setup)
+
+
+def gated_tap_projection(
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    gate: torch.Tensor,
+    lmax: int,
+    mmax: int,
+    num_taps: int,
+    precision: str = "fp32",
+    native: bool = True,
+) -> torch.Tensor:
+    """silu(pre) * gate (E, T, H): upstream's ``act(fc1_edge_proj(a_t)) * act(fc1_dist(x_edge))`` for
+    every tap, from the rotated features y (E, 2, R, C) and gate (E, H)."""
+    args = (y, weight, bias, gate, lmax, mmax, num_taps, precision, native)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (y, weight, bias, gate)):
+        return _gated_train(*args)[0]
+    return _gated(*args)
