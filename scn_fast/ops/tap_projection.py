@@ -178,7 +178,9 @@ def _project(y, weight, bias, lmax, mmax, num_taps, precision, native) -> _Proje
         ys, ws = gemm_inputs((y.reshape(e, -1), weight), precision, native)
         return _Projection(gemm_mm(ys, ws.t(), precision, native).add_(bias), None)
     if _row_blocked(y, precision, native):
-        y3, w3 = gemm_inputs((y.reshape(e, 2 * r, c), weight.reshape(-1, 2 * r, c)), precision, native)
+        y3, w3 = gemm_inputs(
+            (y.reshape(e, 2 * r, c), weight.reshape(-1, 2 * r, c)), precision, native
+        )
         pair = _signs_of_tap1(y3.index_select(1, rows.pair_rows), rows).view(2 * e, rows.n1, c)
         wl = rows.w_list
         a = torch.addmm(bias, y3[:, wl[0]], w3[:, wl[0]].t())
