@@ -18,12 +18,13 @@
 #include <type_traits>
 
 #include "cpu/cpu_isa.h"
-
-#if SCN_HAS_AVX2_CLONE
-#include <immintrin.h>
-#endif
+#include "cpu/vec_math.h"
 
 namespace scn_fast::grid::cpu {
+
+#if SCN_HAS_AVX2_CLONE
+using scn_fast::cpu::sigmoid_avx2;
+#endif
 
 template <typename T>
 inline void bias_silu_rows_base(const T* y, const T* bias, T* pre, T* out, int64_t rows,
@@ -55,35 +56,6 @@ inline void dsilu_rows_base(T* d, const T* a, T* colsum, int64_t rows, int64_t c
 }
 
 #if SCN_HAS_AVX2_CLONE
-
-// e^x for x in [-87, 87] (callers clamp): x = n ln2 + f, e^f by a degree-5 polynomial, 2^n by
-// building the exponent bits.
-SCN_TARGET_AVX2 SCN_ALWAYS_INLINE __m256 exp_avx2(__m256 x) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  __m256 fx = _mm256_floor_ps(
-      _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-  const __m256 z = _mm256_mul_ps(x, x);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_add_ps(_mm256_fmadd_ps(p, z, x), one);
-  const __m256i n = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(0x7f)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(n));
-}
-
-// s = 1 / (1 + e^-a), a clamped to [-87, 87].
-SCN_TARGET_AVX2 SCN_ALWAYS_INLINE __m256 sigmoid_avx2(__m256 a) {
-  const __m256 lim = _mm256_set1_ps(87.0f);
-  const __m256 x = _mm256_min_ps(_mm256_max_ps(a, _mm256_sub_ps(_mm256_setzero_ps(), lim)), lim);
-  const __m256 one = _mm256_set1_ps(1.0f);
-  return _mm256_div_ps(one, _mm256_add_ps(one, exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), x))));
-}
 
 SCN_TARGET_AVX2 inline void bias_silu_rows_avx2(const float* y, const float* bias, float* pre,
                                                 float* out, int64_t rows, int64_t cols) {

@@ -39,6 +39,7 @@ from .ops import (
 )
 from .ops.grid_projection import grid_constants, grid_projection
 from .ops.output_heads import heads_constants, output_heads
+from .ops.tap_combine import combine_tables, tap_combine
 from .precision import Linear, check_precision, gemm_operand, gemm_support, linear_operands
 from .smearing import make_distance_expansion
 
@@ -321,12 +322,13 @@ class MessageBlock(nn.Module):
             res.taps_arg,
             proj.precision,
             proj.precision_native,
+            scatter_backend,
         )
         m = self.act(self.fc1_edge(m.view(-1, h)))
-        m = self.act(self.fc2_edge(m))
-        m = m.view(-1, res.num_taps * res.sphere_basis_reduce, c)
-        m = torch.einsum("abc,bd->adc", m, res.mapping(m))
-        m = m.reshape(-1, 1, res.sphere_basis_reduce, c)
+        z = self.fc2_edge.matmul(m).view(-1, res.num_taps * res.sphere_basis_reduce, c)
+        bias = self.fc2_edge.bias.view(res.sphere_basis_reduce, c)
+        m = tap_combine(z, bias, res.lmax, res.mmax, res.taps_arg, scatter_backend)
+        m = m.view(-1, 1, res.sphere_basis_reduce, c)
         return scatter_aggregation(m, wig, csr_target, res.lmax, res.mmax, scatter_backend)
 
 
@@ -711,10 +713,11 @@ class SphericalChannelNetwork(nn.Module):
             rotate, _ = _edge_backends(self.dispatcher, res, like, cr)
             if rotate == "reference":
                 ctx.dense(r)
+                res.mapping(like)
             else:
                 ctx.compact(r)
                 ctx.csr(r)
-            res.mapping(like)
+                combine_tables(res.lmax, res.mmax, res.taps_arg, like.dtype, like.device)
         if self.grid is not None:
             request = OpRequest(
                 "grid_projection", like.device, like.dtype, self.grid.lmax, 0, 1, cr

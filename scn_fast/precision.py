@@ -209,11 +209,14 @@ class Linear(nn.Linear):
     precision_native: bool = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x, self.bias)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T (+ bias when given) in this layer's precision: ``forward`` without the bias, for a
+        fused op that adds it in its own pass."""
         if self.precision == "fp32":
-            return F.linear(x, self.weight, self.bias)
-        return low_precision_linear(
-            x, self.weight, self.bias, self.precision, self.precision_native
-        )
+            return F.linear(x, self.weight, bias)
+        return low_precision_linear(x, self.weight, bias, self.precision, self.precision_native)
 
 
 def linear_operands(precision: str, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:

@@ -217,10 +217,17 @@ def _project_backward(dpre, y, weight, lmax, mmax, num_taps, precision, native):
         dy = gemm_mm(ds, ws, precision, native).view_as(y)
         dw = gemm_mm(ds.t(), ys, precision, native)
         return dy, dw, d.sum(0)
-    rows = tap_rows(lmax, mmax, num_taps, y.device)
     d4 = dpre.view(e, 2, 2, h)
-    da = d4.sum((1, 2))
-    db = torch.sub(d4[:, 0], d4[:, 1]).view(2 * e, h)  # [dB0, dB1] interleaved by edge
+    da, db = d4.sum((1, 2)), torch.sub(d4[:, 0], d4[:, 1])
+    return _project_backward_ab(da, db, y, weight, lmax, mmax, num_taps, precision, native)
+
+
+def _project_backward_ab(da, db, y, weight, lmax, mmax, num_taps, precision, native):
+    """(dy, dweight, dbias) of the 4-tap projection from the gradients of A (E, H) and B (E, 2, H)."""
+    e, _, r, c = y.shape
+    h = weight.shape[0]
+    rows = tap_rows(lmax, mmax, num_taps, y.device)
+    db = db.reshape(2 * e, h)  # [dB0, dB1] interleaved by edge
     dy = y.new_empty((e, 2 * r, c))
     if _row_blocked(y, precision, native):
         y3, w3, da_s, db_s = gemm_inputs(
@@ -308,6 +315,48 @@ def tap_projection(
 
 
 # ----------------------------------------------------------------------------- gated op
+def _gate_pre(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a.unsqueeze(1) if b.shape[1] == 0 else _combine(a, b)
+
+
+def _gate_forward_composite(a, b, gate):
+    return F.silu(_gate_pre(a, b).clone()).mul_(gate.unsqueeze(1))
+
+
+def _gate_backward_composite(dm, a, b, gate):
+    pre = _gate_pre(a, b)
+    dgate = (dm * F.silu(pre)).sum(1)
+    dpre = torch.ops.aten.silu_backward(dm * gate.unsqueeze(1), pre)
+    if b.shape[1] == 0:
+        return dpre.squeeze(1), torch.empty_like(b), dgate
+    d4 = dpre.view(a.shape[0], 2, 2, -1)
+    return d4.sum((1, 2)), torch.sub(d4[:, 0], d4[:, 1]), dgate
+
+
+def _gate_impl(backend: str, dtype: torch.dtype):
+    """(forward, backward) of the gate epilogue: the backend's fused kernels (float32/float64),
+    else ATen ops."""
+    if dtype in (torch.float32, torch.float64):
+        if backend == "extension":
+            from ..extension import load_extension
+
+            ext = load_extension()
+            return ext.tap_gate_forward, ext.tap_gate_backward
+        if backend == "triton":
+            from ..kernels import tap_elementwise
+
+            return tap_elementwise.tap_gate_forward, tap_elementwise.tap_gate_backward
+    return _gate_forward_composite, _gate_backward_composite
+
+
+def _gated_forward(y, weight, bias, gate, lmax, mmax, num_taps, precision, native, backend):
+    p = _project(y.contiguous(), weight, bias, lmax, mmax, num_taps, precision, native)
+    a = p.a.to(y.dtype)
+    b = a.new_empty((a.shape[0], 0, a.shape[1])) if p.b is None else p.b.to(y.dtype)
+    forward, _ = _gate_impl(backend, a.dtype)
+    return forward(a, b, gate.contiguous()), a, b
+
+
 @torch.library.custom_op("scn_fast::gated_tap_projection", mutates_args=())
 def _gated(
     y: torch.Tensor,
@@ -319,19 +368,15 @@ def _gated(
     num_taps: int,
     precision: str,
     native: bool,
+    backend: str,
 ) -> torch.Tensor:
-    out, _ = _gated_forward(y, weight, bias, gate, lmax, mmax, num_taps, precision, native)
-    return out
-
-
-def _gated_forward(y, weight, bias, gate, lmax, mmax, num_taps, precision, native):
-    p = _project(y.contiguous(), weight, bias, lmax, mmax, num_taps, precision, native)
-    pre = p.a.unsqueeze(1).clone() if p.b is None else _combine(p.a, p.b)
-    return F.silu(pre, inplace=True).mul_(gate.unsqueeze(1)).to(y.dtype), p
+    return _gated_forward(y, weight, bias, gate, lmax, mmax, num_taps, precision, native, backend)[
+        0
+    ]
 
 
 @_gated.register_fake
-def _(y, weight, bias, gate, lmax, mmax, num_taps, precision, native):
+def _(y, weight, bias, gate, lmax, mmax, num_taps, precision, native, backend):
     return _fake_out(y, weight, lmax, mmax, num_taps)
 
 
@@ -346,35 +391,39 @@ def _gated_train(
     num_taps: int,
     precision: str,
     native: bool,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    out, p = _gated_forward(y, weight, bias, gate, lmax, mmax, num_taps, precision, native)
-    b = p.b if p.b is not None else p.a.new_empty((p.a.shape[0], 0, p.a.shape[1]))
-    return out, p.a.to(y.dtype), b.to(y.dtype)
+    out, a, b = _gated_forward(
+        y, weight, bias, gate, lmax, mmax, num_taps, precision, native, backend
+    )
+    return out, a, b
 
 
 @_gated_train.register_fake
-def _(y, weight, bias, gate, lmax, mmax, num_taps, precision, native):
+def _(y, weight, bias, gate, lmax, mmax, num_taps, precision, native, backend):
     out = _fake_out(y, weight, lmax, mmax, num_taps)
     e, t, h = out.shape
     return out, y.new_empty((e, h)), y.new_empty((e, 2 if t == 4 else 0, h))
 
 
 def _gated_setup(ctx, inputs, output):
-    y, weight, _bias, gate, lmax, mmax, num_taps, precision, native = inputs
+    y, weight, _bias, gate, lmax, mmax, num_taps, precision, native, backend = inputs
     _, a, b = output
     ctx.save_for_backward(y, weight, gate, a, b)
     ctx.meta = (lmax, mmax, num_taps, precision, native)
+    ctx.backend = backend
 
 
 def _gated_backward(ctx, dout, _da, _db):
     y, weight, gate, a, b = ctx.saved_tensors
-    pre = a.unsqueeze(1) if b.shape[1] == 0 else _combine(a, b)
-    dout = dout.to(pre.dtype)
-    silu = F.silu(pre)
-    dgate = (dout * silu).sum(1)
-    dpre = torch.ops.aten.silu_backward(dout * gate.unsqueeze(1).to(pre.dtype), pre)
-    dy, dw, dbias = _project_backward(dpre, y.contiguous(), weight, *ctx.meta)
-    return dy.to(y.dtype), dw, dbias, dgate.to(gate.dtype), None, None, None, None, None
+    _, backward = _gate_impl(ctx.backend, a.dtype)
+    dpre_a, dpre_b, dgate = backward(dout.to(a.dtype).contiguous(), a, b, gate.contiguous())
+    if b.shape[1] == 0:
+        dpre = dpre_a.unsqueeze(1)
+        dy, dw, dbias = _project_backward(dpre, y.contiguous(), weight, *ctx.meta)
+    else:
+        dy, dw, dbias = _project_backward_ab(dpre_a, dpre_b, y.contiguous(), weight, *ctx.meta)
+    return dy.to(y.dtype), dw, dbias, dgate.to(gate.dtype), None, None, None, None, None, None
 
 
 _gated_train.register_autograd(_gated_backward, setup_context=_gated_setup)
@@ -390,10 +439,12 @@ def gated_tap_projection(
     num_taps: int,
     precision: str = "fp32",
     native: bool = True,
+    backend: str = "reference",
 ) -> torch.Tensor:
     """silu(pre) * gate (E, T, H): upstream's ``act(fc1_edge_proj(a_t)) * act(fc1_dist(x_edge))`` for
-    every tap, from the rotated features y (E, 2, R, C) and gate (E, H)."""
-    args = (y, weight, bias, gate, lmax, mmax, num_taps, precision, native)
+    every tap, from the rotated features y (E, 2, R, C) and gate (E, H). ``backend``: whose fused
+    kernels run the elementwise epilogue ("extension", "triton"; anything else: ATen ops)."""
+    args = (y, weight, bias, gate, lmax, mmax, num_taps, precision, native, backend)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (y, weight, bias, gate)):
         return _gated_train(*args)[0]
     return _gated(*args)

@@ -1,0 +1,518 @@
+// Fused elementwise steps of the message MLP (scn_fast/ops/tap_projection.py, scn_fast/ops/tap_combine.py):
+// each replaces several ATen passes over an (E, T, ...) tensor by one. E edges, T taps (1 or 4),
+// H hidden channels, R rotated rows, C channels.
+//
+// tap_gate_forward(a (E, H), b (E, Tb, H), gate (E, H)) -> m (E, T, H)
+//   Tb = 2 (T = 4): pre = [a + b0, a + b1, a - b0, a - b1];  Tb = 0 (T = 1): pre = [a]
+//   m[e, t] = silu(pre[e, t]) * gate[e]
+// tap_gate_backward(dm, a, b, gate) -> [da (E, H), db (E, Tb, H), dgate (E, H)]
+//   dpre_t = dm_t * gate * silu'(pre_t);  dgate = sum_t dm_t * silu(pre_t)
+//   da = sum_t dpre_t;  db0 = dpre_0 - dpre_2;  db1 = dpre_1 - dpre_3
+// tap_combine_forward(z (E, Q, C), bias (R, C), src (R, J), coef (R, J)) -> m (E, R, C)
+//   Q = T*R rows (tap major), J terms per output row, src a permutation of [0, Q) laid out (R, J):
+//   m[e, r, c] = sum_j coef[r, j] * silu(z[e, src[r, j], c] + bias[src[r, j] % R, c])
+//   (upstream's act(fc2_edge) followed by the tap-combination matrix mapping_y_rot, whose column r
+//   has exactly the J = T non-zeros coef[r, :] at rows src[r, :]).
+// tap_combine_backward(dm (E, R, C), z, bias, src, coef) -> [dz (E, Q, C), dbias (R, C)]
+//   dz[e, src[r, j], c] = coef[r, j] * dm[e, r, c] * silu'(z + bias);  dbias = sum over e and taps.
+//
+// CPU: one pass each, at::parallel_for over edges, float32 with an AVX2+FMA clone (cpu/vec_math.h),
+// float64 scalar; column sums of dbias per fixed chunk of edges, then over chunks (deterministic,
+// independent of the thread count). Other devices: the same math in ATen ops (registered for
+// CompositeExplicitAutograd; autograd is done by the Python op layer). float32 and float64.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu/cpu_isa.h"
+#include "cpu/vec_math.h"
+
+namespace scn_fast::message {
+namespace {
+
+using at::Tensor;
+using scn_fast::cpu::sigmoid_scalar;
+
+constexpr int64_t kGrainElements = 16384;  // minimum elements per parallel task
+constexpr int64_t kSumChunkEdges = 16;      // edges per partial bias-gradient sum (fixed)
+
+// ------------------------------------------------------------------------------------ checks
+void check_float(const Tensor& t, const char* name, const Tensor& like) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "scn_fast_ext: ",
+              name, " must be float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "scn_fast_ext: ", name, " has dtype ",
+              t.scalar_type(), " but the first argument has ", like.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), "scn_fast_ext: ", name, " is on ", t.device(),
+              " but the first argument is on ", like.device());
+  TORCH_CHECK(t.is_contiguous(), "scn_fast_ext: ", name, " must be contiguous");
+}
+
+struct GateSizes {
+  int64_t E, Tb, H;
+};
+
+GateSizes check_gate(const Tensor& a, const Tensor& b, const Tensor& gate) {
+  TORCH_CHECK(a.dim() == 2, "scn_fast_ext: tap_gate a must be (E, H), got ", a.sizes());
+  const int64_t E = a.size(0), H = a.size(1);
+  TORCH_CHECK(b.dim() == 3 && b.size(0) == E && (b.size(1) == 0 || b.size(1) == 2) &&
+                  b.size(2) == H,
+              "scn_fast_ext: tap_gate b must be (E, 2, H) or (E, 0, H) with E = ", E, ", H = ", H,
+              ", got ", b.sizes());
+  TORCH_CHECK(gate.sizes() == a.sizes(), "scn_fast_ext: tap_gate gate must be (E, H) = ",
+              a.sizes(), ", got ", gate.sizes());
+  check_float(a, "a", a);
+  check_float(b, "b", a);
+  check_float(gate, "gate", a);
+  return {E, b.size(1), H};
+}
+
+struct CombineSizes {
+  int64_t E, Q, C, R, J;
+};
+
+CombineSizes check_combine(const Tensor& z, const Tensor& bias, const Tensor& src,
+                           const Tensor& coef) {
+  TORCH_CHECK(z.dim() == 3, "scn_fast_ext: tap_combine z must be (E, T*R, C), got ", z.sizes());
+  TORCH_CHECK(bias.dim() == 2 && bias.size(1) == z.size(2),
+              "scn_fast_ext: tap_combine bias must be (R, C) with C = ", z.size(2), ", got ",
+              bias.sizes());
+  const int64_t R = bias.size(0);
+  TORCH_CHECK(src.dim() == 2 && src.size(0) == R && src.scalar_type() == at::kLong &&
+                  src.is_contiguous(),
+              "scn_fast_ext: tap_combine src must be a contiguous int64 (R, J) tensor with R = ", R,
+              ", got ", src.sizes(), " ", src.scalar_type());
+  const int64_t J = src.size(1);
+  TORCH_CHECK(R * J == z.size(1), "scn_fast_ext: tap_combine src (R, J) = (", R, ", ", J,
+              ") must name each of the z.size(1) = ", z.size(1), " rows once");
+  TORCH_CHECK(coef.sizes() == src.sizes(), "scn_fast_ext: tap_combine coef must have src's shape ",
+              src.sizes(), ", got ", coef.sizes());
+  check_float(z, "z", z);
+  check_float(bias, "bias", z);
+  check_float(coef, "coef", z);
+  TORCH_CHECK(src.device() == z.device(), "scn_fast_ext: src is on ", src.device(), " but z is on ",
+              z.device());
+  if (src.is_cpu()) {  // a permutation of [0, Q): checked here (cheap), trusted on other devices
+    std::vector<char> seen(static_cast<size_t>(R * J), 0);
+    const int64_t* s = src.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < R * J; ++i) {
+      TORCH_CHECK(s[i] >= 0 && s[i] < R * J && !seen[s[i]], "scn_fast_ext: tap_combine src must be a ",
+                  "permutation of [0, ", R * J, "), got value ", s[i], " at flat position ", i);
+      seen[s[i]] = 1;
+    }
+  }
+  return {z.size(0), z.size(1), z.size(2), R, J};
+}
+
+// ------------------------------------------------------------------------------------ CPU: gate
+template <typename T>
+inline void gate_forward_row(const T* a, const T* b, const T* g, T* m, int64_t Tb, int64_t H,
+                             int64_t h0) {
+  for (int64_t h = h0; h < H; ++h) {
+    const T av = a[h], gv = g[h];
+    if (Tb == 0) {
+      m[h] = av * sigmoid_scalar(av) * gv;
+      continue;
+    }
+    const T b0 = b[h], b1 = b[H + h];
+    const T p[4] = {av + b0, av + b1, av - b0, av - b1};
+    for (int t = 0; t < 4; ++t) m[t * H + h] = p[t] * sigmoid_scalar(p[t]) * gv;
+  }
+}
+
+template <typename T>
+inline void gate_backward_row(const T* dm, const T* a, const T* b, const T* g, T* da, T* db,
+                              T* dg, int64_t Tb, int64_t H, int64_t h0) {
+  for (int64_t h = h0; h < H; ++h) {
+    const T av = a[h], gv = g[h];
+    if (Tb == 0) {
+      const T s = sigmoid_scalar(av);
+      dg[h] = dm[h] * av * s;
+      da[h] = dm[h] * gv * s * (T(1) + av * (T(1) - s));
+      continue;
+    }
+    const T b0 = b[h], b1 = b[H + h];
+    const T p[4] = {av + b0, av + b1, av - b0, av - b1};
+    T dp[4];
+    T dgv = 0;
+    for (int t = 0; t < 4; ++t) {
+      const T s = sigmoid_scalar(p[t]);
+      const T d = dm[t * H + h];
+      dgv += d * p[t] * s;
+      dp[t] = d * gv * s * (T(1) + p[t] * (T(1) - s));
+    }
+    dg[h] = dgv;
+    da[h] = (dp[0] + dp[1]) + (dp[2] + dp[3]);
+    db[h] = dp[0] - dp[2];
+    db[H + h] = dp[1] - dp[3];
+  }
+}
+
+#if SCN_HAS_AVX2_CLONE
+using scn_fast::cpu::sigmoid_avx2;
+
+SCN_TARGET_AVX2 void gate_forward_rows_avx2(const float* a, const float* b, const float* g,
+                                            float* m, int64_t e0, int64_t e1, int64_t Tb,
+                                            int64_t H) {
+  const int64_t T = Tb == 0 ? 1 : 4;
+  for (int64_t e = e0; e < e1; ++e) {
+    const float* ae = a + e * H;
+    const float* be = b + e * Tb * H;
+    const float* ge = g + e * H;
+    float* me = m + e * T * H;
+    int64_t h = 0;
+    for (; h + 8 <= H; h += 8) {
+      const __m256 av = _mm256_loadu_ps(ae + h), gv = _mm256_loadu_ps(ge + h);
+      if (Tb == 0) {
+        _mm256_storeu_ps(me + h, _mm256_mul_ps(_mm256_mul_ps(av, sigmoid_avx2(av)), gv));
+        continue;
+      }
+      const __m256 b0 = _mm256_loadu_ps(be + h), b1 = _mm256_loadu_ps(be + H + h);
+      const __m256 p[4] = {_mm256_add_ps(av, b0), _mm256_add_ps(av, b1), _mm256_sub_ps(av, b0),
+                           _mm256_sub_ps(av, b1)};
+      for (int t = 0; t < 4; ++t)
+        _mm256_storeu_ps(me + t * H + h,
+                         _mm256_mul_ps(_mm256_mul_ps(p[t], sigmoid_avx2(p[t])), gv));
+    }
+    gate_forward_row(ae, be, ge, me, Tb, H, h);
+  }
+}
+
+SCN_TARGET_AVX2 void gate_backward_rows_avx2(const float* dm, const float* a, const float* b,
+                                             const float* g, float* da, float* db, float* dg,
+                                             int64_t e0, int64_t e1, int64_t Tb, int64_t H) {
+  const int64_t T = Tb == 0 ? 1 : 4;
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (int64_t e = e0; e < e1; ++e) {
+    const float* dme = dm + e * T * H;
+    const float* ae = a + e * H;
+    const float* be = b + e * Tb * H;
+    const float* ge = g + e * H;
+    float* dae = da + e * H;
+    float* dbe = db + e * Tb * H;
+    float* dge = dg + e * H;
+    int64_t h = 0;
+    for (; h + 8 <= H; h += 8) {
+      const __m256 av = _mm256_loadu_ps(ae + h), gv = _mm256_loadu_ps(ge + h);
+      if (Tb == 0) {
+        const __m256 s = sigmoid_avx2(av), d = _mm256_loadu_ps(dme + h);
+        _mm256_storeu_ps(dge + h, _mm256_mul_ps(d, _mm256_mul_ps(av, s)));
+        const __m256 ds = _mm256_mul_ps(s, _mm256_fmadd_ps(av, _mm256_sub_ps(one, s), one));
+        _mm256_storeu_ps(dae + h, _mm256_mul_ps(_mm256_mul_ps(d, gv), ds));
+        continue;
+      }
+      const __m256 b0 = _mm256_loadu_ps(be + h), b1 = _mm256_loadu_ps(be + H + h);
+      const __m256 p[4] = {_mm256_add_ps(av, b0), _mm256_add_ps(av, b1), _mm256_sub_ps(av, b0),
+                           _mm256_sub_ps(av, b1)};
+      __m256 dp[4];
+      __m256 dgv = _mm256_setzero_ps();
+      for (int t = 0; t < 4; ++t) {
+        const __m256 s = sigmoid_avx2(p[t]);
+        const __m256 d = _mm256_loadu_ps(dme + t * H + h);
+        dgv = _mm256_add_ps(dgv, _mm256_mul_ps(d, _mm256_mul_ps(p[t], s)));
+        const __m256 ds = _mm256_mul_ps(s, _mm256_fmadd_ps(p[t], _mm256_sub_ps(one, s), one));
+        dp[t] = _mm256_mul_ps(_mm256_mul_ps(d, gv), ds);
+      }
+      _mm256_storeu_ps(dge + h, dgv);
+      _mm256_storeu_ps(dae + h,
+                       _mm256_add_ps(_mm256_add_ps(dp[0], dp[1]), _mm256_add_ps(dp[2], dp[3])));
+      _mm256_storeu_ps(dbe + h, _mm256_sub_ps(dp[0], dp[2]));
+      _mm256_storeu_ps(dbe + H + h, _mm256_sub_ps(dp[1], dp[3]));
+    }
+    gate_backward_row(dme, ae, be, ge, dae, dbe, dge, Tb, H, h);
+  }
+}
+#endif
+
+template <typename T>
+void gate_forward_rows(const T* a, const T* b, const T* g, T* m, int64_t e0, int64_t e1,
+                       int64_t Tb, int64_t H) {
+#if SCN_HAS_AVX2_CLONE
+  if constexpr (std::is_same_v<T, float>) {
+    if (scn_fast::cpu::cpu_has_avx2_fma()) return gate_forward_rows_avx2(a, b, g, m, e0, e1, Tb, H);
+  }
+#endif
+  const int64_t T4 = Tb == 0 ? 1 : 4;
+  for (int64_t e = e0; e < e1; ++e)
+    gate_forward_row(a + e * H, b + e * Tb * H, g + e * H, m + e * T4 * H, Tb, H, 0);
+}
+
+template <typename T>
+void gate_backward_rows(const T* dm, const T* a, const T* b, const T* g, T* da, T* db, T* dg,
+                        int64_t e0, int64_t e1, int64_t Tb, int64_t H) {
+#if SCN_HAS_AVX2_CLONE
+  if constexpr (std::is_same_v<T, float>) {
+    if (scn_fast::cpu::cpu_has_avx2_fma())
+      return gate_backward_rows_avx2(dm, a, b, g, da, db, dg, e0, e1, Tb, H);
+  }
+#endif
+  const int64_t T4 = Tb == 0 ? 1 : 4;
+  for (int64_t e = e0; e < e1; ++e)
+    gate_backward_row(dm + e * T4 * H, a + e * H, b + e * Tb * H, g + e * H, da + e * H,
+                      db + e * Tb * H, dg + e * H, Tb, H, 0);
+}
+
+// ------------------------------------------------------------------------------------ CPU: combine
+template <typename T>
+inline void combine_forward_tail(const T* ze, const T* bias, const int64_t* src, const T* coef,
+                                 T* me, int64_t R, int64_t J, int64_t C, int64_t c0) {
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = c0; c < C; ++c) {
+      T acc = 0;
+      for (int64_t j = 0; j < J; ++j) {
+        const int64_t s = src[r * J + j];
+        const T x = ze[s * C + c] + bias[(s % R) * C + c];
+        acc += coef[r * J + j] * (x * sigmoid_scalar(x));
+      }
+      me[r * C + c] = acc;
+    }
+}
+
+// dz for channels [c0, C) of one edge; psum (R, C) += dz summed over taps.
+template <typename T>
+inline void combine_backward_tail(const T* dme, const T* ze, const T* bias, const int64_t* src,
+                                  const T* coef, T* dze, T* psum, int64_t R, int64_t J, int64_t C,
+                                  int64_t c0) {
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t j = 0; j < J; ++j) {
+      const int64_t s = src[r * J + j];
+      const T k = coef[r * J + j];
+      const T* zr = ze + s * C;
+      const T* br = bias + (s % R) * C;
+      T* dzr = dze + s * C;
+      T* pr = psum + (s % R) * C;
+      for (int64_t c = c0; c < C; ++c) {
+        const T x = zr[c] + br[c];
+        const T sg = sigmoid_scalar(x);
+        const T v = k * dme[r * C + c] * (sg * (T(1) + x * (T(1) - sg)));
+        dzr[c] = v;
+        pr[c] += v;
+      }
+    }
+}
+
+#if SCN_HAS_AVX2_CLONE
+SCN_TARGET_AVX2 void combine_forward_edges_avx2(const float* z, const float* bias,
+                                                const int64_t* src, const float* coef, float* m,
+                                                int64_t e0, int64_t e1, int64_t Q, int64_t R,
+                                                int64_t J, int64_t C) {
+  for (int64_t e = e0; e < e1; ++e) {
+    const float* ze = z + e * Q * C;
+    float* me = m + e * R * C;
+    const int64_t cv = C / 8 * 8;
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t c = 0; c < cv; c += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t j = 0; j < J; ++j) {
+          const int64_t s = src[r * J + j];
+          const __m256 x =
+              _mm256_add_ps(_mm256_loadu_ps(ze + s * C + c), _mm256_loadu_ps(bias + (s % R) * C + c));
+          acc = _mm256_fmadd_ps(_mm256_set1_ps(coef[r * J + j]),
+                                _mm256_mul_ps(x, sigmoid_avx2(x)), acc);
+        }
+        _mm256_storeu_ps(me + r * C + c, acc);
+      }
+    if (cv < C) combine_forward_tail(ze, bias, src, coef, me, R, J, C, cv);
+  }
+}
+
+SCN_TARGET_AVX2 void combine_backward_edges_avx2(const float* dm, const float* z, const float* bias,
+                                                 const int64_t* src, const float* coef, float* dz,
+                                                 float* psum, int64_t e0, int64_t e1, int64_t Q,
+                                                 int64_t R, int64_t J, int64_t C) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const int64_t cv = C / 8 * 8;
+  for (int64_t e = e0; e < e1; ++e) {
+    const float* dme = dm + e * R * C;
+    const float* ze = z + e * Q * C;
+    float* dze = dz + e * Q * C;
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t j = 0; j < J; ++j) {
+        const int64_t s = src[r * J + j];
+        const __m256 k = _mm256_set1_ps(coef[r * J + j]);
+        const float* zr = ze + s * C;
+        const float* br = bias + (s % R) * C;
+        float* dzr = dze + s * C;
+        float* pr = psum + (s % R) * C;
+        for (int64_t c = 0; c < cv; c += 8) {
+          const __m256 x = _mm256_add_ps(_mm256_loadu_ps(zr + c), _mm256_loadu_ps(br + c));
+          const __m256 sg = sigmoid_avx2(x);
+          const __m256 ds = _mm256_mul_ps(sg, _mm256_fmadd_ps(x, _mm256_sub_ps(one, sg), one));
+          const __m256 v = _mm256_mul_ps(_mm256_mul_ps(k, _mm256_loadu_ps(dme + r * C + c)), ds);
+          _mm256_storeu_ps(dzr + c, v);
+          _mm256_storeu_ps(pr + c, _mm256_add_ps(_mm256_loadu_ps(pr + c), v));
+        }
+      }
+    if (cv < C) combine_backward_tail(dme, ze, bias, src, coef, dze, psum, R, J, C, cv);
+  }
+}
+#endif
+
+template <typename T>
+void combine_forward_edges(const T* z, const T* bias, const int64_t* src, const T* coef, T* m,
+                           int64_t e0, int64_t e1, int64_t Q, int64_t R, int64_t J, int64_t C) {
+#if SCN_HAS_AVX2_CLONE
+  if constexpr (std::is_same_v<T, float>) {
+    if (scn_fast::cpu::cpu_has_avx2_fma())
+      return combine_forward_edges_avx2(z, bias, src, coef, m, e0, e1, Q, R, J, C);
+  }
+#endif
+  for (int64_t e = e0; e < e1; ++e)
+    combine_forward_tail(z + e * Q * C, bias, src, coef, m + e * R * C, R, J, C, 0);
+}
+
+template <typename T>
+void combine_backward_edges(const T* dm, const T* z, const T* bias, const int64_t* src,
+                            const T* coef, T* dz, T* psum, int64_t e0, int64_t e1, int64_t Q,
+                            int64_t R, int64_t J, int64_t C) {
+#if SCN_HAS_AVX2_CLONE
+  if constexpr (std::is_same_v<T, float>) {
+    if (scn_fast::cpu::cpu_has_avx2_fma())
+      return combine_backward_edges_avx2(dm, z, bias, src, coef, dz, psum, e0, e1, Q, R, J, C);
+  }
+#endif
+  for (int64_t e = e0; e < e1; ++e)
+    combine_backward_tail(dm + e * R * C, z + e * Q * C, bias, src, coef, dz + e * Q * C, psum, R,
+                          J, C, 0);
+}
+
+// ------------------------------------------------------------------------------------ composite (non-CPU)
+Tensor gate_pre(const Tensor& a, const Tensor& b) {
+  if (b.size(1) == 0) return a.unsqueeze(1);
+  auto au = a.unsqueeze(1);
+  return at::cat({au + b, au - b}, 1);  // taps (0, 1, 2, 3)
+}
+
+// ------------------------------------------------------------------------------------ ops
+Tensor tap_gate_forward(const Tensor& a, const Tensor& b, const Tensor& gate) {
+  const GateSizes s = check_gate(a, b, gate);
+  const int64_t T = s.Tb == 0 ? 1 : 4;
+  if (!a.is_cpu()) return at::silu(gate_pre(a, b)) * gate.unsqueeze(1);
+  Tensor m = at::empty({s.E, T, s.H}, a.options());
+  if (m.numel() == 0) return m;
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "scn_fast_ext::tap_gate_forward", [&] {
+    const scalar_t *ap = a.const_data_ptr<scalar_t>(), *bp = b.const_data_ptr<scalar_t>(),
+                   *gp = gate.const_data_ptr<scalar_t>();
+    scalar_t* mp = m.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, s.E, std::max<int64_t>(1, kGrainElements / (T * s.H)),
+                     [&](int64_t e0, int64_t e1) { gate_forward_rows(ap, bp, gp, mp, e0, e1, s.Tb, s.H); });
+  });
+  return m;
+}
+
+std::vector<Tensor> tap_gate_backward(const Tensor& dm, const Tensor& a, const Tensor& b,
+                                      const Tensor& gate) {
+  const GateSizes s = check_gate(a, b, gate);
+  const int64_t T = s.Tb == 0 ? 1 : 4;
+  TORCH_CHECK(dm.dim() == 3 && dm.size(0) == s.E && dm.size(1) == T && dm.size(2) == s.H,
+              "scn_fast_ext: tap_gate_backward dm must be (E, T, H) = (", s.E, ", ", T, ", ", s.H,
+              "), got ", dm.sizes());
+  check_float(dm, "dm", a);
+  if (!a.is_cpu()) {
+    Tensor pre = gate_pre(a, b);
+    Tensor dgate = (dm * at::silu(pre)).sum(1);
+    Tensor dpre = at::silu_backward(dm * gate.unsqueeze(1), pre);
+    if (s.Tb == 0) return {dpre.squeeze(1), at::empty_like(b), dgate};
+    auto d = dpre.view({s.E, 2, 2, s.H});
+    return {d.sum({1, 2}), d.select(1, 0) - d.select(1, 1), dgate};
+  }
+  Tensor da = at::empty_like(a), db = at::empty_like(b), dg = at::empty_like(gate);
+  if (s.E * s.H == 0) return {da, db, dg};
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "scn_fast_ext::tap_gate_backward", [&] {
+    const scalar_t *dmp = dm.const_data_ptr<scalar_t>(), *ap = a.const_data_ptr<scalar_t>(),
+                   *bp = b.const_data_ptr<scalar_t>(), *gp = gate.const_data_ptr<scalar_t>();
+    scalar_t *dap = da.mutable_data_ptr<scalar_t>(), *dbp = db.mutable_data_ptr<scalar_t>(),
+             *dgp = dg.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, s.E, std::max<int64_t>(1, kGrainElements / (T * s.H)),
+                     [&](int64_t e0, int64_t e1) {
+                       gate_backward_rows(dmp, ap, bp, gp, dap, dbp, dgp, e0, e1, s.Tb, s.H);
+                     });
+  });
+  return {da, db, dg};
+}
+
+Tensor tap_combine_forward(const Tensor& z, const Tensor& bias, const Tensor& src,
+                           const Tensor& coef) {
+  const CombineSizes s = check_combine(z, bias, src, coef);
+  if (!z.is_cpu()) {
+    Tensor act = at::silu(z + bias.repeat({s.Q / s.R, 1}));
+    Tensor m = at::zeros({s.E, s.R, s.C}, z.options());
+    for (int64_t j = 0; j < s.J; ++j)
+      m.addcmul_(act.index_select(1, src.select(1, j)), coef.select(1, j).view({1, s.R, 1}));
+    return m;
+  }
+  Tensor m = at::empty({s.E, s.R, s.C}, z.options());
+  if (m.numel() == 0) return m;
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "scn_fast_ext::tap_combine_forward", [&] {
+    const scalar_t *zp = z.const_data_ptr<scalar_t>(), *bp = bias.const_data_ptr<scalar_t>(),
+                   *cp = coef.const_data_ptr<scalar_t>();
+    const int64_t* sp = src.const_data_ptr<int64_t>();
+    scalar_t* mp = m.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, s.E, std::max<int64_t>(1, kGrainElements / (s.Q * s.C)),
+                     [&](int64_t e0, int64_t e1) {
+                       combine_forward_edges(zp, bp, sp, cp, mp, e0, e1, s.Q, s.R, s.J, s.C);
+                     });
+  });
+  return m;
+}
+
+std::vector<Tensor> tap_combine_backward(const Tensor& dm, const Tensor& z, const Tensor& bias,
+                                         const Tensor& src, const Tensor& coef) {
+  const CombineSizes s = check_combine(z, bias, src, coef);
+  TORCH_CHECK(dm.dim() == 3 && dm.size(0) == s.E && dm.size(1) == s.R && dm.size(2) == s.C,
+              "scn_fast_ext: tap_combine_backward dm must be (E, R, C) = (", s.E, ", ", s.R, ", ",
+              s.C, "), got ", dm.sizes());
+  check_float(dm, "dm", z);
+  if (!z.is_cpu()) {
+    Tensor x = z + bias.repeat({s.Q / s.R, 1});
+    Tensor dz = at::empty_like(z);
+    for (int64_t j = 0; j < s.J; ++j)
+      dz.index_copy_(1, src.select(1, j), dm * coef.select(1, j).view({1, s.R, 1}));
+    dz = at::silu_backward(dz, x);
+    return {dz, dz.view({s.E, s.Q / s.R, s.R, s.C}).sum({0, 1})};
+  }
+  Tensor dz = at::empty_like(z);
+  const int64_t chunks = (s.E + kSumChunkEdges - 1) / kSumChunkEdges;
+  Tensor partial = at::zeros({std::max<int64_t>(chunks, 1), s.R, s.C}, z.options());
+  if (s.E > 0 && s.C > 0) {
+    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "scn_fast_ext::tap_combine_backward", [&] {
+      const scalar_t *dmp = dm.const_data_ptr<scalar_t>(), *zp = z.const_data_ptr<scalar_t>(),
+                     *bp = bias.const_data_ptr<scalar_t>(), *cp = coef.const_data_ptr<scalar_t>();
+      const int64_t* sp = src.const_data_ptr<int64_t>();
+      scalar_t *dzp = dz.mutable_data_ptr<scalar_t>(), *pp = partial.mutable_data_ptr<scalar_t>();
+      const int64_t grain =
+          std::max<int64_t>(1, kGrainElements / (kSumChunkEdges * s.Q * s.C));
+      at::parallel_for(0, chunks, grain, [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k) {
+          const int64_t e0 = k * kSumChunkEdges, e1 = std::min(s.E, e0 + kSumChunkEdges);
+          combine_backward_edges(dmp, zp, bp, sp, cp, dzp, pp + k * s.R * s.C, e0, e1, s.Q, s.R,
+                                 s.J, s.C);
+        }
+      });
+    });
+  }
+  return {dz, partial.sum(0)};
+}
+
+}  // namespace
+}  // namespace scn_fast::message
+
+TORCH_LIBRARY_FRAGMENT(scn_fast_ext, m) {
+  m.def("tap_gate_forward(Tensor a, Tensor b, Tensor gate) -> Tensor");
+  m.def("tap_gate_backward(Tensor dm, Tensor a, Tensor b, Tensor gate) -> Tensor[]");
+  m.def("tap_combine_forward(Tensor z, Tensor bias, Tensor src, Tensor coef) -> Tensor");
+  m.def(
+      "tap_combine_backward(Tensor dm, Tensor z, Tensor bias, Tensor src, Tensor coef) -> "
+      "Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(scn_fast_ext, CompositeExplicitAutograd, m) {
+  m.impl("tap_gate_forward", &scn_fast::message::tap_gate_forward);
+  m.impl("tap_gate_backward", &scn_fast::message::tap_gate_backward);
+  m.impl("tap_combine_forward", &scn_fast::message::tap_combine_forward);
+  m.impl("tap_combine_backward", &scn_fast::message::tap_combine_backward);
+}

@@ -1,0 +1,377 @@
+"""Triton backend of the message MLP's fused elementwise steps (the C++ twin is ``csrc/message_ops.cpp``;
+the math is documented there and in ``scn_fast/ops/tap_projection.py`` / ``scn_fast/ops/tap_combine.py``).
+
+* ``tap_gate_forward(a (E, H), b (E, Tb, H), gate (E, H)) -> m (E, T, H)``: Tb = 2 (T = 4):
+  ``m[:, t] = silu([a + b0, a + b1, a - b0, a - b1][t]) * gate``; Tb = 0 (T = 1): ``silu(a) * gate``.
+* ``tap_gate_backward(dm, a, b, gate) -> (da, db, dgate)``.
+* ``tap_combine_forward(z (E, Q, C), bias (R, C), src (R, J), coef (R, J)) -> m (E, R, C)``:
+  ``m[e, r] = sum_j coef[r, j] silu(z[e, src[r, j]] + bias[src[r, j] % R])``.
+* ``tap_combine_backward(dm, z, bias, src, coef) -> (dz, dbias)``.
+
+One program per BLOCK flat output elements, float32 or float64 (accumulated in the input's type).
+CPU tensors only under ``TRITON_INTERPRET=1`` (:func:`is_interpreted`); :func:`launch_configs` and
+:func:`compile_main` compile the launched specialisations for sm_80 / sm_90 without a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+
+import torch
+import triton
+import triton.language as tl
+
+from .edge_rotation import _OPTIONS, LaunchConfig, _on, _specialize
+
+__all__ = [
+    "compile_main",
+    "is_interpreted",
+    "launch_configs",
+    "tap_combine_backward",
+    "tap_combine_forward",
+    "tap_gate_backward",
+    "tap_gate_forward",
+]
+
+BLOCK = 1024
+NUM_WARPS = 4
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _tap_gate_fwd_kernel(a_ptr, b_ptr, g_ptr, m_ptr, n, H, TAPS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    e = offs // H
+    h = offs % H
+    a = tl.load(a_ptr + offs, mask=mask, other=0.0)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    if TAPS == 1:
+        tl.store(m_ptr + offs, a * _sigmoid(a) * g, mask=mask)
+    else:
+        b0 = tl.load(b_ptr + e * 2 * H + h, mask=mask, other=0.0)
+        b1 = tl.load(b_ptr + e * 2 * H + H + h, mask=mask, other=0.0)
+        base = m_ptr + e * 4 * H + h
+        p = a + b0
+        tl.store(base, p * _sigmoid(p) * g, mask=mask)
+        p = a + b1
+        tl.store(base + H, p * _sigmoid(p) * g, mask=mask)
+        p = a - b0
+        tl.store(base + 2 * H, p * _sigmoid(p) * g, mask=mask)
+        p = a - b1
+        tl.store(base + 3 * H, p * _sigmoid(p) * g, mask=mask)
+
+
+@triton.jit
+def _dsilu_terms(d, p, g):
+    """(d * silu(p), d * g * silu'(p))."""
+    s = _sigmoid(p)
+    return d * p * s, d * g * s * (1.0 + p * (1.0 - s))
+
+
+@triton.jit
+def _tap_gate_bwd_kernel(
+    dm_ptr, a_ptr, b_ptr, g_ptr, da_ptr, db_ptr, dg_ptr, n, H,
+    TAPS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    e = offs // H
+    h = offs % H
+    a = tl.load(a_ptr + offs, mask=mask, other=0.0)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    if TAPS == 1:
+        d = tl.load(dm_ptr + offs, mask=mask, other=0.0)
+        dg, dp = _dsilu_terms(d, a, g)
+        tl.store(dg_ptr + offs, dg, mask=mask)
+        tl.store(da_ptr + offs, dp, mask=mask)
+    else:
+        b0 = tl.load(b_ptr + e * 2 * H + h, mask=mask, other=0.0)
+        b1 = tl.load(b_ptr + e * 2 * H + H + h, mask=mask, other=0.0)
+        dmb = dm_ptr + e * 4 * H + h
+        dg0, dp0 = _dsilu_terms(tl.load(dmb, mask=mask, other=0.0), a + b0, g)
+        dg1, dp1 = _dsilu_terms(tl.load(dmb + H, mask=mask, other=0.0), a + b1, g)
+        dg2, dp2 = _dsilu_terms(tl.load(dmb + 2 * H, mask=mask, other=0.0), a - b0, g)
+        dg3, dp3 = _dsilu_terms(tl.load(dmb + 3 * H, mask=mask, other=0.0), a - b1, g)
+        tl.store(dg_ptr + offs, ((dg0 + dg1) + dg2) + dg3, mask=mask)
+        tl.store(da_ptr + offs, (dp0 + dp1) + (dp2 + dp3), mask=mask)
+        tl.store(db_ptr + e * 2 * H + h, dp0 - dp2, mask=mask)
+        tl.store(db_ptr + e * 2 * H + H + h, dp1 - dp3, mask=mask)
+
+
+@triton.jit
+def _tap_combine_fwd_kernel(
+    z_ptr, bias_ptr, src_ptr, coef_ptr, m_ptr, n, R, C,
+    J: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    c = offs % C
+    r = (offs // C) % R
+    e = offs // (C * R)
+    acc = tl.zeros([BLOCK], dtype=m_ptr.dtype.element_ty)
+    for j in tl.static_range(J):
+        s = tl.load(src_ptr + r * J + j, mask=mask, other=0)
+        k = tl.load(coef_ptr + r * J + j, mask=mask, other=0.0)
+        x = tl.load(z_ptr + (e * R * J + s) * C + c, mask=mask, other=0.0)
+        x += tl.load(bias_ptr + (s % R) * C + c, mask=mask, other=0.0)
+        acc += k * (x * _sigmoid(x))
+    tl.store(m_ptr + offs, acc, mask=mask)
+
+
+@triton.jit
+def _tap_combine_bwd_kernel(
+    dm_ptr, z_ptr, bias_ptr, src_ptr, coef_ptr, dz_ptr, n, R, C,
+    J: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    c = offs % C
+    r = (offs // C) % R
+    e = offs // (C * R)
+    d = tl.load(dm_ptr + offs, mask=mask, other=0.0)
+    for j in tl.static_range(J):
+        s = tl.load(src_ptr + r * J + j, mask=mask, other=0)
+        k = tl.load(coef_ptr + r * J + j, mask=mask, other=0.0)
+        at = (e * R * J + s) * C + c
+        x = tl.load(z_ptr + at, mask=mask, other=0.0)
+        x += tl.load(bias_ptr + (s % R) * C + c, mask=mask, other=0.0)
+        sg = _sigmoid(x)
+        tl.store(dz_ptr + at, k * d * (sg * (1.0 + x * (1.0 - sg))), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def is_interpreted() -> bool:
+    """True when the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return not isinstance(_tap_gate_fwd_kernel, triton.runtime.JITFunction)
+
+
+def _check(name: str, t: torch.Tensor, shape: tuple, like: torch.Tensor) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.dtype != like.dtype or t.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"{name} must be float32 or float64 like the first input, got {t.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but the first input is on {like.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    if t.device.type == "cpu" and not is_interpreted():
+        raise ValueError("CPU tensors need TRITON_INTERPRET=1 (set before triton is imported)")
+
+
+def _gate_sizes(a, b, gate) -> tuple[int, int, int]:
+    if a.dim() != 2:
+        raise ValueError(f"a must be (E, H), got {tuple(a.shape)}")
+    e, h = a.shape
+    if b.dim() != 3 or b.shape[1] not in (0, 2):
+        raise ValueError(f"b must be (E, 2, H) or (E, 0, H), got {tuple(b.shape)}")
+    _check("a", a, (e, h), a)
+    _check("b", b, (e, b.shape[1], h), a)
+    _check("gate", gate, (e, h), a)
+    return e, h, 1 if b.shape[1] == 0 else 4
+
+
+def tap_gate_forward(a: torch.Tensor, b: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    e, h, taps = _gate_sizes(a, b, gate)
+    m = a.new_empty((e, taps, h))
+    n = e * h
+    if n:
+        with _on(a.device):
+            _tap_gate_fwd_kernel[(triton.cdiv(n, BLOCK),)](
+                a, b, gate, m, n, h, TAPS=taps, BLOCK=BLOCK, num_warps=NUM_WARPS, **_OPTIONS
+            )
+    return m
+
+
+def tap_gate_backward(dm, a, b, gate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    e, h, taps = _gate_sizes(a, b, gate)
+    _check("dm", dm, (e, taps, h), a)
+    da, db, dg = torch.empty_like(a), torch.empty_like(b), torch.empty_like(gate)
+    n = e * h
+    if n:
+        with _on(a.device):
+            _tap_gate_bwd_kernel[(triton.cdiv(n, BLOCK),)](
+                dm, a, b, gate, da, db, dg, n, h,
+                TAPS=taps, BLOCK=BLOCK, num_warps=NUM_WARPS, **_OPTIONS,
+            )  # fmt: skip
+    return da, db, dg
+
+
+def _combine_sizes(z, bias, src, coef) -> tuple[int, int, int, int]:
+    if z.dim() != 3 or bias.dim() != 2:
+        raise ValueError(
+            f"z must be (E, Q, C) and bias (R, C), got {tuple(z.shape)}, {tuple(bias.shape)}"
+        )
+    e, q, c = z.shape
+    r = bias.shape[0]
+    if src.dim() != 2 or src.shape[0] != r or src.shape[0] * src.shape[1] != q:
+        raise ValueError(f"src must be (R, J) with R * J = Q = {q}, got {tuple(src.shape)}")
+    if src.dtype != torch.int64 or src.device != z.device or not src.is_contiguous():
+        raise ValueError("src must be a contiguous int64 tensor on z's device")
+    _check("z", z, (e, q, c), z)
+    _check("bias", bias, (r, c), z)
+    _check("coef", coef, tuple(src.shape), z)
+    return e, r, c, src.shape[1]
+
+
+def tap_combine_forward(z, bias, src, coef) -> torch.Tensor:
+    e, r, c, j = _combine_sizes(z, bias, src, coef)
+    m = z.new_empty((e, r, c))
+    n = m.numel()
+    if n:
+        with _on(z.device):
+            _tap_combine_fwd_kernel[(triton.cdiv(n, BLOCK),)](
+                z, bias, src, coef, m, n, r, c, J=j, BLOCK=BLOCK, num_warps=NUM_WARPS, **_OPTIONS
+            )
+    return m
+
+
+def tap_combine_backward(dm, z, bias, src, coef) -> tuple[torch.Tensor, torch.Tensor]:
+    e, r, c, j = _combine_sizes(z, bias, src, coef)
+    _check("dm", dm, (e, r, c), z)
+    dz = torch.empty_like(z)
+    n = dm.numel()
+    if n:
+        with _on(z.device):
+            _tap_combine_bwd_kernel[(triton.cdiv(n, BLOCK),)](
+                dm,
+                z,
+                bias,
+                src,
+                coef,
+                dz,
+                n,
+                r,
+                c,
+                J=j,
+                BLOCK=BLOCK,
+                num_warps=NUM_WARPS,
+                **_OPTIONS,
+            )
+    return dz, dz.view(e, j, r, c).sum((0, 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile descriptions
+# ----------------------------------------------------------------------------------------------
+
+
+def launch_configs(
+    hidden: int,
+    rows: int,
+    channels: int,
+    dtype: torch.dtype = torch.float32,
+    num_edges: int = 50_000,
+) -> list[LaunchConfig]:
+    """The kernel specialisations the launchers use for a message block with ``hidden`` channels in
+    fc1_edge_proj, ``rows`` = R rotated rows and ``channels`` = C (4 taps and 1 tap)."""
+    configs = []
+    for taps in (1, 4):
+        n = num_edges * hidden
+        ptrs = [("a_ptr", dtype), ("b_ptr", dtype), ("g_ptr", dtype)]
+        sig, const, attrs = _specialize(
+            _tap_gate_fwd_kernel, [*ptrs, ("m_ptr", dtype), ("n", n), ("H", hidden)],
+            {"TAPS": taps, "BLOCK": BLOCK},
+        )  # fmt: skip
+        configs.append(
+            LaunchConfig(
+                f"tap_gate_fwd[T={taps}]", _tap_gate_fwd_kernel, sig, const, attrs, NUM_WARPS
+            )
+        )
+        sig, const, attrs = _specialize(
+            _tap_gate_bwd_kernel,
+            [("dm_ptr", dtype), *ptrs, ("da_ptr", dtype), ("db_ptr", dtype), ("dg_ptr", dtype),
+             ("n", n), ("H", hidden)],
+            {"TAPS": taps, "BLOCK": BLOCK},
+        )  # fmt: skip
+        configs.append(
+            LaunchConfig(
+                f"tap_gate_bwd[T={taps}]", _tap_gate_bwd_kernel, sig, const, attrs, NUM_WARPS
+            )
+        )
+        n = num_edges * rows * channels
+        common = [("bias_ptr", dtype), ("src_ptr", torch.int64), ("coef_ptr", dtype)]
+        sizes = [("n", n), ("R", rows), ("C", channels)]
+        sig, const, attrs = _specialize(
+            _tap_combine_fwd_kernel, [("z_ptr", dtype), *common, ("m_ptr", dtype), *sizes],
+            {"J": taps, "BLOCK": BLOCK},
+        )  # fmt: skip
+        configs.append(
+            LaunchConfig(
+                f"tap_combine_fwd[J={taps}]", _tap_combine_fwd_kernel, sig, const, attrs, NUM_WARPS
+            )
+        )
+        sig, const, attrs = _specialize(
+            _tap_combine_bwd_kernel,
+            [("dm_ptr", dtype), ("z_ptr", dtype), *common, ("dz_ptr", dtype), *sizes],
+            {"J": taps, "BLOCK": BLOCK},
+        )  # fmt: skip
+        configs.append(
+            LaunchConfig(
+                f"tap_combine_bwd[J={taps}]", _tap_combine_bwd_kernel, sig, const, attrs, NUM_WARPS
+            )
+        )
+    return configs
+
+
+# scn-t4-b2's two resolutions (H, R, C) in float32, float64, and an odd small case.
+COMPILE_CASES = [
+    (1024, 19, 128, torch.float32),
+    (256, 13, 128, torch.float64),
+    (7, 5, 17, torch.float32),
+]
+
+
+def compile_main(archs: tuple[int, ...] = (80, 90), json_path: str | None = None) -> int:
+    """Compile every launch config of :data:`COMPILE_CASES` for each arch down to a cubin (run in a
+    process without TRITON_INTERPRET). Prints one line per compile; returns 1 if any failed."""
+    from triton.backends.compiler import GPUTarget
+
+    if is_interpreted():
+        print("compile_main: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
+        return 2
+    results = []
+    for hidden, rows, channels, dtype in COMPILE_CASES:
+        for cfg in launch_configs(hidden, rows, channels, dtype):
+            for arch in archs:
+                res = {
+                    "kernel": cfg.name,
+                    "arch": f"sm_{arch}",
+                    "case": f"H={hidden} R={rows} C={channels} {dtype}",
+                }
+                start = time.perf_counter()
+                try:
+                    compiled = triton.compile(
+                        cfg.ast_source(), target=GPUTarget("cuda", arch, 32), options=cfg.options
+                    )
+                    cubin = compiled.asm.get("cubin", b"")
+                    res.update(ok=bool(cubin), cubin_bytes=len(cubin))
+                except Exception:
+                    res.update(ok=False, error=traceback.format_exc(limit=4))
+                res["seconds"] = round(time.perf_counter() - start, 2)
+                print(
+                    f"{res['case']:<28} {res['kernel']:<22} {res['arch']} {res['seconds']}s "
+                    + ("ok" if res["ok"] else "FAILED\n" + res.get("error", "no cubin"))
+                )
+                results.append(res)
+    failed = [r for r in results if not r["ok"]]
+    print(f"tap_elementwise compile: {len(results) - len(failed)}/{len(results)} compiled")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=1)
+    return 1 if failed or not results else 0
+
+
+if __name__ == "__main__":
+    sys.exit(compile_main())
