@@ -60,8 +60,7 @@ def combine_tables(
 
 
 def _forward_reference(z, bias, src, coef):
-    e, q, c = z.shape
-    r = bias.shape[0]
+    q, r = z.shape[1], bias.shape[0]
     act = F.silu(z + bias.repeat(q // r, 1))
     return (act[:, src] * coef.view(1, r, -1, 1)).sum(2)
 

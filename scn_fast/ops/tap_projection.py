@@ -208,8 +208,7 @@ def _assemble_dy(dy: torch.Tensor, dpair: torch.Tensor, rows: TapRows) -> torch.
 
 def _project_backward(dpre, y, weight, lmax, mmax, num_taps, precision, native):
     """(dy, dweight, dbias) of pre = projection(y) for dpre (E, T, H)."""
-    e, _, r, c = y.shape
-    h = weight.shape[0]
+    e, h = y.shape[0], weight.shape[0]
     sym = tap_symmetry(lmax, mmax, num_taps)
     if sym.num_taps == 1:
         d = dpre.reshape(e, h)
