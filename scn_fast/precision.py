@@ -132,10 +132,15 @@ def _exact(t: torch.Tensor, precision: str) -> bool:
 def gemm_inputs(
     tensors: tuple[torch.Tensor, ...], precision: str, native: bool
 ) -> tuple[torch.Tensor, ...]:
-    """GEMM operands for :func:`gemm_mm` (no autograd): unchanged in "fp32" or float64; otherwise
-    in ``precision`` as a Linear's GEMM takes them (bf16 storage natively, rounded float32 when
-    emulated)."""
-    return tuple(t if _exact(t, precision) else _operand(t, precision, native) for t in tensors)
+    """GEMM operands for :func:`gemm_mm` (no autograd): unchanged in "fp32" or float64; native:
+    as a Linear's GEMM takes them (bf16 storage; float32 for TF32 units); emulated: float32 values
+    rounded to the precision."""
+    return tuple(
+        t
+        if _exact(t, precision)
+        else (_operand(t, precision, native) if native else round_to(t, precision))
+        for t in tensors
+    )
 
 
 def gemm_mm(

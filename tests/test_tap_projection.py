@@ -3,13 +3,21 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
-from torch.nn.functional import linear
+from torch.nn.functional import linear, silu
 
 from scn_fast.frames import edge_frames
 from scn_fast.model import Resolution
-from scn_fast.ops import compact_wigner, edge_layout, tap_projection, tap_symmetry
+from scn_fast.ops import (
+    compact_wigner,
+    edge_layout,
+    gated_tap_projection,
+    tap_projection,
+    tap_symmetry,
+)
 from scn_fast.ops.layout import dense_from_compact
 
 from .conftest import TOL, rel_max_error
@@ -73,3 +81,104 @@ def test_four_taps_use_41_percent_of_the_flops():
     """(R0 + 2 R1) / (4 R) = (5L + 1) / (12L + 4): 31/76 = 0.408 at L = 6."""
     sym, r = tap_symmetry(6, 1, -1), edge_layout(6, 1).R
     assert (len(sym.rows0) + 2 * len(sym.rows1)) / (4 * r) == pytest.approx(31 / 76)
+
+
+# ----------------------------------------------------------------------------------------------
+# gated_tap_projection: silu(pre) * gate, every backend's epilogue kernels
+# ----------------------------------------------------------------------------------------------
+GATE_BACKENDS = ["reference", "extension", "triton"]
+
+
+def _gate_backend(name: str) -> str:
+    if name == "triton":
+        from scn_fast.kernels import tap_elementwise
+
+        if not tap_elementwise.is_interpreted() and not torch.cuda.is_available():
+            pytest.skip("Triton compiled for a GPU and no CUDA device is visible")
+    return name
+
+
+def _gated_inputs(lmax, mmax, e, c, h, dtype, seed=0):
+    r = edge_layout(lmax, mmax).R
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(e, 2, r, c, generator=g, dtype=torch.float64)
+    weight = torch.randn(h, 2 * r * c, generator=g, dtype=torch.float64) / (2 * r * c) ** 0.5
+    bias = torch.randn(h, generator=g, dtype=torch.float64)
+    gate = torch.randn(e, h, generator=g, dtype=torch.float64)
+    return [t.to(dtype) for t in (y, weight, bias, gate)]
+
+
+@pytest.mark.parametrize(("lmax", "mmax", "num_taps"), CONFIGS)
+@pytest.mark.parametrize("backend", GATE_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_gated_matches_upstream(lmax, mmax, num_taps, backend, dtype):
+    y, w, b, gate = _gated_inputs(lmax, mmax, 11, 6, 10, dtype)
+    sym = tap_symmetry(lmax, mmax, num_taps)
+    out = gated_tap_projection(y, w, b, gate, lmax, mmax, num_taps, backend=_gate_backend(backend))
+    ref = silu(_upstream_taps(y.double(), w.double(), b.double(), sym)) * gate.double().unsqueeze(1)
+    assert out.shape == (11, sym.num_taps, 10) and out.dtype == dtype
+    assert rel_max_error(out, ref) <= (TOL["op_fp64"] if dtype == torch.float64 else TOL["op_fp32"])
+
+
+@pytest.mark.parametrize(("lmax", "mmax", "num_taps"), [(2, 1, -1), (2, 0, -1), (3, 1, 1)])
+@pytest.mark.parametrize("backend", GATE_BACKENDS)
+def test_gated_gradcheck_float64(lmax, mmax, num_taps, backend):
+    inputs = [t.requires_grad_() for t in _gated_inputs(lmax, mmax, 4, 2, 3, torch.float64)]
+    be = _gate_backend(backend)
+    assert torch.autograd.gradcheck(
+        lambda *a: gated_tap_projection(*a, lmax, mmax, num_taps, backend=be), inputs
+    )
+
+
+@pytest.mark.parametrize("backend", ["extension", "triton"])
+def test_gated_float32_gradients_match_upstream(backend):
+    """Production shape (L = 6, C = 128): every input's gradient against upstream's autograd."""
+    lmax, sym = 6, tap_symmetry(6, 1, -1)
+    inputs = _gated_inputs(lmax, 1, 24, 128, 64, torch.float32, seed=1)
+    dout = torch.randn(24, 4, 64, generator=torch.Generator().manual_seed(2))
+    grads = {}
+    for name in ("fused", "upstream"):
+        args = [t.clone().requires_grad_() for t in inputs]
+        if name == "fused":
+            out = gated_tap_projection(*args, lmax, 1, -1, backend=_gate_backend(backend))
+        else:
+            out = silu(_upstream_taps(*args[:3], sym)) * args[3].unsqueeze(1)
+        out.backward(dout)
+        grads[name] = [a.grad for a in args]
+    for fused, ref in zip(grads["fused"], grads["upstream"], strict=True):
+        assert rel_max_error(fused, ref) <= TOL["op_fp32"]
+
+
+def test_row_blocked_and_gathered_strategies_agree(monkeypatch):
+    """The CPU strategy (GEMMs per row block reading the weight in place) and the gathered one
+    (used on GPUs and for native bf16) give the same outputs and gradients."""
+    tp = importlib.import_module("scn_fast.ops.tap_projection")  # the module, not the function
+
+    inputs = _gated_inputs(6, 1, 30, 128, 96, torch.float32, seed=3)
+    dout = torch.randn(30, 4, 96, generator=torch.Generator().manual_seed(4))
+    results = []
+    for blocked in (True, False):
+        monkeypatch.setattr(tp, "_row_blocked", lambda *a, blocked=blocked: blocked)
+        args = [t.clone().requires_grad_() for t in inputs]
+        out = gated_tap_projection(*args, 6, 1, -1, backend="extension")
+        out.backward(dout)
+        results.append([out.detach(), *[a.grad for a in args]])
+    for a, b in zip(*results, strict=True):
+        assert rel_max_error(a, b) <= TOL["op_fp32"]
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native", "emulated"])
+@pytest.mark.parametrize("precision", ["bf16", "tf32"])
+def test_low_precision_rounds_the_operands(precision, native):
+    """tf32/bf16 round the GEMM operands (native bf16 GEMMs on CPU work anywhere, slowly without
+    bf16 units; "native" tf32 is a CUDA notion and runs float32 GEMMs here): the result moves by
+    about the precision's rounding, no more."""
+    y, w, b, gate = _gated_inputs(6, 1, 16, 32, 24, torch.float32, seed=5)
+    ref = gated_tap_projection(y, w, b, gate, 6, 1, -1, backend="extension")
+    out = gated_tap_projection(y, w, b, gate, 6, 1, -1, precision, native, backend="extension")
+    err = rel_max_error(out, ref)
+    if precision == "tf32" and native:
+        assert err <= TOL["op_fp32"]  # no TF32 units on CPU: float32 GEMMs
+    else:
+        unit = 2.0**-8 if precision == "bf16" else 2.0**-11
+        assert 1e-2 * unit < err < 30 * unit, err

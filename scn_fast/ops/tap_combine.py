@@ -70,7 +70,7 @@ def _backward_reference(dm, z, bias, src, coef):
     r = bias.shape[0]
     x = z + bias.repeat(q // r, 1)
     dz = torch.empty_like(z)
-    dz[:, src.flatten()] = (dm.unsqueeze(2) * coef.view(1, r, -1, 1)).reshape(e, -1, c)
+    dz[:, src.flatten()] = (dm.unsqueeze(2) * coef.view(1, r, -1, 1)).reshape(e, q, c)
     dz = torch.ops.aten.silu_backward(dz, x)
     return dz, dz.view(e, q // r, r, c).sum((0, 1))
 

@@ -1,0 +1,171 @@
+"""Op level: tap_combine (bias + SiLU + upstream's tap combination, fused) on every backend against
+upstream's way (``silu(z + b)`` then ``einsum("abc,bd->adc", ., mapping_y_rot)`` with the dense
+mapping), gradcheck, determinism, bad input; and the Triton kernels' GPU compilation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.nn.functional import silu
+
+from scn_fast import so3
+from scn_fast.ops.tap_combine import combine_tables, tap_combine
+
+from .conftest import TOL, rel_max_error
+
+CONFIGS = [(6, 1, -1), (4, 1, -1), (3, 0, -1), (5, 1, 1), (1, 1, -1)]
+BACKENDS = ["reference", "extension", "triton"]
+
+
+def _backend(name: str) -> str:
+    if name == "triton":
+        from scn_fast.kernels import tap_elementwise
+
+        if not tap_elementwise.is_interpreted() and not torch.cuda.is_available():
+            pytest.skip("Triton compiled for a GPU and no CUDA device is visible")
+    return name
+
+
+def _upstream(z: torch.Tensor, bias: torch.Tensor, lmax: int, mmax: int, num_taps: int):
+    mapping = so3.tap_set(lmax, mmax, num_taps).mapping.to(z.dtype)
+    t = mapping.shape[0] // mapping.shape[1]
+    return torch.einsum("abc,bd->adc", silu(z + bias.repeat(t, 1)), mapping)
+
+
+def _inputs(lmax, mmax, num_taps, e, c, dtype, seed=0):
+    mapping = so3.tap_set(lmax, mmax, num_taps).mapping
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(e, mapping.shape[0], c, generator=g, dtype=torch.float64).to(dtype)
+    bias = torch.randn(mapping.shape[1], c, generator=g, dtype=torch.float64).to(dtype)
+    return z, bias
+
+
+@pytest.mark.parametrize(("lmax", "mmax", "num_taps"), CONFIGS)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("channels", [128, 5])
+def test_matches_upstream(lmax, mmax, num_taps, backend, dtype, channels):
+    z, bias = _inputs(lmax, mmax, num_taps, 9, channels, dtype)
+    out = tap_combine(z, bias, lmax, mmax, num_taps, _backend(backend))
+    ref = _upstream(z.double(), bias.double(), lmax, mmax, num_taps)
+    assert out.shape == ref.shape and out.dtype == dtype
+    tol = TOL["op_fp64"] if dtype == torch.float64 else TOL["op_fp32"]
+    assert rel_max_error(out, ref) <= tol
+
+
+@pytest.mark.parametrize(("lmax", "mmax", "num_taps"), [(2, 1, -1), (2, 0, -1), (3, 1, 1)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(lmax, mmax, num_taps, backend):
+    z, bias = _inputs(lmax, mmax, num_taps, 3, 2, torch.float64)
+    z.requires_grad_()
+    bias.requires_grad_()
+    be = _backend(backend)
+    assert torch.autograd.gradcheck(
+        lambda a, b: tap_combine(a, b, lmax, mmax, num_taps, be), (z, bias)
+    )
+
+
+@pytest.mark.parametrize("backend", ["extension", "triton"])
+def test_float32_gradients_match_upstream(backend):
+    z, bias = _inputs(6, 1, -1, 17, 128, torch.float32)
+    dm = torch.randn(17, 19, 128, generator=torch.Generator().manual_seed(3))
+    grads = {}
+    for name, fn in (
+        ("fused", lambda a, b: tap_combine(a, b, 6, 1, -1, _backend(backend))),
+        ("upstream", lambda a, b: _upstream(a, b, 6, 1, -1)),
+    ):
+        a, b = z.clone().requires_grad_(), bias.clone().requires_grad_()
+        fn(a, b).backward(dm)
+        grads[name] = (a.grad, b.grad)
+    for fused, ref in zip(grads["fused"], grads["upstream"], strict=True):
+        assert rel_max_error(fused, ref) <= TOL["op_fp32"]
+
+
+def test_tables_are_the_mapping():
+    """src/coef rebuild upstream's dense (T*R, R) mapping exactly (float64)."""
+    for lmax, mmax, num_taps in CONFIGS:
+        mapping = so3.tap_set(lmax, mmax, num_taps).mapping
+        src, coef = combine_tables(lmax, mmax, num_taps, torch.float64, torch.device("cpu"))
+        dense = torch.zeros_like(mapping)
+        for r in range(mapping.shape[1]):
+            dense[src[r], r] = coef[r]
+        assert torch.equal(torch.sort(src.flatten()).values, torch.arange(mapping.shape[0]))
+        torch.testing.assert_close(dense, mapping, rtol=0, atol=1e-15)
+
+
+def test_bias_gradient_is_deterministic():
+    """The extension sums the bias gradient per fixed chunk of edges: bit-identical every run."""
+    z, bias = _inputs(6, 1, -1, 300, 128, torch.float32, seed=4)
+    dm = torch.randn(300, 19, 128, generator=torch.Generator().manual_seed(5))
+    grads = []
+    for _ in range(3):
+        b = bias.clone().requires_grad_()
+        tap_combine(z, b, 6, 1, -1, "extension").backward(dm)
+        grads.append(b.grad)
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_edges(backend):
+    z, bias = _inputs(4, 1, -1, 0, 8, torch.float32)
+    z.requires_grad_()
+    out = tap_combine(z, bias, 4, 1, -1, _backend(backend))
+    assert out.shape == (0, 13, 8)
+    out.sum().backward()
+    assert z.grad.shape == z.shape
+
+
+def test_extension_rejects_bad_input():
+    from scn_fast.extension import load_extension
+
+    ext = load_extension()
+    z, bias = _inputs(4, 1, -1, 3, 8, torch.float32)
+    src, coef = combine_tables(4, 1, -1, torch.float32, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="permutation"):
+        ext.tap_combine_forward(z, bias, torch.zeros_like(src), coef)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        ext.tap_combine_forward(z, bias[:, :3], src, coef)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        ext.tap_combine_forward(z.half(), bias.half(), src, coef.half())
+    with pytest.raises(RuntimeError, match="dm must be"):
+        ext.tap_combine_backward(z, z, bias, src, coef)
+
+
+@pytest.mark.gpu_compile
+def test_triton_kernels_compile_for_sm80_sm90(tmp_path):
+    """Every specialisation of the tap_gate / tap_combine kernels compiles to a cubin for sm_80 and
+    sm_90 (kernels/tap_elementwise.py compile_main, TRITON_INTERPRET unset)."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    report = tmp_path / "compile.json"
+    code = (
+        "import sys; from scn_fast.kernels import tap_elementwise as t; "
+        f"sys.exit(t.compile_main(json_path={str(report)!r}))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, f"compilation failed:\n{proc.stdout}\n{proc.stderr[-5000:]}"
+    results = json.loads(report.read_text())
+    assert {r["arch"] for r in results} == {"sm_80", "sm_90"}
+    assert all(r["ok"] and r["cubin_bytes"] > 0 for r in results)
+    assert {r["kernel"].split("[")[0] for r in results} == {
+        "tap_gate_fwd",
+        "tap_gate_bwd",
+        "tap_combine_fwd",
+        "tap_combine_bwd",
+    }
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["extension", "triton"])
+def test_cuda_matches_cpu(backend):
+    z, bias = _inputs(6, 1, -1, 500, 128, torch.float32)
+    ref = tap_combine(z, bias, 6, 1, -1, "reference")
+    out = tap_combine(z.cuda(), bias.cuda(), 6, 1, -1, backend)
+    assert rel_max_error(out.cpu(), ref) <= TOL["op_fp32"]
