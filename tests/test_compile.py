@@ -29,7 +29,8 @@ EDGE_OPS = ("edge_rotation", "scatter_aggregation")
 FUSED_OPS = (
     "edge_rotation",
     "scatter_aggregation",
-    "tap_projection",
+    "gated_tap_projection",
+    "tap_combine",
     "grid_projection",
     "output_heads",
 )

@@ -108,10 +108,28 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
+@torch.library.custom_op("scn_fast::tap_combine_backward", mutates_args=())
+def _tap_combine_backward(
+    dm: torch.Tensor,
+    z: torch.Tensor,
+    bias: torch.Tensor,
+    src: torch.Tensor,
+    coef: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _, backward = _impl(backend, z.dtype)
+    dz, dbias = backward(dm.contiguous(), z.contiguous(), bias.contiguous(), src, coef)
+    return dz, dbias
+
+
+@_tap_combine_backward.register_fake
+def _(dm, z, bias, src, coef, backend):
+    return torch.empty_like(z), torch.empty_like(bias)
+
+
 def _backward(ctx, dm):
     z, bias, src, coef = ctx.saved_tensors
-    _, backward = _impl(ctx.backend, z.dtype)
-    dz, dbias = backward(dm.contiguous(), z.contiguous(), bias.contiguous(), src, coef)
+    dz, dbias = _tap_combine_backward(dm, z, bias, src, coef, ctx.backend)
     return dz, dbias, None, None, None
 
 

@@ -290,9 +290,31 @@ def _setup_context(ctx, inputs, output):
     ctx.meta = (lmax, mmax, num_taps, precision, native)
 
 
+@torch.library.custom_op("scn_fast::tap_projection_backward", mutates_args=())
+def _tap_projection_backward(
+    dpre: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    lmax: int,
+    mmax: int,
+    num_taps: int,
+    precision: str,
+    native: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dy, dw, db = _project_backward(
+        dpre.to(y.dtype), y.contiguous(), weight, lmax, mmax, num_taps, precision, native
+    )
+    return dy.to(y.dtype), dw.contiguous(), db
+
+
+@_tap_projection_backward.register_fake
+def _(dpre, y, weight, lmax, mmax, num_taps, precision, native):
+    return torch.empty_like(y), torch.empty_like(weight), weight.new_empty(weight.shape[0])
+
+
 def _backward(ctx, dpre):
     y, weight = ctx.saved_tensors
-    dy, dw, db = _project_backward(dpre.to(y.dtype), y.contiguous(), weight, *ctx.meta)
+    dy, dw, db = _tap_projection_backward(dpre, y, weight, *ctx.meta)
     return dy, dw, db, None, None, None, None, None
 
 
@@ -413,16 +435,48 @@ def _gated_setup(ctx, inputs, output):
     ctx.backend = backend
 
 
+@torch.library.custom_op("scn_fast::gated_tap_projection_backward", mutates_args=())
+def _gated_tap_projection_backward(
+    dout: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    gate: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    lmax: int,
+    mmax: int,
+    num_taps: int,
+    precision: str,
+    native: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _, backward = _gate_impl(backend, a.dtype)
+    dpre_a, dpre_b, dgate = backward(dout.to(a.dtype).contiguous(), a, b, gate.contiguous())
+    meta = (lmax, mmax, num_taps, precision, native)
+    if b.shape[1] == 0:
+        dy, dw, dbias = _project_backward(dpre_a.unsqueeze(1), y.contiguous(), weight, *meta)
+    else:
+        dy, dw, dbias = _project_backward_ab(dpre_a, dpre_b, y.contiguous(), weight, *meta)
+    return dy.to(y.dtype), dw.contiguous(), dbias, dgate.to(gate.dtype)
+
+
+@_gated_tap_projection_backward.register_fake
+def _(dout, y, weight, gate, a, b, lmax, mmax, num_taps, precision, native, backend):
+    h = weight.shape[0]
+    return (
+        torch.empty_like(y),
+        torch.empty_like(weight),
+        weight.new_empty(h),
+        torch.empty_like(gate),
+    )
+
+
 def _gated_backward(ctx, dout, _da, _db):
     y, weight, gate, a, b = ctx.saved_tensors
-    _, backward = _gate_impl(ctx.backend, a.dtype)
-    dpre_a, dpre_b, dgate = backward(dout.to(a.dtype).contiguous(), a, b, gate.contiguous())
-    if b.shape[1] == 0:
-        dpre = dpre_a.unsqueeze(1)
-        dy, dw, dbias = _project_backward(dpre, y.contiguous(), weight, *ctx.meta)
-    else:
-        dy, dw, dbias = _project_backward_ab(dpre_a, dpre_b, y.contiguous(), weight, *ctx.meta)
-    return dy.to(y.dtype), dw, dbias, dgate.to(gate.dtype), None, None, None, None, None, None
+    dy, dw, dbias, dgate = _gated_tap_projection_backward(
+        dout, y, weight, gate, a, b, *ctx.meta, ctx.backend
+    )
+    return dy, dw, dbias, dgate, None, None, None, None, None, None
 
 
 _gated_train.register_autograd(_gated_backward, setup_context=_gated_setup)
