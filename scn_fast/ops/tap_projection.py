@@ -40,15 +40,28 @@ from .layout import tap_symmetry
 from .workspace import workspace
 
 
+def _runs(rows: list[int]) -> tuple[tuple[int, int, int], ...]:
+    """Maximal runs of consecutive values in ``rows``: (position in rows, first value, length)."""
+    runs: list[list[int]] = []
+    for pos, k in enumerate(rows):
+        if runs and runs[-1][1] + runs[-1][2] == k:
+            runs[-1][2] += 1
+        else:
+            runs.append([pos, k, 1])
+    return tuple(tuple(run) for run in runs)
+
+
 @dataclass(frozen=True)
 class TapRows:
     """Row gathers of one resolution (indices into the 2R rows [side 0 rows | side 1 rows]).
 
     y0_rows (2 R0,): the m = 0 rows of both sides. pair_rows (4 R1,): the m = +-1 rows of both sides
     (R1 per side, (m=-1, m=+1) per degree), then the same rows in tap 1's arrangement (each pair
-    swapped; ``neg_slot`` is the position, 0 or 1, within a pair whose value tap 1 negates, or None).
+    swapped; ``neg_slots``: the positions, 0 or 1, within a pair whose value tap 1 negates).
     w_rows (2R,): y0_rows then the first half of pair_rows (the weight's [W0 | W1] order); w_inv its
-    inverse permutation.
+    inverse permutation. runs0 / runs1: the row-blocked GEMMs' K blocks, maximal runs of consecutive
+    rows among y0_rows / the m = +-1 rows, as (position, first row, length): at L = 6 the m = +-1
+    rows of one side are 1, 3-4, 6-7, 9-10, 12-13, 15-16, 18 (7 blocks of 1 or 2 rows, not 12).
     """
 
     y0_rows: torch.Tensor
@@ -56,15 +69,12 @@ class TapRows:
     neg_slots: tuple[int, ...]
     w_rows: torch.Tensor
     w_inv: torch.Tensor
+    runs0: tuple[tuple[int, int, int], ...]
+    runs1: tuple[tuple[int, int, int], ...]
 
     @property
     def n0(self) -> int:
         return self.y0_rows.numel()
-
-    @property
-    def w_list(self) -> list[int]:
-        """w_rows as Python ints (the row-blocked GEMMs index with them)."""
-        return _W_LISTS.setdefault(id(self.w_rows), self.w_rows.tolist())
 
     @property
     def n1(self) -> int:
@@ -83,11 +93,11 @@ def _tap_rows_cpu(lmax: int, mmax: int, num_taps: int) -> TapRows:
     w_inv = torch.empty_like(w_rows)
     w_inv[w_rows] = torch.arange(len(w_rows))
     neg = tuple(k for k, s in enumerate(sym.pair_signs) if s < 0)
-    return TapRows(y0_rows, pair_rows, neg, w_rows, w_inv)
+    runs0, runs1 = _runs(y0_rows.tolist()), _runs(m1.tolist())
+    return TapRows(y0_rows, pair_rows, neg, w_rows, w_inv, runs0, runs1)
 
 
 _DEVICE_ROWS: dict[tuple, TapRows] = {}
-_W_LISTS: dict[int, list[int]] = {}
 
 
 def tap_rows(lmax: int, mmax: int, num_taps: int, device: torch.device) -> TapRows:
@@ -101,6 +111,8 @@ def tap_rows(lmax: int, mmax: int, num_taps: int, device: torch.device) -> TapRo
             rows.neg_slots,
             rows.w_rows.to(device),
             rows.w_inv.to(device),
+            rows.runs0,
+            rows.runs1,
         )
     return _DEVICE_ROWS[key]
 
@@ -173,6 +185,7 @@ def _row_blocked(y: torch.Tensor, precision: str, native: bool) -> bool:
 
 def _project(y, weight, bias, lmax, mmax, num_taps, precision, native) -> _Projection:
     e, _, r, c = y.shape
+    h = weight.shape[0]
     rows = tap_rows(lmax, mmax, num_taps, y.device)
     if tap_symmetry(lmax, mmax, num_taps).num_taps == 1:
         ys, ws = gemm_inputs((y.reshape(e, -1), weight), precision, native)
@@ -182,13 +195,13 @@ def _project(y, weight, bias, lmax, mmax, num_taps, precision, native) -> _Proje
             (y.reshape(e, 2 * r, c), weight.reshape(-1, 2 * r, c)), precision, native
         )
         pair = _signs_of_tap1(y3.index_select(1, rows.pair_rows), rows).view(2 * e, rows.n1, c)
-        wl = rows.w_list
-        a = torch.addmm(bias, y3[:, wl[0]], w3[:, wl[0]].t())
-        for k in wl[1 : rows.n0]:
-            a.addmm_(y3[:, k], w3[:, k].t())
-        b = torch.mm(pair[:, 0], w3[:, wl[rows.n0]].t())
-        for j in range(1, rows.n1):
-            b.addmm_(pair[:, j], w3[:, wl[rows.n0 + j]].t())
+        a = b = None
+        for _, k, n in rows.runs0:
+            lhs, rhs = y3[:, k : k + n].reshape(e, -1), w3[:, k : k + n].reshape(h, -1).t()
+            a = torch.addmm(bias, lhs, rhs) if a is None else a.addmm_(lhs, rhs)
+        for j, k, n in rows.runs1:
+            lhs, rhs = pair[:, j : j + n].reshape(2 * e, -1), w3[:, k : k + n].reshape(h, -1).t()
+            b = torch.mm(lhs, rhs) if b is None else b.addmm_(lhs, rhs)
         return _Projection(a, b.view(e, 2, -1))
     y0, pair = gemm_inputs(_split_input(y, rows), precision, native)
     w0, w1 = _weight_operands(weight, rows, c, precision, native)
@@ -235,13 +248,14 @@ def _project_backward_ab(da, db, y, weight, lmax, mmax, num_taps, precision, nat
         pair = _signs_of_tap1(y3.index_select(1, rows.pair_rows), rows).view(2 * e, rows.n1, c)
         dpair = y.new_empty((2 * e, rows.n1, c))
         dw = weight.new_empty((h, 2 * r, c))
-        wl = rows.w_list
-        for k in wl[: rows.n0]:
-            torch.mm(da_s, w3[:, k], out=dy[:, k])
-            torch.mm(da_s.t(), y3[:, k], out=dw[:, k])
-        for j, k in enumerate(wl[rows.n0 :]):
-            torch.mm(db_s, w3[:, k], out=dpair[:, j])
-            torch.mm(db_s.t(), pair[:, j], out=dw[:, k])
+        for _, k, n in rows.runs0:
+            wk, dwk = w3[:, k : k + n].reshape(h, -1), dw[:, k : k + n].reshape(h, -1)
+            torch.mm(da_s, wk, out=dy[:, k : k + n].reshape(e, -1))
+            torch.mm(da_s.t(), y3[:, k : k + n].reshape(e, -1), out=dwk)
+        for j, k, n in rows.runs1:
+            wk, dwk = w3[:, k : k + n].reshape(h, -1), dw[:, k : k + n].reshape(h, -1)
+            torch.mm(db_s, wk, out=dpair[:, j : j + n].reshape(2 * e, -1))
+            torch.mm(db_s.t(), pair[:, j : j + n].reshape(2 * e, -1), out=dwk)
         _assemble_dy(dy, dpair.view(e, 2 * rows.n1, c), rows)
         return dy.view_as(y), dw.view(h, -1), da.sum(0)
     y0, pair, da_s, db_s = gemm_inputs((*_split_input(y, rows), da, db), precision, native)
