@@ -157,6 +157,8 @@ def gemm_mm(
             if out is None:
                 return torch.mm(a, b)
             return torch.mm(a, b, out=out)
+    if out is not None and precision == "bf16" and native:
+        return out.copy_(torch.mm(a, b))  # bf16 result converted once, into out
     result = _mm(a, b, precision, native)
     return result if out is None else out.copy_(result)
 

@@ -170,17 +170,19 @@ class _Projection:
 
 
 def _row_blocked(y: torch.Tensor, precision: str, native: bool) -> bool:
-    """Whether to run the GEMMs per row block of C channels, reading the weight where it lies (CPU
-    with float32/float64 operands), rather than gathering it into [W0 | W1] first (elsewhere).
+    """Whether to run the GEMMs per block of consecutive rows (K or N = a few times C), reading and
+    writing the weight and its gradient where they lie (CPU, float32/float64 operands), rather than
+    gathering the weight into [W0 | W1] first (elsewhere).
 
-    On CPU the gather is a 20 MB copy per call at scn-t4-b2 and costs more than it saves: the 2R
-    block GEMMs of K = C = 128 (strided operands, leading dimension 2RC) ran 8.4 ms against 9.7 ms
-    for gather + 2 GEMMs at E = 168 (2 threads), and write the weight gradient in place. On a GPU the
-    gather is a few microseconds and 2 large GEMMs beat 2R launches; native bf16 GEMMs need their
-    own (converted) copy of the weight anyway and must not accumulate across blocks in bf16."""
+    On CPU the gather is a 20 MB copy per call at scn-t4-b2 and costs more than it saves: the block
+    GEMMs (strided operands, leading dimension 2RC) ran 8.4 ms against 9.7 ms for gather + 2 GEMMs at
+    E = 168 (2 threads), and write the weight gradient in place (no scratch copy, no gather back). On
+    a GPU the gather takes microseconds and 2 large GEMMs beat 2R launches. Native bf16 GEMMs (oneDNN
+    on CPU) cost ~0.1 ms per call whatever the size and round every block's output to bf16, so
+    they take the gathered form too (measured: blocked bf16 backward 2x slower)."""
     if y.device.type != "cpu":
         return False
-    return precision == "fp32" or y.dtype == torch.float64 or not native
+    return not (precision == "bf16" and native and y.dtype != torch.float64)
 
 
 def _project(y, weight, bias, lmax, mmax, num_taps, precision, native) -> _Projection:
@@ -248,14 +250,18 @@ def _project_backward_ab(da, db, y, weight, lmax, mmax, num_taps, precision, nat
         pair = _signs_of_tap1(y3.index_select(1, rows.pair_rows), rows).view(2 * e, rows.n1, c)
         dpair = y.new_empty((2 * e, rows.n1, c))
         dw = weight.new_empty((h, 2 * r, c))
+
+        def mm(a, b, out):
+            gemm_mm(a, b, precision, native, out=out)
+
         for _, k, n in rows.runs0:
             wk, dwk = w3[:, k : k + n].reshape(h, -1), dw[:, k : k + n].reshape(h, -1)
-            torch.mm(da_s, wk, out=dy[:, k : k + n].reshape(e, -1))
-            torch.mm(da_s.t(), y3[:, k : k + n].reshape(e, -1), out=dwk)
+            mm(da_s, wk, dy[:, k : k + n].reshape(e, -1))
+            mm(da_s.t(), y3[:, k : k + n].reshape(e, -1), dwk)
         for j, k, n in rows.runs1:
             wk, dwk = w3[:, k : k + n].reshape(h, -1), dw[:, k : k + n].reshape(h, -1)
-            torch.mm(db_s, wk, out=dpair[:, j : j + n].reshape(2 * e, -1))
-            torch.mm(db_s.t(), pair[:, j : j + n].reshape(2 * e, -1), out=dwk)
+            mm(db_s, wk, dpair[:, j : j + n].reshape(2 * e, -1))
+            mm(db_s.t(), pair[:, j : j + n].reshape(2 * e, -1), dwk)
         _assemble_dy(dy, dpair.view(e, 2 * rows.n1, c), rows)
         return dy.view_as(y), dw.view(h, -1), da.sum(0)
     y0, pair, da_s, db_s = gemm_inputs((*_split_input(y, rows), da, db), precision, native)
