@@ -15,6 +15,9 @@
 //   has exactly the J = T non-zeros coef[r, :] at rows src[r, :]).
 // tap_combine_backward(dm (E, R, C), z, bias, src, coef) -> [dz (E, Q, C), dbias (R, C)]
 //   dz[e, src[r, j], c] = coef[r, j] * dm[e, r, c] * silu'(z + bias);  dbias = sum over e and taps.
+// gather_rows_out(src (B, Rs, C), rows (Ro,), out (B, Ro, C)): out[b, j] = src[b, rows[j]] in out's
+//   dtype (float32, float64, bfloat16): fc1_edge_proj's weight into [W0 | W1] order and cast to bf16
+//   (or its gradient back to upstream's order) in one pass instead of two.
 //
 // CPU: one pass each, at::parallel_for over edges, float32 with an AVX2+FMA clone (cpu/vec_math.h),
 // float64 scalar; column sums of dbias per fixed chunk of edges, then over chunks (deterministic,
@@ -498,6 +501,46 @@ std::vector<Tensor> tap_combine_backward(const Tensor& dm, const Tensor& z, cons
   return {dz, partial.sum(0)};
 }
 
+void gather_rows_out(const Tensor& src, const Tensor& rows, Tensor out) {
+  TORCH_CHECK(src.dim() == 3 && out.dim() == 3 && src.size(0) == out.size(0) &&
+                  src.size(2) == out.size(2),
+              "scn_fast_ext: gather_rows src (B, Rs, C) and out (B, Ro, C) disagree: ", src.sizes(),
+              " vs ", out.sizes());
+  TORCH_CHECK(rows.dim() == 1 && rows.size(0) == out.size(1) && rows.scalar_type() == at::kLong,
+              "scn_fast_ext: gather_rows rows must be int64 (Ro,) with Ro = ", out.size(1));
+  TORCH_CHECK(src.is_contiguous() && out.is_contiguous() && rows.is_contiguous(),
+              "scn_fast_ext: gather_rows needs contiguous tensors");
+  TORCH_CHECK(src.device() == out.device() && rows.device() == out.device(),
+              "scn_fast_ext: gather_rows tensors must be on one device");
+  const int64_t B = src.size(0), Rs = src.size(1), Ro = out.size(1), C = src.size(2);
+  if (!out.is_cpu()) {
+    out.copy_(src.index_select(1, rows));
+    return;
+  }
+  const int64_t* rp = rows.const_data_ptr<int64_t>();
+  for (int64_t j = 0; j < Ro; ++j)
+    TORCH_CHECK(rp[j] >= 0 && rp[j] < Rs, "scn_fast_ext: gather_rows row ", rp[j],
+                " out of range for Rs = ", Rs);
+  if (out.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, src.scalar_type(), "gather_rows_src", [&] {
+    using S = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, out.scalar_type(), "gather_rows_out", [&] {
+      using O = scalar_t;
+      const S* sp = src.const_data_ptr<S>();
+      O* op = out.mutable_data_ptr<O>();
+      at::parallel_for(0, B, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, Ro * C)),
+                       [&](int64_t b0, int64_t b1) {
+                         for (int64_t b = b0; b < b1; ++b)
+                           for (int64_t j = 0; j < Ro; ++j) {
+                             const S* from = sp + (b * Rs + rp[j]) * C;
+                             O* to = op + (b * Ro + j) * C;
+                             for (int64_t c = 0; c < C; ++c) to[c] = static_cast<O>(from[c]);
+                           }
+                       });
+    });
+  });
+}
+
 }  // namespace
 }  // namespace scn_fast::message
 
@@ -508,6 +551,7 @@ TORCH_LIBRARY_FRAGMENT(scn_fast_ext, m) {
   m.def(
       "tap_combine_backward(Tensor dm, Tensor z, Tensor bias, Tensor src, Tensor coef) -> "
       "Tensor[]");
+  m.def("gather_rows_out(Tensor src, Tensor rows, Tensor(a!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(scn_fast_ext, CompositeExplicitAutograd, m) {
@@ -515,4 +559,5 @@ TORCH_LIBRARY_IMPL(scn_fast_ext, CompositeExplicitAutograd, m) {
   m.impl("tap_gate_backward", &scn_fast::message::tap_gate_backward);
   m.impl("tap_combine_forward", &scn_fast::message::tap_combine_forward);
   m.impl("tap_combine_backward", &scn_fast::message::tap_combine_backward);
+  m.impl("gather_rows_out", &scn_fast::message::gather_rows_out);
 }

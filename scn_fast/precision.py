@@ -150,16 +150,19 @@ def gemm_mm(
     native: bool,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """a @ b of two :func:`gemm_inputs` operands, float32 (float64 for float64 operands) result,
-    written into ``out`` (any strided view of that dtype) when given."""
-    if _exact(a, precision) or a.dtype == torch.float32:
+    """a @ b of two :func:`gemm_inputs` operands: a float32 result (float64 for float64 operands),
+    or written into ``out`` (any strided view; a bf16 ``out`` keeps native bf16 GEMMs' bf16 result
+    as it is)."""
+    if out is not None and out.dtype == a.dtype:
         with _cuda_tf32(precision == "tf32" and native):
-            if out is None:
-                return torch.mm(a, b)
             return torch.mm(a, b, out=out)
-    if out is not None and precision == "bf16" and native:
-        return out.copy_(torch.mm(a, b))  # bf16 result converted once, into out
-    result = _mm(a, b, precision, native)
+    if a.dtype in (torch.float32, torch.float64):
+        with _cuda_tf32(precision == "tf32" and native):
+            result = torch.mm(a, b)
+    else:
+        result = torch.mm(a, b)  # native bf16: a bf16 result
+        if out is None:
+            return result.float()
     return result if out is None else out.copy_(result)
 
 

@@ -135,19 +135,31 @@ def _split_input(y: torch.Tensor, rows: TapRows) -> tuple[torch.Tensor, torch.Te
     return y0, pair.view(2 * e, -1)
 
 
+def _gather_rows(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor, backend: str) -> None:
+    """out[:, j] = src[:, idx[j]] (3-D, rows along dim 1) in out's dtype: the extension's one-pass
+    gather-and-cast when it runs the op, else ATen's index_select (and a cast)."""
+    if backend == "extension":
+        from ..extension import load_extension
+
+        load_extension().gather_rows_out(src.contiguous(), idx, out)
+    elif src.dtype == out.dtype:
+        torch.index_select(src, 1, idx, out=out)
+    else:
+        out.copy_(src.index_select(1, idx))
+
+
 def _weight_operands(
-    weight: torch.Tensor, rows: TapRows, c: int, precision: str, native: bool
+    weight: torch.Tensor, rows: TapRows, c: int, precision: str, native: bool, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """W0 (H, 2 R0 C) and W1 (H, 2 R1 C) as GEMM operands: column blocks (views) of one gathered
     (H, 2R, C) workspace (scratch: valid until the next call), in bf16 for native bf16 GEMMs."""
     h = weight.shape[0]
     w3 = weight.reshape(h, -1, c)
-    if precision == "bf16" and native and weight.dtype == torch.float32:
-        w3 = workspace("tap_weight_bf16", w3.shape, torch.bfloat16, w3.device).copy_(w3)
-    wp = workspace("tap_weight", w3.shape, w3.dtype, w3.device)
-    torch.index_select(w3, 1, rows.w_rows, out=wp)
+    bf16 = precision == "bf16" and native and weight.dtype == torch.float32
+    wp = workspace("tap_weight", w3.shape, torch.bfloat16 if bf16 else w3.dtype, w3.device)
+    _gather_rows(w3, rows.w_rows, wp, backend)
     w0, w1 = wp[:, : rows.n0].reshape(h, -1), wp[:, rows.n0 :].reshape(h, -1)
-    if w3.dtype == torch.float32:
+    if not bf16:
         w0, w1 = gemm_inputs((w0, w1), precision, native)
     return w0, w1
 
@@ -185,7 +197,7 @@ def _row_blocked(y: torch.Tensor, precision: str, native: bool) -> bool:
     return not (precision == "bf16" and native and y.dtype != torch.float64)
 
 
-def _project(y, weight, bias, lmax, mmax, num_taps, precision, native) -> _Projection:
+def _project(y, weight, bias, lmax, mmax, num_taps, precision, native, backend) -> _Projection:
     e, _, r, c = y.shape
     h = weight.shape[0]
     rows = tap_rows(lmax, mmax, num_taps, y.device)
@@ -206,7 +218,7 @@ def _project(y, weight, bias, lmax, mmax, num_taps, precision, native) -> _Proje
             b = torch.mm(lhs, rhs) if b is None else b.addmm_(lhs, rhs)
         return _Projection(a, b.view(e, 2, -1))
     y0, pair = gemm_inputs(_split_input(y, rows), precision, native)
-    w0, w1 = _weight_operands(weight, rows, c, precision, native)
+    w0, w1 = _weight_operands(weight, rows, c, precision, native, backend)
     a = gemm_mm(y0, w0.t(), precision, native).add_(bias)
     b = gemm_mm(pair, w1.t(), precision, native).view(e, 2, -1)
     return _Projection(a, b)
@@ -221,7 +233,7 @@ def _assemble_dy(dy: torch.Tensor, dpair: torch.Tensor, rows: TapRows) -> torch.
     return dy.index_copy_(1, rows.pair_rows[: rows.n1], dpair[:, : rows.n1].add_(swapped))
 
 
-def _project_backward(dpre, y, weight, lmax, mmax, num_taps, precision, native):
+def _project_backward(dpre, y, weight, lmax, mmax, num_taps, precision, native, backend):
     """(dy, dweight, dbias) of pre = projection(y) for dpre (E, T, H)."""
     e, h = y.shape[0], weight.shape[0]
     sym = tap_symmetry(lmax, mmax, num_taps)
@@ -233,10 +245,10 @@ def _project_backward(dpre, y, weight, lmax, mmax, num_taps, precision, native):
         return dy, dw, d.sum(0)
     d4 = dpre.view(e, 2, 2, h)
     da, db = d4.sum((1, 2)), torch.sub(d4[:, 0], d4[:, 1])
-    return _project_backward_ab(da, db, y, weight, lmax, mmax, num_taps, precision, native)
+    return _project_backward_ab(da, db, y, weight, lmax, mmax, num_taps, precision, native, backend)
 
 
-def _project_backward_ab(da, db, y, weight, lmax, mmax, num_taps, precision, native):
+def _project_backward_ab(da, db, y, weight, lmax, mmax, num_taps, precision, native, backend):
     """(dy, dweight, dbias) of the 4-tap projection from the gradients of A (E, H) and B (E, 2, H)."""
     e, _, r, c = y.shape
     h = weight.shape[0]
@@ -265,16 +277,18 @@ def _project_backward_ab(da, db, y, weight, lmax, mmax, num_taps, precision, nat
         _assemble_dy(dy, dpair.view(e, 2 * rows.n1, c), rows)
         return dy.view_as(y), dw.view(h, -1), da.sum(0)
     y0, pair, da_s, db_s = gemm_inputs((*_split_input(y, rows), da, db), precision, native)
-    w0, w1 = _weight_operands(weight, rows, c, precision, native)
+    w0, w1 = _weight_operands(weight, rows, c, precision, native, backend)
     # dy: the m = 0 rows from A; the m = +-1 rows from B0 plus B1's part with tap 1 undone.
     dy.index_copy_(1, rows.y0_rows, gemm_mm(da_s, w0, precision, native).view(e, rows.n0, c))
     _assemble_dy(dy, gemm_mm(db_s, w1, precision, native).view(e, 2 * rows.n1, c), rows)
-    # dweight: both GEMMs write into the [W0 | W1] buffer, gathered back to upstream's order.
-    dwp = workspace("tap_dweight", (h, 2 * r, c), weight.dtype, weight.device)
+    # dweight: both GEMMs write into the [W0 | W1] buffer (bf16 for native bf16 GEMMs, whose
+    # results are bf16), gathered back to upstream's order and float32 in one pass.
+    dwp = workspace("tap_dweight", (h, 2 * r, c), da_s.dtype, weight.device)
     gemm_mm(da_s.t(), y0, precision, native, out=dwp[:, : rows.n0].reshape(h, -1))
     gemm_mm(db_s.t(), pair, precision, native, out=dwp[:, rows.n0 :].reshape(h, -1))
-    dw = dwp.index_select(1, rows.w_inv).view(h, -1)
-    return dy.view_as(y), dw, da.sum(0)
+    dw = weight.new_empty((h, 2 * r, c))
+    _gather_rows(dwp, rows.w_inv, dw, backend)
+    return dy.view_as(y), dw.view(h, -1), da.sum(0)
 
 
 # ----------------------------------------------------------------------------- ungated op
@@ -288,8 +302,9 @@ def _tap_projection(
     num_taps: int,
     precision: str,
     native: bool,
+    backend: str,
 ) -> torch.Tensor:
-    p = _project(y.contiguous(), weight, bias, lmax, mmax, num_taps, precision, native)
+    p = _project(y.contiguous(), weight, bias, lmax, mmax, num_taps, precision, native, backend)
     out = p.a.unsqueeze(1) if p.b is None else _combine(p.a, p.b)
     return out.to(y.dtype)
 
@@ -300,14 +315,14 @@ def _fake_out(y, weight, lmax, mmax, num_taps):
 
 
 @_tap_projection.register_fake
-def _(y, weight, bias, lmax, mmax, num_taps, precision, native):
+def _(y, weight, bias, lmax, mmax, num_taps, precision, native, backend):
     return _fake_out(y, weight, lmax, mmax, num_taps)
 
 
 def _setup_context(ctx, inputs, output):
-    y, weight, _bias, lmax, mmax, num_taps, precision, native = inputs
+    y, weight, _bias, lmax, mmax, num_taps, precision, native, backend = inputs
     ctx.save_for_backward(y, weight)
-    ctx.meta = (lmax, mmax, num_taps, precision, native)
+    ctx.meta = (lmax, mmax, num_taps, precision, native, backend)
 
 
 @torch.library.custom_op("scn_fast::tap_projection_backward", mutates_args=())
@@ -320,22 +335,23 @@ def _tap_projection_backward(
     num_taps: int,
     precision: str,
     native: bool,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dy, dw, db = _project_backward(
-        dpre.to(y.dtype), y.contiguous(), weight, lmax, mmax, num_taps, precision, native
+        dpre.to(y.dtype), y.contiguous(), weight, lmax, mmax, num_taps, precision, native, backend
     )
     return dy.to(y.dtype), dw.contiguous(), db
 
 
 @_tap_projection_backward.register_fake
-def _(dpre, y, weight, lmax, mmax, num_taps, precision, native):
+def _(dpre, y, weight, lmax, mmax, num_taps, precision, native, backend):
     return torch.empty_like(y), torch.empty_like(weight), weight.new_empty(weight.shape[0])
 
 
 def _backward(ctx, dpre):
     y, weight = ctx.saved_tensors
     dy, dw, db = _tap_projection_backward(dpre, y, weight, *ctx.meta)
-    return dy, dw, db, None, None, None, None, None
+    return dy, dw, db, None, None, None, None, None, None
 
 
 _tap_projection.register_autograd(_backward, setup_context=_setup_context)
@@ -350,9 +366,12 @@ def tap_projection(
     num_taps: int,
     precision: str = "fp32",
     native: bool = True,
+    backend: str = "reference",
 ) -> torch.Tensor:
-    """Pre-activations (E, T, H) of fc1_edge_proj for every tap of the rotated features y (E, 2, R, C)."""
-    return _tap_projection(y, weight, bias, lmax, mmax, num_taps, precision, native)
+    """Pre-activations (E, T, H) of fc1_edge_proj for every tap of the rotated features y (E, 2, R, C).
+    ``backend``: "extension" gathers the weight with the extension's one-pass kernel (where the
+    gathered form runs); anything else uses ATen ops."""
+    return _tap_projection(y, weight, bias, lmax, mmax, num_taps, precision, native, backend)
 
 
 # ----------------------------------------------------------------------------- gated op
@@ -391,7 +410,7 @@ def _gate_impl(backend: str, dtype: torch.dtype):
 
 
 def _gated_forward(y, weight, bias, gate, lmax, mmax, num_taps, precision, native, backend):
-    p = _project(y.contiguous(), weight, bias, lmax, mmax, num_taps, precision, native)
+    p = _project(y.contiguous(), weight, bias, lmax, mmax, num_taps, precision, native, backend)
     a = p.a.to(y.dtype)
     b = a.new_empty((a.shape[0], 0, a.shape[1])) if p.b is None else p.b.to(y.dtype)
     forward, _ = _gate_impl(backend, a.dtype)
@@ -472,7 +491,7 @@ def _gated_tap_projection_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _, backward = _gate_impl(backend, a.dtype)
     dpre_a, dpre_b, dgate = backward(dout.to(a.dtype).contiguous(), a, b, gate.contiguous())
-    meta = (lmax, mmax, num_taps, precision, native)
+    meta = (lmax, mmax, num_taps, precision, native, backend)
     if b.shape[1] == 0:
         dy, dw, dbias = _project_backward(dpre_a.unsqueeze(1), y.contiguous(), weight, *meta)
     else:
