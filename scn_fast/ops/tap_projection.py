@@ -126,13 +126,32 @@ def _signs_of_tap1(t: torch.Tensor, rows: TapRows) -> torch.Tensor:
     return t
 
 
-def _split_input(y: torch.Tensor, rows: TapRows) -> tuple[torch.Tensor, torch.Tensor]:
-    """y (E, 2, R, C) -> y0 (E, 2 R0 C) and [y1; y1'] (2E, 2 R1 C) (rows interleaved by edge)."""
+def _pair_rows(y3: torch.Tensor, rows: TapRows, dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """[y1 | y1'] (E, 2 n1, C) of y3 (E, 2R, C) in dtype, in a workspace (scratch for this call)."""
+    e, _, c = y3.shape
+    pair = workspace("tap_pair", (e, 2 * rows.n1, c), dtype, y3.device)
+    _gather_rows(y3, rows.pair_rows, pair, backend)
+    return _signs_of_tap1(pair, rows)
+
+
+def _split_input(
+    y: torch.Tensor, rows: TapRows, dtype: torch.dtype, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """y (E, 2, R, C) -> y0 (E, 2 R0 C) and [y1; y1'] (2E, 2 R1 C) (rows interleaved by edge), in
+    dtype, in workspaces (scratch for this call)."""
     e, _, r, c = y.shape
     y3 = y.reshape(e, 2 * r, c)
-    y0 = y3.index_select(1, rows.y0_rows).view(e, -1)
-    pair = _signs_of_tap1(y3.index_select(1, rows.pair_rows), rows)
-    return y0, pair.view(2 * e, -1)
+    y0 = workspace("tap_y0", (e, rows.n0, c), dtype, y.device)
+    _gather_rows(y3, rows.y0_rows, y0, backend)
+    return y0.view(e, -1), _pair_rows(y3, rows, dtype, backend).view(2 * e, -1)
+
+
+def _gathered_dtype(y: torch.Tensor, precision: str, native: bool) -> torch.Tensor:
+    """The dtype the gathered form gathers y's rows into: bf16 for native bf16 GEMMs (gather and
+    cast in one pass), else y's own."""
+    return (
+        torch.bfloat16 if precision == "bf16" and native and y.dtype == torch.float32 else y.dtype
+    )
 
 
 def _gather_rows(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor, backend: str) -> None:
@@ -208,7 +227,7 @@ def _project(y, weight, bias, lmax, mmax, num_taps, precision, native, backend) 
         y3, w3 = gemm_inputs(
             (y.reshape(e, 2 * r, c), weight.reshape(-1, 2 * r, c)), precision, native
         )
-        pair = _signs_of_tap1(y3.index_select(1, rows.pair_rows), rows).view(2 * e, rows.n1, c)
+        pair = _pair_rows(y3, rows, y3.dtype, backend).view(2 * e, rows.n1, c)
         a = b = None
         for _, k, n in rows.runs0:
             lhs, rhs = y3[:, k : k + n].reshape(e, -1), w3[:, k : k + n].reshape(h, -1).t()
@@ -217,7 +236,9 @@ def _project(y, weight, bias, lmax, mmax, num_taps, precision, native, backend) 
             lhs, rhs = pair[:, j : j + n].reshape(2 * e, -1), w3[:, k : k + n].reshape(h, -1).t()
             b = torch.mm(lhs, rhs) if b is None else b.addmm_(lhs, rhs)
         return _Projection(a, b.view(e, 2, -1))
-    y0, pair = gemm_inputs(_split_input(y, rows), precision, native)
+    y0, pair = gemm_inputs(
+        _split_input(y, rows, _gathered_dtype(y, precision, native), backend), precision, native
+    )
     w0, w1 = _weight_operands(weight, rows, c, precision, native, backend)
     a = gemm_mm(y0, w0.t(), precision, native).add_(bias)
     b = gemm_mm(pair, w1.t(), precision, native).view(e, 2, -1)
@@ -259,8 +280,8 @@ def _project_backward_ab(da, db, y, weight, lmax, mmax, num_taps, precision, nat
         y3, w3, da_s, db_s = gemm_inputs(
             (y.reshape(e, 2 * r, c), weight.reshape(h, 2 * r, c), da, db), precision, native
         )
-        pair = _signs_of_tap1(y3.index_select(1, rows.pair_rows), rows).view(2 * e, rows.n1, c)
-        dpair = y.new_empty((2 * e, rows.n1, c))
+        pair = _pair_rows(y3, rows, y3.dtype, backend).view(2 * e, rows.n1, c)
+        dpair = workspace("tap_dpair", (2 * e, rows.n1, c), y.dtype, y.device)
         dw = weight.new_empty((h, 2 * r, c))
 
         def mm(a, b, out):
@@ -276,7 +297,8 @@ def _project_backward_ab(da, db, y, weight, lmax, mmax, num_taps, precision, nat
             mm(db_s.t(), pair[:, j : j + n].reshape(2 * e, -1), dwk)
         _assemble_dy(dy, dpair.view(e, 2 * rows.n1, c), rows)
         return dy.view_as(y), dw.view(h, -1), da.sum(0)
-    y0, pair, da_s, db_s = gemm_inputs((*_split_input(y, rows), da, db), precision, native)
+    split = _split_input(y, rows, _gathered_dtype(y, precision, native), backend)
+    y0, pair, da_s, db_s = gemm_inputs((*split, da, db), precision, native)
     w0, w1 = _weight_operands(weight, rows, c, precision, native, backend)
     # dy: the m = 0 rows from A; the m = +-1 rows from B0 plus B1's part with tap 1 undone.
     dy.index_copy_(1, rows.y0_rows, gemm_mm(da_s, w0, precision, native).view(e, rows.n0, c))
