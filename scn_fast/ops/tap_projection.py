@@ -80,6 +80,15 @@ class TapRows:
     def n1(self) -> int:
         return self.pair_rows.numel() // 2
 
+    @property
+    def flat0(self) -> list[int]:
+        """runs0 as a flat [j, k, n, ...] list (the extension's argument)."""
+        return [v for run in self.runs0 for v in run]
+
+    @property
+    def flat1(self) -> list[int]:
+        return [v for run in self.runs1 for v in run]
+
 
 @cache
 def _tap_rows_cpu(lmax: int, mmax: int, num_taps: int) -> TapRows:
@@ -154,13 +163,17 @@ def _gathered_dtype(y: torch.Tensor, precision: str, native: bool) -> torch.Tens
     )
 
 
+def _ext():
+    from ..extension import load_extension
+
+    return load_extension()
+
+
 def _gather_rows(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor, backend: str) -> None:
     """out[:, j] = src[:, idx[j]] (3-D, rows along dim 1) in out's dtype: the extension's one-pass
     gather-and-cast when it runs the op, else ATen's index_select (and a cast)."""
     if backend == "extension":
-        from ..extension import load_extension
-
-        load_extension().gather_rows_out(src.contiguous(), idx, out)
+        _ext().gather_rows_out(src.contiguous(), idx, out)
     elif src.dtype == out.dtype:
         torch.index_select(src, 1, idx, out=out)
     else:
@@ -228,6 +241,9 @@ def _project(y, weight, bias, lmax, mmax, num_taps, precision, native, backend) 
             (y.reshape(e, 2 * r, c), weight.reshape(-1, 2 * r, c)), precision, native
         )
         pair = _pair_rows(y3, rows, y3.dtype, backend).view(2 * e, rows.n1, c)
+        if backend == "extension":
+            a, b = _ext().tap_blocked_forward(y3, pair, w3, bias, rows.flat0, rows.flat1)
+            return _Projection(a, b.view(e, 2, -1))
         a = b = None
         for _, k, n in rows.runs0:
             lhs, rhs = y3[:, k : k + n].reshape(e, -1), w3[:, k : k + n].reshape(h, -1).t()
@@ -282,6 +298,12 @@ def _project_backward_ab(da, db, y, weight, lmax, mmax, num_taps, precision, nat
         )
         pair = _pair_rows(y3, rows, y3.dtype, backend).view(2 * e, rows.n1, c)
         dpair = workspace("tap_dpair", (2 * e, rows.n1, c), y.dtype, y.device)
+        if backend == "extension":
+            dw = _ext().tap_blocked_backward(
+                da_s, db_s, y3, pair, w3, rows.flat0, rows.flat1, dy, dpair
+            )
+            _assemble_dy(dy, dpair.view(e, 2 * rows.n1, c), rows)
+            return dy.view_as(y), dw, da.sum(0)
         dw = weight.new_empty((h, 2 * r, c))
 
         def mm(a, b, out):
