@@ -13,7 +13,7 @@
 // (grid point major, atom minor) so that each projection is ONE 2-D GEMM over the whole tile.
 //
 // grid_mlp_forward(x_down, x_new, to_grid (G, b*S), from_grid (S, G), w1 (H1, 2bC), b1, w2 (H2, H1),
-//                  b2, w3 (C3, H2), b3, tile_atoms) -> out (N, S, C3)
+//                  b2, w3 (C3, H2), b3, tile_atoms, bf16_gemms=False) -> out (N, S, C3)
 //   Upstream:  u_g = [T_k x_down | T_k x_new]_{k}  (fc1 input columns ordered side, band, channel)
 //              out = F (fc3(silu(fc2(silu(fc1(u))))))
 //   Here fc1 is applied in coefficient space (exact algebra, S < G makes it cheaper):
@@ -24,6 +24,8 @@
 //     U = from_grid @ H2 viewed (G, n*H2)                              (S, n*H2) = (S*n, H2)
 //     out[z, i, :] = U[(i,z)] w3^T + fsum[i] b3,  fsum = from_grid @ 1   (fc3 commuted with F)
 //   Nothing of size (N*G, .) is allocated: the buffers hold one tile and are reused.
+//   bf16_gemms (float32 inputs): the GEMMs with w1, w2, w3 (and their gradients' GEMMs) take bf16
+//   operands (precision="bf16" on hardware with bf16 units); projections, biases, SiLU stay float32.
 //
 // grid_mlp_backward(grad_out, same inputs) -> [dx_down, dx_new, dw1, db1, dw2, db2, dw3, db3]
 //   recomputes each tile's forward (nothing saved across tiles) and runs the chain rule backwards
@@ -122,6 +124,29 @@ struct Scratch {
   }
 };
 
+// The MLP's weight GEMMs (fc1 in coefficient space, fc2, fc3 and their gradients) in float32/64,
+// or with bf16 operands (bf16_gemms: native bf16 GEMMs, oneDNN on CPU, whose results are bf16 and
+// are widened into the float32 buffers). The projections (to_grid, from_grid) stay float32 either
+// way, as in the rest of the model's precision modes.
+struct Gemm {
+  bool bf16;
+  Tensor op(const Tensor& t) const { return bf16 ? t.to(at::kBFloat16) : t; }
+  // out = a @ b (out any strided view)
+  void mm(Tensor out, const Tensor& a, const Tensor& b) const {
+    if (bf16)
+      out.copy_(at::mm(a, b));
+    else
+      at::mm_out(out, a, b);
+  }
+  // acc += a @ b
+  void addmm(Tensor acc, const Tensor& a, const Tensor& b) const {
+    if (bf16)
+      acc.add_(at::mm(a, b));
+    else
+      acc.addmm_(a, b);
+  }
+};
+
 void check_float(const Tensor& t, const char* name, const Tensor& like) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
               "scn_fast_ext: ", name, " must be float32 or float64, got ", t.scalar_type());
@@ -176,6 +201,12 @@ GridSizes check_grid(const Tensor& x_down, const Tensor& x_new, const Tensor& to
   return z;
 }
 
+bool check_bf16_gemms(bool bf16_gemms, const Tensor& x) {
+  TORCH_CHECK(!bf16_gemms || x.scalar_type() == at::kFloat,
+              "scn_fast_ext: bf16 GEMMs need float32 inputs, got ", x.scalar_type());
+  return bf16_gemms;
+}
+
 // w1 (H1, 2bC), columns (side, band, channel) -> W1r (b, H1, 2C), columns (side, channel).
 Tensor band_weights(const Tensor& w1, const GridSizes& z) {
   return w1.view({z.H1, 2, z.b, z.C}).permute({2, 0, 1, 3}).contiguous().view({z.b, z.H1, 2 * z.C});
@@ -193,11 +224,9 @@ void load_tile(const Tensor& X, const Tensor& x_down, const Tensor& x_new, int64
 // X (S*n, 2C), Q scratch (b, S*n, H1), out h1 (G, n*H1).
 void tile_first_layer(const Tensor& X, const Tensor& Q, Tensor h1, Tensor pre,
                       const Tensor& to_grid, const Tensor& W1r, const Tensor& b1, int64_t n,
-                      const GridSizes& z) {
-  for (int64_t k = 0; k < z.b; ++k) {
-    auto qk = Q.select(0, k);
-    at::mm_out(qk, X, W1r.select(0, k).t());
-  }
+                      const GridSizes& z, const Gemm& gemm) {
+  const Tensor xg = gemm.op(X);
+  for (int64_t k = 0; k < z.b; ++k) gemm.mm(Q.select(0, k), xg, W1r.select(0, k).t());
   auto q2 = Q.view({z.b * z.S, n * z.H1});
   Tensor acc = pre.defined() ? pre : h1;  // (G, n*H1) = (G*n, H1): bias per column h
   at::mm_out(acc, to_grid, q2);
@@ -207,15 +236,16 @@ void tile_first_layer(const Tensor& X, const Tensor& Q, Tensor h1, Tensor pre,
 Tensor grid_mlp_forward(const Tensor& x_down, const Tensor& x_new, const Tensor& to_grid,
                         const Tensor& from_grid, const Tensor& w1, const Tensor& b1,
                         const Tensor& w2, const Tensor& b2, const Tensor& w3, const Tensor& b3,
-                        int64_t tile_atoms) {
+                        int64_t tile_atoms, bool bf16_gemms) {
   const auto z = check_grid(x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3, tile_atoms);
   auto out = at::empty({z.N, z.S, z.C3}, x_down.options());
   if (z.N == 0) return out;
+  const Gemm gemm{check_bf16_gemms(bf16_gemms, x_down)};
   const int64_t nt = std::min(tile_atoms, z.N);
   const auto opt = x_down.options();
-  const Tensor W1r = band_weights(w1, z);
-  const Tensor w2t = w2.t();
-  const Tensor w3t = w3.t();
+  const Tensor W1r = gemm.op(band_weights(w1, z));
+  const Tensor w2t = gemm.op(w2).t();
+  const Tensor w3t = gemm.op(w3).t();
   const Tensor fc3_bias = at::outer(from_grid.sum(1), b3).unsqueeze(1);  // (S, 1, C3)
   Scratch X(z.S * nt * 2 * z.C, opt), Q(z.b * z.S * nt * z.H1, opt), H1(z.G * nt * z.H1, opt),
       H2(z.G * nt * z.H2, opt), U(z.S * nt * z.H2, opt), O(z.S * nt * z.C3, opt);
@@ -224,14 +254,14 @@ Tensor grid_mlp_forward(const Tensor& x_down, const Tensor& x_new, const Tensor&
     auto x = X.view({z.S * n, 2 * z.C});
     load_tile(x, x_down, x_new, z0, n, z);
     auto h1 = H1.view({z.G, n * z.H1});
-    tile_first_layer(x, Q.view({z.b, z.S * n, z.H1}), h1, Tensor(), to_grid, W1r, b1, n, z);
+    tile_first_layer(x, Q.view({z.b, z.S * n, z.H1}), h1, Tensor(), to_grid, W1r, b1, n, z, gemm);
     auto h2 = H2.view({z.G * n, z.H2});
-    at::mm_out(h2, h1.view({z.G * n, z.H1}), w2t);
+    gemm.mm(h2, gemm.op(h1.view({z.G * n, z.H1})), w2t);
     bias_silu(h2, b2, Tensor(), h2);
     auto u = U.view({z.S, n * z.H2});
     at::mm_out(u, from_grid, h2.view({z.G, n * z.H2}));
     auto o = O.view({z.S * n, z.C3});
-    at::mm_out(o, u.view({z.S * n, z.H2}), w3t);
+    gemm.mm(o, gemm.op(u.view({z.S * n, z.H2})), w3t);
     auto dst = out.narrow(0, z0, n).transpose(0, 1);  // (S, n, C3) view of the output
     at::add_out(dst, o.view({z.S, n, z.C3}), fc3_bias);
   }
@@ -242,8 +272,9 @@ std::vector<Tensor> grid_mlp_backward(const Tensor& grad_out, const Tensor& x_do
                                       const Tensor& x_new, const Tensor& to_grid,
                                       const Tensor& from_grid, const Tensor& w1, const Tensor& b1,
                                       const Tensor& w2, const Tensor& b2, const Tensor& w3,
-                                      const Tensor& b3, int64_t tile_atoms) {
+                                      const Tensor& b3, int64_t tile_atoms, bool bf16_gemms) {
   const auto z = check_grid(x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3, tile_atoms);
+  const Gemm gemm{check_bf16_gemms(bf16_gemms, x_down)};
   check_float(grad_out, "grad_out", x_down);
   check_shape(grad_out, "grad_out (N, S, C3)", {z.N, z.S, z.C3});
   const auto opt = x_down.options();
@@ -262,8 +293,9 @@ std::vector<Tensor> grid_mlp_backward(const Tensor& grad_out, const Tensor& x_do
   if (z.N == 0) return finish();
   const auto g = grad_out.contiguous();
   const int64_t nt = std::min(tile_atoms, z.N);
-  const Tensor W1r = band_weights(w1, z);
-  const Tensor w2t = w2.t();
+  const Tensor W1r = gemm.op(band_weights(w1, z));
+  const Tensor w2g = gemm.op(w2), w3g = gemm.op(w3);
+  const Tensor w2t = w2g.t();
   const Tensor fsum = from_grid.sum(1);
   Scratch X(z.S * nt * 2 * z.C, opt), Q(z.b * z.S * nt * z.H1, opt), A1(z.G * nt * z.H1, opt),
       H1(z.G * nt * z.H1, opt), A2(z.G * nt * z.H2, opt), H2(z.G * nt * z.H2, opt),
@@ -278,9 +310,10 @@ std::vector<Tensor> grid_mlp_backward(const Tensor& grad_out, const Tensor& x_do
     auto q = Q.view({z.b, z.S * n, z.H1});
     auto a1 = A1.view({z.G, n * z.H1});
     auto h1 = H1.view({z.G, n * z.H1});
-    tile_first_layer(x, q, h1, a1, to_grid, W1r, b1, n, z);
+    tile_first_layer(x, q, h1, a1, to_grid, W1r, b1, n, z, gemm);
+    const Tensor h1g = gemm.op(h1.view({rows, z.H1}));  // fc2's operand, also dw2's
     auto a2 = A2.view({rows, z.H2});
-    at::mm_out(a2, h1.view({rows, z.H1}), w2t);
+    gemm.mm(a2, h1g, w2t);
     auto h2 = H2.view({rows, z.H2});
     bias_silu(a2, b2, a2, h2);
     auto u = U.view({z.S, n * z.H2});
@@ -289,31 +322,34 @@ std::vector<Tensor> grid_mlp_backward(const Tensor& grad_out, const Tensor& x_do
     auto d_o = dO.view({z.S * n, z.C3});
     d_o.view({z.S, n, z.C3}).copy_(g.narrow(0, z0, n).transpose(0, 1));
     db3.addmv_(d_o.view({z.S, n, z.C3}).sum(1).t(), fsum);
-    dw3.addmm_(d_o.t(), u.view({z.S * n, z.H2}));
+    const Tensor d_og = gemm.op(d_o);
+    gemm.addmm(dw3, d_og.t(), gemm.op(u.view({z.S * n, z.H2})));
     auto du = dU.view({z.S * n, z.H2});
-    at::mm_out(du, d_o, w3);
+    gemm.mm(du, d_og, w3g);
     // ---- H2 = silu(A2), A2 = H1 w2^T + b2  (dA2 overwrites H2's buffer after dw2 needs only H1)
     auto dh2 = h2;  // reuse H2's buffer: H2 is no longer needed
     auto dh2_g = dh2.view({z.G, n * z.H2});
     at::mm_out(dh2_g, from_grid.t(), du.view({z.S, n * z.H2}));
     dsilu_colsum(dh2, a2, db2);  // dA2, in place; db2 += its column sums
-    dw2.addmm_(dh2.t(), h1.view({rows, z.H1}));
+    const Tensor dh2g = gemm.op(dh2);
+    gemm.addmm(dw2, dh2g.t(), h1g);
     // ---- H1 = silu(A1), A1 = to_grid Q + b1  (dH1 into H1's buffer, free now)
     auto dh1 = h1;
     auto dh1_r = dh1.view({rows, z.H1});
-    at::mm_out(dh1_r, dh2, w2);
+    gemm.mm(dh1_r, dh2g, w2g);
     dsilu_colsum(dh1, a1, db1);  // dA1, in place; db1 += its column sums
     auto dq = q;  // reuse Q's buffer: dQ (b*S, n*H1)
     auto dq2 = dq.view({z.b * z.S, n * z.H1});
     at::mm_out(dq2, to_grid.t(), dh1);
     auto dx = dX.view({z.S * n, 2 * z.C});
+    const Tensor xg = gemm.op(x);
     for (int64_t k = 0; k < z.b; ++k) {
-      auto dqk = dq.select(0, k);
-      dW1r.select(0, k).addmm_(dqk.t(), x);
+      const Tensor dqk = gemm.op(dq.select(0, k));
+      gemm.addmm(dW1r.select(0, k), dqk.t(), xg);
       if (k == 0)
-        at::mm_out(dx, dqk, W1r.select(0, k));
+        gemm.mm(dx, dqk, W1r.select(0, k));
       else
-        dx.addmm_(dqk, W1r.select(0, k));
+        gemm.addmm(dx, dqk, W1r.select(0, k));
     }
     auto dxv = dx.view({z.S, n, 2, z.C});
     dx_down.narrow(0, z0, n).transpose(0, 1).copy_(dxv.select(2, 0));
@@ -521,11 +557,12 @@ std::vector<Tensor> sphere_heads_backward(at::TensorList grads, const Tensor& x,
 TORCH_LIBRARY_FRAGMENT(scn_fast_ext, m) {
   m.def(
       "grid_mlp_forward(Tensor x_down, Tensor x_new, Tensor to_grid, Tensor from_grid, Tensor w1, "
-      "Tensor b1, Tensor w2, Tensor b2, Tensor w3, Tensor b3, int tile_atoms) -> Tensor");
+      "Tensor b1, Tensor w2, Tensor b2, Tensor w3, Tensor b3, int tile_atoms, "
+      "bool bf16_gemms=False) -> Tensor");
   m.def(
       "grid_mlp_backward(Tensor grad_out, Tensor x_down, Tensor x_new, Tensor to_grid, "
       "Tensor from_grid, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor w3, Tensor b3, "
-      "int tile_atoms) -> Tensor[]");
+      "int tile_atoms, bool bf16_gemms=False) -> Tensor[]");
   m.def(
       "sphere_heads_forward(Tensor x, Tensor sh, Tensor[] weights, Tensor[] point_weights, "
       "int tile_atoms) -> Tensor[]");

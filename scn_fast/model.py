@@ -408,14 +408,24 @@ class EdgeBlock(nn.Module):
                 g = self.act(self.fc2_sphere(g))
                 x_new = self.grid.from_grid(self.fc3_sphere(g), cr)
             else:
-                p = self.fc1_sphere.precision
+                fc1 = self.fc1_sphere
+                # bf16 units and the extension: native bf16 GEMMs inside the op; otherwise the
+                # operands are rounded here (emulated) and the op's GEMMs run in float32.
+                native_bf16 = (
+                    fc1.precision == "bf16"
+                    and fc1.precision_native
+                    and grid_backend == "extension"
+                    and x.dtype == torch.float32
+                )
+                p = "fp32" if native_bf16 else fc1.precision
                 x_new = grid_projection(
                     gemm_operand(x_down, p),
                     gemm_operand(x_new, p),
-                    *linear_operands(p, self.fc1_sphere, self.fc2_sphere, self.fc3_sphere),
+                    *linear_operands(p, fc1, self.fc2_sphere, self.fc3_sphere),
                     lmax=self.grid.lmax,
                     num_bands=self.grid.num_bands,
                     backend=grid_backend,
+                    bf16_gemms=native_bf16,
                 )
         if c != cr:
             x_new = self.upsample(x_new.view(-1, cr))

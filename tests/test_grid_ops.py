@@ -289,6 +289,44 @@ def test_grid_reference_backend_is_upstream():
     assert torch.equal(out, ref)
 
 
+def test_grid_bf16_gemms():
+    """bf16_gemms (native bf16 GEMMs with w1, w2, w3; runs on any CPU, fast only with bf16 units):
+    outputs and every gradient move by about bf16's rounding from float32, not more, and not 0."""
+    xd, xn, layers = make_grid_problem(6, 2, 16, 5, torch.float32, "cpu", seed=3)
+    g = torch.randn(5, 49, 16, generator=torch.Generator().manual_seed(4))
+    results = {}
+    for bf16 in (False, True):
+        for t in (xd, xn, *grid_params(layers)):
+            t.grad = None
+        out = gp.grid_projection(
+            xd, xn, *grid_params(layers), lmax=6, num_bands=2, backend="extension", bf16_gemms=bf16
+        )
+        out.backward(g)
+        results[bf16] = [out.detach(), *(t.grad.clone() for t in (xd, xn, *grid_params(layers)))]
+    names = ["out", "x_down", "x_new", "w1", "b1", "w2", "b2", "w3", "b3"]
+    for name, exact, low in zip(names, results[False], results[True], strict=True):
+        if name == "b3":  # fc3's bias gradient is a sum of grad_out (no GEMM): exact
+            assert torch.equal(low, exact)
+            continue
+        err = (low - exact).abs().max() / exact.abs().max()
+        assert 1e-5 < err < 3e-2, (name, err.item())
+        cos = torch.nn.functional.cosine_similarity(low.flatten(), exact.flatten(), dim=0)
+        assert cos > 0.9995, (name, cos.item())
+
+
+def test_grid_bf16_gemms_needs_the_extension_and_float32():
+    xd, xn, layers = make_grid_problem(2, 1, 3, 2, torch.float64, "cpu")
+    with pytest.raises(ValueError, match="bf16_gemms"):
+        gp.grid_projection(
+            xd, xn, *grid_params(layers), lmax=2, num_bands=1, backend="extension", bf16_gemms=True
+        )
+    xd, xn, layers = make_grid_problem(2, 1, 3, 2, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="bf16_gemms"):
+        gp.grid_projection(
+            xd, xn, *grid_params(layers), lmax=2, num_bands=1, backend="triton", bf16_gemms=True
+        )
+
+
 def test_grid_fake_and_schema():
     """torch.library.opcheck: schema, fake (meta) implementation and autograd registration."""
     xd, xn, layers = make_grid_problem(1, 1, 3, 3, torch.float64, "cpu")

@@ -188,13 +188,17 @@ def _grid_projection(
     b3: torch.Tensor,
     tile_atoms: int,
     backend: str,
+    bf16_gemms: bool = False,
 ) -> torch.Tensor:
     args = [t.contiguous() for t in (x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3)]
-    return get_backend(backend).grid_mlp_forward(*args, tile_atoms)
+    extra = (True,) if bf16_gemms else ()  # only the extension has bf16 GEMMs (checked by the API)
+    return get_backend(backend).grid_mlp_forward(*args, tile_atoms, *extra)
 
 
 @_grid_projection.register_fake
-def _(x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3, tile_atoms, backend):
+def _(
+    x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3, tile_atoms, backend, bf16_gemms=False
+):
     return x_down.new_empty((x_down.shape[0], x_down.shape[1], w3.shape[0]))
 
 
@@ -213,32 +217,48 @@ def _grid_projection_backward(
     b3: torch.Tensor,
     tile_atoms: int,
     backend: str,
+    bf16_gemms: bool = False,
 ) -> list[torch.Tensor]:
     args = [
         t.contiguous()
         for t in (grad_out, x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3)
     ]
-    return list(get_backend(backend).grid_mlp_backward(*args, tile_atoms))
+    extra = (True,) if bf16_gemms else ()
+    return list(get_backend(backend).grid_mlp_backward(*args, tile_atoms, *extra))
 
 
 @_grid_projection_backward.register_fake
-def _(grad_out, x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3, tile_atoms, backend):
+def _(
+    grad_out,
+    x_down,
+    x_new,
+    to_grid,
+    from_grid,
+    w1,
+    b1,
+    w2,
+    b2,
+    w3,
+    b3,
+    tile_atoms,
+    backend,
+    bf16=False,
+):
     return [torch.empty_like(t) for t in (x_down, x_new, w1, b1, w2, b2, w3, b3)]
 
 
 def _setup_context(ctx, inputs, output):
-    *tensors, tile_atoms, backend = inputs
+    *tensors, tile_atoms, backend, bf16_gemms = inputs
     ctx.save_for_backward(*tensors)
-    ctx.meta = (tile_atoms, backend)
+    ctx.meta = (tile_atoms, backend, bf16_gemms)
 
 
 def _backward(ctx, grad_out):
     x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3 = ctx.saved_tensors
-    tile_atoms, backend = ctx.meta
     dx_down, dx_new, dw1, db1, dw2, db2, dw3, db3 = _grid_projection_backward(
-        grad_out, x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3, tile_atoms, backend
+        grad_out, x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3, *ctx.meta
     )
-    return dx_down, dx_new, None, None, dw1, db1, dw2, db2, dw3, db3, None, None
+    return dx_down, dx_new, None, None, dw1, db1, dw2, db2, dw3, db3, None, None, None
 
 
 _grid_projection.register_autograd(_backward, setup_context=_setup_context)
@@ -297,21 +317,41 @@ def grid_projection(
     num_bands: int,
     backend: str,
     tile_atoms: int | None = None,
+    bf16_gemms: bool = False,
 ) -> torch.Tensor:
     """FromGrid(fc3(silu(fc2(silu(fc1([ToGrid(x_down) | ToGrid(x_new)])))))) -> (N, S, C3).
 
     x_down, x_new (N, S, C) with S = (lmax+1)^2; w1 (2bC, 2bC), b1 (2bC,), w2 (H2, 2bC), b2 (H2,),
     w3 (C3, H2), b3 (C3,) (the weights of EdgeBlock's fc1_sphere, fc2_sphere, fc3_sphere);
     backend "extension" | "triton" | "reference" (upstream's einsums); tile_atoms: atoms per tile
-    (default :func:`default_tile_atoms`). Differentiable w.r.t. x_down, x_new and all weights.
+    (default :func:`default_tile_atoms`); bf16_gemms (extension, float32 inputs): the GEMMs with
+    w1, w2, w3 take bf16 operands (native bf16 GEMMs; precision="bf16"), projections stay float32.
+    Differentiable w.r.t. x_down, x_new and all weights.
     """
+    if bf16_gemms and (backend != "extension" or x_down.dtype != torch.float32):
+        raise ValueError(
+            f"bf16_gemms needs the extension backend and float32 inputs, got backend={backend!r}, "
+            f"{x_down.dtype}"
+        )
     if backend == "reference":
         return grid_projection_reference(x_down, x_new, w1, b1, w2, b2, w3, b3, lmax, num_bands)
     to_grid, from_grid = grid_constants(lmax, num_bands, x_down.dtype, x_down.device)
     if tile_atoms is None:
         tile_atoms = default_tile_atoms(to_grid.shape[0], x_down.device)
     return _grid_projection(
-        x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3, int(tile_atoms), backend
+        x_down,
+        x_new,
+        to_grid,
+        from_grid,
+        w1,
+        b1,
+        w2,
+        b2,
+        w3,
+        b3,
+        int(tile_atoms),
+        backend,
+        bool(bf16_gemms),
     )
 
 
