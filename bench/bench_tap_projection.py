@@ -1,19 +1,21 @@
-"""``tap_projection``: fc1_edge_proj over the 4 taps of every edge.
+"""``tap_projection`` / ``gated_tap_projection``: fc1_edge_proj over the 4 taps of every edge.
 
 Reference (upstream): ``F.linear`` on the tap-expanded rotated features (E*T, 2*R*C) (materialised by
-upstream's per-tap rotation) with W (H, 2*R*C). Fused: ``scn_fast.ops.tap_projection`` on the rotated
-features once per edge (E, 2, R, C), using the tap symmetry: (5L+1)/(12L+4) of the GEMM FLOPs, exactly
-(DESIGN.md section 3). Pure PyTorch (no backend choice). Forward, and forward + backward w.r.t. the
-features, weight and bias.
+upstream's per-tap rotation) with W (H, 2*R*C), then ``silu(.) * gate``. Fused:
+``scn_fast.ops.gated_tap_projection`` on the rotated features once per edge (E, 2, R, C), using the
+tap symmetry ((5L+1)/(12L+4) of the GEMM FLOPs, exactly; DESIGN.md section 3), the weight read in
+place by row-blocked GEMMs on CPU, and the activation and gate fused (per backend's elementwise
+kernels). Forward, and forward + backward w.r.t. the features, weight, bias and gate.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, HIDDEN, LMAXES, edge_inputs
+from conftest import DEVICES, HIDDEN, LMAXES, backend_params, edge_inputs
+from torch.nn.functional import linear, silu
 
-from scn_fast.ops import tap_projection
+from scn_fast.ops import gated_tap_projection
 from scn_fast.ops.layout import tap_symmetry
 
 
@@ -24,45 +26,48 @@ def _operands(lmax: int, device: str, grad: bool):
     y = torch.randn(e, 2, r, c, generator=gen).to(device)
     w = (torch.randn(HIDDEN, 2 * r * c, generator=gen) / (2 * r * c) ** 0.5).to(device)
     b = torch.randn(HIDDEN, generator=gen).to(device)
+    gate = torch.randn(e, HIDDEN, generator=gen).to(device)
     # Upstream's fc1_edge_proj input: tap t's rows are Q_t y (a signed row permutation per tap).
     q = tap_symmetry(lmax, inp.mmax, -1).q.to(device=device, dtype=y.dtype)  # (T, R, R)
     a = torch.einsum("trs,epsc->etprc", q, y).reshape(e * q.shape[0], 2 * r * c).contiguous()
-    for t in (y, w, b, a):
+    for t in (y, w, b, a, gate):
         t.requires_grad_(grad)
-    return inp, y, w, b, a
+    return inp, y, w, b, a, gate
 
 
 @pytest.mark.parametrize("lmax", LMAXES)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
 def test_reference(run_op, device, lmax, direction):
-    _, _, w, b, a = _operands(lmax, device, direction != "fwd")
-    grad = torch.randn(a.shape[0], HIDDEN, device=device)
+    inp, _, w, b, a, gate = _operands(lmax, device, direction != "fwd")
+    grad = torch.randn(a.shape[0] // inp.T, inp.T, HIDDEN, device=device)
 
     def fn():
+        out = lambda: silu(linear(a, w, b)).view(-1, inp.T, HIDDEN) * gate.unsqueeze(1)  # noqa: E731
         if direction == "fwd":
             with torch.no_grad():
-                return torch.nn.functional.linear(a, w, b)
-        a.grad = w.grad = b.grad = None
-        torch.nn.functional.linear(a, w, b).backward(grad)
+                return out()
+        a.grad = w.grad = b.grad = gate.grad = None
+        out().backward(grad)
         return w.grad
 
     run_op(fn, device, f"tap_projection L{lmax} {direction} {device}")
 
 
 @pytest.mark.parametrize("lmax", LMAXES)
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("device", "backend"), backend_params())
 @pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
-def test_fused(run_op, device, lmax, direction):
-    inp, y, w, b, _ = _operands(lmax, device, direction != "fwd")
+def test_fused(run_op, device, backend, lmax, direction):
+    inp, y, w, b, _, gate = _operands(lmax, device, direction != "fwd")
     grad = torch.randn(y.shape[0], inp.T, HIDDEN, device=device)
 
     def fn():
+        out = lambda: gated_tap_projection(y, w, b, gate, lmax, inp.mmax, -1, backend=backend)  # noqa: E731
         if direction == "fwd":
             with torch.no_grad():
-                return tap_projection(y, w, b, lmax, inp.mmax, -1)
-        y.grad = w.grad = b.grad = None
-        tap_projection(y, w, b, lmax, inp.mmax, -1).backward(grad)
+                return out()
+        y.grad = w.grad = b.grad = gate.grad = None
+        out().backward(grad)
         return w.grad
 
     run_op(fn, device, f"tap_projection L{lmax} {direction} {device}")
