@@ -8,13 +8,16 @@
 // tap_gate_backward(dm, a, b, gate) -> [da (E, H), db (E, Tb, H), dgate (E, H)]
 //   dpre_t = dm_t * gate * silu'(pre_t);  dgate = sum_t dm_t * silu(pre_t)
 //   da = sum_t dpre_t;  db0 = dpre_0 - dpre_2;  db1 = dpre_1 - dpre_3
-// tap_combine_forward(z (E, Q, C), bias (R, C), src (R, J), coef (R, J)) -> m (E, R, C)
+// tap_combine_forward(z (E, Q, C), bias (R, C), src (R, J), coef (R, J)) -> m (E, R, C), z float32,
+//   float64, or bfloat16 (native bf16 GEMM outputs, read as they are) with a float32 bias
 //   Q = T*R rows (tap major), J terms per output row, src a permutation of [0, Q) laid out (R, J):
 //   m[e, r, c] = sum_j coef[r, j] * silu(z[e, src[r, j], c] + bias[src[r, j] % R, c])
 //   (upstream's act(fc2_edge) followed by the tap-combination matrix mapping_y_rot, whose column r
 //   has exactly the J = T non-zeros coef[r, :] at rows src[r, :]).
 // tap_combine_backward(dm (E, R, C), z, bias, src, coef) -> [dz (E, Q, C), dbias (R, C)]
 //   dz[e, src[r, j], c] = coef[r, j] * dm[e, r, c] * silu'(z + bias);  dbias = sum over e and taps.
+//   dz in z's dtype (a bf16 dz feeds fc2_edge's bf16 backward GEMMs as it is); dbias is summed from
+//   the values before that rounding.
 // tap_blocked_forward(y3 (E, 2R, C), pair (2E, n1, C), w3 (H, 2R, C), bias (H,), runs0, runs1)
 //   -> [A (E, H), B (2E, H)]: fc1_edge_proj's tap-symmetric GEMMs per block of consecutive weight
 //   rows (K = n*C), reading the weight in upstream's layout (no gathered copy): A = bias + sum over
@@ -103,9 +106,14 @@ CombineSizes check_combine(const Tensor& z, const Tensor& bias, const Tensor& sr
               ") must name each of the z.size(1) = ", z.size(1), " rows once");
   TORCH_CHECK(coef.sizes() == src.sizes(), "scn_fast_ext: tap_combine coef must have src's shape ",
               src.sizes(), ", got ", coef.sizes());
-  check_float(z, "z", z);
-  check_float(bias, "bias", z);
-  check_float(coef, "coef", z);
+  check_float(bias, "bias", bias);
+  check_float(coef, "coef", bias);
+  TORCH_CHECK(z.scalar_type() == bias.scalar_type() ||
+                  (z.scalar_type() == at::kBFloat16 && bias.scalar_type() == at::kFloat),
+              "scn_fast_ext: tap_combine z must have bias's dtype, or be bfloat16 with a float32 "
+              "bias; got ", z.scalar_type(), " and ", bias.scalar_type());
+  TORCH_CHECK(z.is_contiguous() && z.device() == bias.device(),
+              "scn_fast_ext: tap_combine z must be contiguous, on bias's device");
   TORCH_CHECK(src.device() == z.device(), "scn_fast_ext: src is on ", src.device(), " but z is on ",
               z.device());
   if (src.is_cpu()) {  // a permutation of [0, Q): checked here (cheap), trusted on other devices
@@ -269,51 +277,81 @@ void gate_backward_rows(const T* dm, const T* a, const T* b, const T* g, T* da, 
 }
 
 // ------------------------------------------------------------------------------------ CPU: combine
-template <typename T>
-inline void combine_forward_tail(const T* ze, const T* bias, const int64_t* src, const T* coef,
+// Z: z's (and dz's) storage type, T: the compute type of bias, coef, m, dm (float for Z = float or
+// bfloat16, double for double).
+template <typename Z, typename T>
+inline void combine_forward_tail(const Z* ze, const T* bias, const int64_t* src, const T* coef,
                                  T* me, int64_t R, int64_t J, int64_t C, int64_t c0) {
   for (int64_t r = 0; r < R; ++r)
     for (int64_t c = c0; c < C; ++c) {
       T acc = 0;
       for (int64_t j = 0; j < J; ++j) {
         const int64_t s = src[r * J + j];
-        const T x = ze[s * C + c] + bias[(s % R) * C + c];
+        const T x = static_cast<T>(ze[s * C + c]) + bias[(s % R) * C + c];
         acc += coef[r * J + j] * (x * sigmoid_scalar(x));
       }
       me[r * C + c] = acc;
     }
 }
 
-// dz for channels [c0, C) of one edge; psum (R, C) += dz summed over taps.
-template <typename T>
-inline void combine_backward_tail(const T* dme, const T* ze, const T* bias, const int64_t* src,
-                                  const T* coef, T* dze, T* psum, int64_t R, int64_t J, int64_t C,
+// dz for channels [c0, C) of one edge; psum (R, C) += dz (before any rounding to Z) over taps.
+template <typename Z, typename T>
+inline void combine_backward_tail(const T* dme, const Z* ze, const T* bias, const int64_t* src,
+                                  const T* coef, Z* dze, T* psum, int64_t R, int64_t J, int64_t C,
                                   int64_t c0) {
   for (int64_t r = 0; r < R; ++r)
     for (int64_t j = 0; j < J; ++j) {
       const int64_t s = src[r * J + j];
       const T k = coef[r * J + j];
-      const T* zr = ze + s * C;
+      const Z* zr = ze + s * C;
       const T* br = bias + (s % R) * C;
-      T* dzr = dze + s * C;
+      Z* dzr = dze + s * C;
       T* pr = psum + (s % R) * C;
       for (int64_t c = c0; c < C; ++c) {
-        const T x = zr[c] + br[c];
+        const T x = static_cast<T>(zr[c]) + br[c];
         const T sg = sigmoid_scalar(x);
         const T v = k * dme[r * C + c] * (sg * (T(1) + x * (T(1) - sg)));
-        dzr[c] = v;
+        dzr[c] = static_cast<Z>(v);
         pr[c] += v;
       }
     }
 }
 
 #if SCN_HAS_AVX2_CLONE
-SCN_TARGET_AVX2 void combine_forward_edges_avx2(const float* z, const float* bias,
-                                                const int64_t* src, const float* coef, float* m,
-                                                int64_t e0, int64_t e1, int64_t Q, int64_t R,
-                                                int64_t J, int64_t C) {
+// 8 lanes of z as float: float loads, or bfloat16 widened (a bf16 is the top half of a float).
+template <typename Z>
+SCN_TARGET_AVX2 SCN_ALWAYS_INLINE __m256 load8(const Z* p) {
+  if constexpr (std::is_same_v<Z, float>) {
+    return _mm256_loadu_ps(p);
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
+template <typename Z>
+SCN_TARGET_AVX2 SCN_ALWAYS_INLINE void store8(Z* p, __m256 v) {
+  if constexpr (std::is_same_v<Z, float>) {
+    _mm256_storeu_ps(p, v);
+  } else {  // round to nearest even, as c10::BFloat16 does (NaN -> 0x7fc0)
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i h = _mm256_srli_epi32(
+        _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    h = _mm256_blendv_epi8(h, _mm256_set1_epi32(0x7fc0), nan);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(h, h), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
+}
+
+template <typename Z>
+SCN_TARGET_AVX2 void combine_forward_edges_avx2(const Z* z, const float* bias, const int64_t* src,
+                                                const float* coef, float* m, int64_t e0,
+                                                int64_t e1, int64_t Q, int64_t R, int64_t J,
+                                                int64_t C) {
   for (int64_t e = e0; e < e1; ++e) {
-    const float* ze = z + e * Q * C;
+    const Z* ze = z + e * Q * C;
     float* me = m + e * R * C;
     const int64_t cv = C / 8 * 8;
     for (int64_t r = 0; r < R; ++r)
@@ -321,8 +359,7 @@ SCN_TARGET_AVX2 void combine_forward_edges_avx2(const float* z, const float* bia
         __m256 acc = _mm256_setzero_ps();
         for (int64_t j = 0; j < J; ++j) {
           const int64_t s = src[r * J + j];
-          const __m256 x =
-              _mm256_add_ps(_mm256_loadu_ps(ze + s * C + c), _mm256_loadu_ps(bias + (s % R) * C + c));
+          const __m256 x = _mm256_add_ps(load8(ze + s * C + c), _mm256_loadu_ps(bias + (s % R) * C + c));
           acc = _mm256_fmadd_ps(_mm256_set1_ps(coef[r * J + j]),
                                 _mm256_mul_ps(x, sigmoid_avx2(x)), acc);
         }
@@ -332,30 +369,31 @@ SCN_TARGET_AVX2 void combine_forward_edges_avx2(const float* z, const float* bia
   }
 }
 
-SCN_TARGET_AVX2 void combine_backward_edges_avx2(const float* dm, const float* z, const float* bias,
-                                                 const int64_t* src, const float* coef, float* dz,
+template <typename Z>
+SCN_TARGET_AVX2 void combine_backward_edges_avx2(const float* dm, const Z* z, const float* bias,
+                                                 const int64_t* src, const float* coef, Z* dz,
                                                  float* psum, int64_t e0, int64_t e1, int64_t Q,
                                                  int64_t R, int64_t J, int64_t C) {
   const __m256 one = _mm256_set1_ps(1.0f);
   const int64_t cv = C / 8 * 8;
   for (int64_t e = e0; e < e1; ++e) {
     const float* dme = dm + e * R * C;
-    const float* ze = z + e * Q * C;
-    float* dze = dz + e * Q * C;
+    const Z* ze = z + e * Q * C;
+    Z* dze = dz + e * Q * C;
     for (int64_t r = 0; r < R; ++r)
       for (int64_t j = 0; j < J; ++j) {
         const int64_t s = src[r * J + j];
         const __m256 k = _mm256_set1_ps(coef[r * J + j]);
-        const float* zr = ze + s * C;
+        const Z* zr = ze + s * C;
         const float* br = bias + (s % R) * C;
-        float* dzr = dze + s * C;
+        Z* dzr = dze + s * C;
         float* pr = psum + (s % R) * C;
         for (int64_t c = 0; c < cv; c += 8) {
-          const __m256 x = _mm256_add_ps(_mm256_loadu_ps(zr + c), _mm256_loadu_ps(br + c));
+          const __m256 x = _mm256_add_ps(load8(zr + c), _mm256_loadu_ps(br + c));
           const __m256 sg = sigmoid_avx2(x);
           const __m256 ds = _mm256_mul_ps(sg, _mm256_fmadd_ps(x, _mm256_sub_ps(one, sg), one));
           const __m256 v = _mm256_mul_ps(_mm256_mul_ps(k, _mm256_loadu_ps(dme + r * C + c)), ds);
-          _mm256_storeu_ps(dzr + c, v);
+          store8(dzr + c, v);
           _mm256_storeu_ps(pr + c, _mm256_add_ps(_mm256_loadu_ps(pr + c), v));
         }
       }
@@ -364,32 +402,47 @@ SCN_TARGET_AVX2 void combine_backward_edges_avx2(const float* dm, const float* z
 }
 #endif
 
-template <typename T>
-void combine_forward_edges(const T* z, const T* bias, const int64_t* src, const T* coef, T* m,
+template <typename Z, typename T>
+void combine_forward_edges(const Z* z, const T* bias, const int64_t* src, const T* coef, T* m,
                            int64_t e0, int64_t e1, int64_t Q, int64_t R, int64_t J, int64_t C) {
 #if SCN_HAS_AVX2_CLONE
   if constexpr (std::is_same_v<T, float>) {
     if (scn_fast::cpu::cpu_has_avx2_fma())
-      return combine_forward_edges_avx2(z, bias, src, coef, m, e0, e1, Q, R, J, C);
+      return combine_forward_edges_avx2<Z>(z, bias, src, coef, m, e0, e1, Q, R, J, C);
   }
 #endif
   for (int64_t e = e0; e < e1; ++e)
     combine_forward_tail(z + e * Q * C, bias, src, coef, m + e * R * C, R, J, C, 0);
 }
 
-template <typename T>
-void combine_backward_edges(const T* dm, const T* z, const T* bias, const int64_t* src,
-                            const T* coef, T* dz, T* psum, int64_t e0, int64_t e1, int64_t Q,
+template <typename Z, typename T>
+void combine_backward_edges(const T* dm, const Z* z, const T* bias, const int64_t* src,
+                            const T* coef, Z* dz, T* psum, int64_t e0, int64_t e1, int64_t Q,
                             int64_t R, int64_t J, int64_t C) {
 #if SCN_HAS_AVX2_CLONE
   if constexpr (std::is_same_v<T, float>) {
     if (scn_fast::cpu::cpu_has_avx2_fma())
-      return combine_backward_edges_avx2(dm, z, bias, src, coef, dz, psum, e0, e1, Q, R, J, C);
+      return combine_backward_edges_avx2<Z>(dm, z, bias, src, coef, dz, psum, e0, e1, Q, R, J, C);
   }
 #endif
   for (int64_t e = e0; e < e1; ++e)
     combine_backward_tail(dm + e * R * C, z + e * Q * C, bias, src, coef, dz + e * Q * C, psum, R,
                           J, C, 0);
+}
+
+// Calls f(Z{}, T{}) for z's storage type: (float, float), (double, double), (BFloat16, float).
+template <typename F>
+void dispatch_combine(const Tensor& z, F&& f) {
+  switch (z.scalar_type()) {
+    case at::kFloat:
+      return f(float{}, float{});
+    case at::kDouble:
+      return f(double{}, double{});
+    case at::kBFloat16:
+      return f(c10::BFloat16{}, float{});
+    default:
+      TORCH_CHECK(false, "scn_fast_ext: tap_combine z must be float32, float64 or bfloat16");
+  }
 }
 
 // ------------------------------------------------------------------------------------ composite (non-CPU)
@@ -451,19 +504,21 @@ Tensor tap_combine_forward(const Tensor& z, const Tensor& bias, const Tensor& sr
                            const Tensor& coef) {
   const CombineSizes s = check_combine(z, bias, src, coef);
   if (!z.is_cpu()) {
-    Tensor act = at::silu(z + bias.repeat({s.Q / s.R, 1}));
-    Tensor m = at::zeros({s.E, s.R, s.C}, z.options());
+    Tensor act = at::silu(z.to(bias.scalar_type()) + bias.repeat({s.Q / s.R, 1}));
+    Tensor m = at::zeros({s.E, s.R, s.C}, bias.options());
     for (int64_t j = 0; j < s.J; ++j)
       m.addcmul_(act.index_select(1, src.select(1, j)), coef.select(1, j).view({1, s.R, 1}));
     return m;
   }
-  Tensor m = at::empty({s.E, s.R, s.C}, z.options());
+  Tensor m = at::empty({s.E, s.R, s.C}, bias.options());
   if (m.numel() == 0) return m;
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "scn_fast_ext::tap_combine_forward", [&] {
-    const scalar_t *zp = z.const_data_ptr<scalar_t>(), *bp = bias.const_data_ptr<scalar_t>(),
-                   *cp = coef.const_data_ptr<scalar_t>();
+  dispatch_combine(z, [&](auto zt, auto tt) {
+    using Z = decltype(zt);
+    using T = decltype(tt);
+    const Z* zp = z.const_data_ptr<Z>();
+    const T *bp = bias.const_data_ptr<T>(), *cp = coef.const_data_ptr<T>();
     const int64_t* sp = src.const_data_ptr<int64_t>();
-    scalar_t* mp = m.mutable_data_ptr<scalar_t>();
+    T* mp = m.mutable_data_ptr<T>();
     at::parallel_for(0, s.E, std::max<int64_t>(1, kGrainElements / (s.Q * s.C)),
                      [&](int64_t e0, int64_t e1) {
                        combine_forward_edges(zp, bp, sp, cp, mp, e0, e1, s.Q, s.R, s.J, s.C);
@@ -478,26 +533,29 @@ std::vector<Tensor> tap_combine_backward(const Tensor& dm, const Tensor& z, cons
   TORCH_CHECK(dm.dim() == 3 && dm.size(0) == s.E && dm.size(1) == s.R && dm.size(2) == s.C,
               "scn_fast_ext: tap_combine_backward dm must be (E, R, C) = (", s.E, ", ", s.R, ", ",
               s.C, "), got ", dm.sizes());
-  check_float(dm, "dm", z);
+  check_float(dm, "dm", bias);
   if (!z.is_cpu()) {
-    Tensor x = z + bias.repeat({s.Q / s.R, 1});
-    Tensor dz = at::empty_like(z);
+    Tensor x = z.to(bias.scalar_type()) + bias.repeat({s.Q / s.R, 1});
+    Tensor dz = at::empty_like(x);
     for (int64_t j = 0; j < s.J; ++j)
       dz.index_copy_(1, src.select(1, j), dm * coef.select(1, j).view({1, s.R, 1}));
     dz = at::silu_backward(dz, x);
-    return {dz, dz.view({s.E, s.Q / s.R, s.R, s.C}).sum({0, 1})};
+    return {dz.to(z.scalar_type()), dz.view({s.E, s.Q / s.R, s.R, s.C}).sum({0, 1})};
   }
   Tensor dz = at::empty_like(z);
   const int64_t chunks = (s.E + kSumChunkEdges - 1) / kSumChunkEdges;
-  Tensor partial = at::zeros({std::max<int64_t>(chunks, 1), s.R, s.C}, z.options());
+  Tensor partial = at::zeros({std::max<int64_t>(chunks, 1), s.R, s.C}, bias.options());
   if (s.E > 0 && s.C > 0) {
-    AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "scn_fast_ext::tap_combine_backward", [&] {
-      const scalar_t *dmp = dm.const_data_ptr<scalar_t>(), *zp = z.const_data_ptr<scalar_t>(),
-                     *bp = bias.const_data_ptr<scalar_t>(), *cp = coef.const_data_ptr<scalar_t>();
+    dispatch_combine(z, [&](auto zt, auto tt) {
+      using Z = decltype(zt);
+      using T = decltype(tt);
+      const Z* zp = z.const_data_ptr<Z>();
+      const T *dmp = dm.const_data_ptr<T>(), *bp = bias.const_data_ptr<T>(),
+              *cp = coef.const_data_ptr<T>();
       const int64_t* sp = src.const_data_ptr<int64_t>();
-      scalar_t *dzp = dz.mutable_data_ptr<scalar_t>(), *pp = partial.mutable_data_ptr<scalar_t>();
-      const int64_t grain =
-          std::max<int64_t>(1, kGrainElements / (kSumChunkEdges * s.Q * s.C));
+      Z* dzp = dz.mutable_data_ptr<Z>();
+      T* pp = partial.mutable_data_ptr<T>();
+      const int64_t grain = std::max<int64_t>(1, kGrainElements / (kSumChunkEdges * s.Q * s.C));
       at::parallel_for(0, chunks, grain, [&](int64_t k0, int64_t k1) {
         for (int64_t k = k0; k < k1; ++k) {
           const int64_t e0 = k * kSumChunkEdges, e1 = std::min(s.E, e0 + kSumChunkEdges);

@@ -325,7 +325,9 @@ class MessageBlock(nn.Module):
             scatter_backend,
         )
         m = self.act(self.fc1_edge(m.view(-1, h)))
-        z = self.fc2_edge.matmul(m).view(-1, res.num_taps * res.sphere_basis_reduce, c)
+        # a native bf16 GEMM's output goes to the extension's tap_combine as it is (bf16)
+        z = self.fc2_edge.matmul(m, keep_bf16=scatter_backend == "extension")
+        z = z.view(-1, res.num_taps * res.sphere_basis_reduce, c)
         bias = self.fc2_edge.bias.view(res.sphere_basis_reduce, c)
         m = tap_combine(z, bias, res.lmax, res.mmax, res.taps_arg, scatter_backend)
         m = m.view(-1, 1, res.sphere_basis_reduce, c)

@@ -171,14 +171,16 @@ class _LowPrecisionLinear(torch.autograd.Function):
     and outputs; bias and its gradient float32. x (M, K), W (O, K), b (O,) -> (M, O)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, precision: str, native: bool):
+    def forward(ctx, x, weight, bias, precision: str, native: bool, keep_bf16: bool = False):
         xs, ws = _operand(x, precision, native), _operand(weight, precision, native)
-        out = _mm(xs, ws.t(), precision, native)
-        if bias is not None:
-            out = out + bias
         ctx.save_for_backward(xs, ws)
         ctx.precision, ctx.native, ctx.has_bias = precision, native, bias is not None
         ctx.dtypes = (x.dtype, weight.dtype)
+        if keep_bf16 and bias is None and xs.dtype == torch.bfloat16:
+            return torch.mm(xs, ws.t())  # the native GEMM's bf16 result, as it is
+        out = _mm(xs, ws.t(), precision, native)
+        if bias is not None:
+            out = out + bias
         return out.to(x.dtype)
 
     @staticmethod
@@ -193,7 +195,7 @@ class _LowPrecisionLinear(torch.autograd.Function):
             gw = _mm(g.t(), xs, p, native).to(ctx.dtypes[1])
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = grad.float().sum(0)
-        return gx, gw, gb, None, None
+        return gx, gw, gb, None, None, None
 
 
 def low_precision_linear(
@@ -202,12 +204,16 @@ def low_precision_linear(
     bias: torch.Tensor | None,
     precision: str,
     native: bool,
+    keep_bf16: bool = False,
 ) -> torch.Tensor:
-    """``F.linear`` in ``precision`` (see module doc); any leading shape of x."""
+    """``F.linear`` in ``precision`` (see module doc); any leading shape of x. ``keep_bf16`` (no
+    bias): a native bf16 GEMM's result is returned in bf16, for a consumer that reads it as is."""
     if precision == "fp32" or x.dtype == torch.float64:
         return F.linear(x, weight, bias)
     lead = x.shape[:-1]
-    out = _LowPrecisionLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias, precision, native)
+    out = _LowPrecisionLinear.apply(
+        x.reshape(-1, x.shape[-1]), weight, bias, precision, native, keep_bf16
+    )
     return out.view(*lead, weight.shape[0])
 
 
@@ -221,12 +227,16 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
 
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def matmul(
+        self, x: torch.Tensor, bias: torch.Tensor | None = None, keep_bf16: bool = False
+    ) -> torch.Tensor:
         """x W^T (+ bias when given) in this layer's precision: ``forward`` without the bias, for a
-        fused op that adds it in its own pass."""
+        fused op that adds it in its own pass; ``keep_bf16``: native bf16 results stay bf16."""
         if self.precision == "fp32":
             return F.linear(x, self.weight, bias)
-        return low_precision_linear(x, self.weight, bias, self.precision, self.precision_native)
+        return low_precision_linear(
+            x, self.weight, bias, self.precision, self.precision_native, keep_bf16
+        )
 
 
 def linear_operands(precision: str, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:

@@ -169,3 +169,30 @@ def test_cuda_matches_cpu(backend):
     ref = tap_combine(z, bias, 6, 1, -1, "reference")
     out = tap_combine(z.cuda(), bias.cuda(), 6, 1, -1, backend)
     assert rel_max_error(out.cpu(), ref) <= TOL["op_fp32"]
+
+
+@pytest.mark.parametrize("backend", ["reference", "extension", "triton"])
+def test_bfloat16_z_is_read_as_it_is(backend):
+    """A native bf16 GEMM's output (bf16 z, float32 bias): the same outputs and bias gradient as
+    the float32 op on those bf16 values, and dz rounded to bf16 (to nearest even, as torch does)."""
+    z, bias = _inputs(6, 1, -1, 40, 128, torch.float32, seed=6)
+    zb = (3 * z).bfloat16()
+    dm = torch.randn(40, 19, 128, generator=torch.Generator().manual_seed(7))
+    be = _backend(backend)
+    results = []
+    for zz in (zb, zb.float()):
+        a, b = zz.clone().requires_grad_(), bias.clone().requires_grad_()
+        out = tap_combine(a, b, 6, 1, -1, be)
+        out.backward(dm)
+        results.append((out.detach(), a.grad, b.grad))
+    (out_b, dz_b, db_b), (out_f, dz_f, db_f) = results
+    assert out_b.dtype == torch.float32 and dz_b.dtype == torch.bfloat16
+    assert rel_max_error(out_b, out_f) <= TOL["op_fp32"]
+    assert rel_max_error(db_b, db_f) <= TOL["op_fp32"]
+    assert rel_max_error(dz_b.float(), dz_f.bfloat16().float()) <= 2**-8
+
+
+def test_z_dtype_must_match_bias():
+    z, bias = _inputs(4, 1, -1, 3, 8, torch.float64)
+    with pytest.raises(ValueError, match="dtype"):
+        tap_combine(z.bfloat16(), bias, 4, 1, -1, "extension")

@@ -61,31 +61,32 @@ def combine_tables(
 
 def _forward_reference(z, bias, src, coef):
     q, r = z.shape[1], bias.shape[0]
-    act = F.silu(z + bias.repeat(q // r, 1))
+    act = F.silu(z.to(bias.dtype) + bias.repeat(q // r, 1))
     return (act[:, src] * coef.view(1, r, -1, 1)).sum(2)
 
 
 def _backward_reference(dm, z, bias, src, coef):
     e, q, c = z.shape
     r = bias.shape[0]
-    x = z + bias.repeat(q // r, 1)
-    dz = torch.empty_like(z)
+    x = z.to(bias.dtype) + bias.repeat(q // r, 1)
+    dz = torch.empty_like(x)
     dz[:, src.flatten()] = (dm.unsqueeze(2) * coef.view(1, r, -1, 1)).reshape(e, q, c)
     dz = torch.ops.aten.silu_backward(dz, x)
-    return dz, dz.view(e, q // r, r, c).sum((0, 1))
+    return dz.to(z.dtype), dz.view(e, q // r, r, c).sum((0, 1))
 
 
 def _impl(backend: str, dtype: torch.dtype):
-    if dtype in (torch.float32, torch.float64):
-        if backend == "extension":
-            from ..extension import load_extension
+    """(forward, backward) for z of ``dtype``: the extension takes float32, float64 and bfloat16 z
+    (with a float32 bias), Triton float32 and float64; ATen ops otherwise."""
+    if backend == "extension" and dtype in (torch.float32, torch.float64, torch.bfloat16):
+        from ..extension import load_extension
 
-            ext = load_extension()
-            return ext.tap_combine_forward, ext.tap_combine_backward
-        if backend == "triton":
-            from ..kernels import tap_elementwise
+        ext = load_extension()
+        return ext.tap_combine_forward, ext.tap_combine_backward
+    if backend == "triton" and dtype in (torch.float32, torch.float64):
+        from ..kernels import tap_elementwise
 
-            return tap_elementwise.tap_combine_forward, tap_elementwise.tap_combine_backward
+        return tap_elementwise.tap_combine_forward, tap_elementwise.tap_combine_backward
     return _forward_reference, _backward_reference
 
 
@@ -99,7 +100,7 @@ def _tap_combine(
 
 @_tap_combine.register_fake
 def _(z, bias, src, coef, backend):
-    return z.new_empty((z.shape[0], bias.shape[0], z.shape[2]))
+    return bias.new_empty((z.shape[0], bias.shape[0], z.shape[2]))
 
 
 def _setup_context(ctx, inputs, output):
@@ -140,6 +141,9 @@ def tap_combine(
     z: torch.Tensor, bias: torch.Tensor, lmax: int, mmax: int, num_taps: int, backend: str
 ) -> torch.Tensor:
     """Combined messages (E, R, C) = mapping_y_rot^T silu(z + bias) per edge, for z (E, T*R, C) (the
-    bias-free fc2_edge output) and bias (R, C); differentiable w.r.t. z and bias."""
-    src, coef = combine_tables(lmax, mmax, num_taps, z.dtype, z.device)
+    bias-free fc2_edge output; bfloat16 allowed with a float32 bias: native bf16 GEMM outputs, read
+    as they are) and bias (R, C); output in bias's dtype; differentiable w.r.t. z and bias."""
+    if z.dtype != bias.dtype and not (z.dtype == torch.bfloat16 and bias.dtype == torch.float32):
+        raise ValueError(f"z ({z.dtype}) must have bias's dtype ({bias.dtype}), or be bfloat16")
+    src, coef = combine_tables(lmax, mmax, num_taps, bias.dtype, z.device)
     return _tap_combine(z, bias, src, coef, backend)
