@@ -41,6 +41,17 @@ def rel_max_error(a: torch.Tensor, ref: torch.Tensor) -> float:
     )
 
 
+def elementwise_backend(name: str) -> str:
+    """``name``, after skipping the test when it is "triton" and Triton can run neither here (its
+    interpreter) nor on a CUDA device: the backend argument of the message MLP's fused ops."""
+    if name == "triton":
+        from scn_fast.kernels import tap_elementwise
+
+        if not tap_elementwise.is_interpreted() and not torch.cuda.is_available():
+            pytest.skip("Triton compiled for a GPU and no CUDA device is visible")
+    return name
+
+
 def load_golden(name: str) -> dict:
     return torch.load(GOLDEN_DIR / name, weights_only=True)
 

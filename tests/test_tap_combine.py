@@ -16,19 +16,10 @@ from torch.nn.functional import silu
 from scn_fast import so3
 from scn_fast.ops.tap_combine import combine_tables, tap_combine
 
-from .conftest import TOL, rel_max_error
+from .conftest import TOL, elementwise_backend, rel_max_error
 
 CONFIGS = [(6, 1, -1), (4, 1, -1), (3, 0, -1), (5, 1, 1), (1, 1, -1)]
 BACKENDS = ["reference", "extension", "triton"]
-
-
-def _backend(name: str) -> str:
-    if name == "triton":
-        from scn_fast.kernels import tap_elementwise
-
-        if not tap_elementwise.is_interpreted() and not torch.cuda.is_available():
-            pytest.skip("Triton compiled for a GPU and no CUDA device is visible")
-    return name
 
 
 def _upstream(z: torch.Tensor, bias: torch.Tensor, lmax: int, mmax: int, num_taps: int):
@@ -51,7 +42,7 @@ def _inputs(lmax, mmax, num_taps, e, c, dtype, seed=0):
 @pytest.mark.parametrize("channels", [128, 5])
 def test_matches_upstream(lmax, mmax, num_taps, backend, dtype, channels):
     z, bias = _inputs(lmax, mmax, num_taps, 9, channels, dtype)
-    out = tap_combine(z, bias, lmax, mmax, num_taps, _backend(backend))
+    out = tap_combine(z, bias, lmax, mmax, num_taps, elementwise_backend(backend))
     ref = _upstream(z.double(), bias.double(), lmax, mmax, num_taps)
     assert out.shape == ref.shape and out.dtype == dtype
     tol = TOL["op_fp64"] if dtype == torch.float64 else TOL["op_fp32"]
@@ -64,7 +55,7 @@ def test_gradcheck_float64(lmax, mmax, num_taps, backend):
     z, bias = _inputs(lmax, mmax, num_taps, 3, 2, torch.float64)
     z.requires_grad_()
     bias.requires_grad_()
-    be = _backend(backend)
+    be = elementwise_backend(backend)
     assert torch.autograd.gradcheck(
         lambda a, b: tap_combine(a, b, lmax, mmax, num_taps, be), (z, bias)
     )
@@ -76,7 +67,7 @@ def test_float32_gradients_match_upstream(backend):
     dm = torch.randn(17, 19, 128, generator=torch.Generator().manual_seed(3))
     grads = {}
     for name, fn in (
-        ("fused", lambda a, b: tap_combine(a, b, 6, 1, -1, _backend(backend))),
+        ("fused", lambda a, b: tap_combine(a, b, 6, 1, -1, elementwise_backend(backend))),
         ("upstream", lambda a, b: _upstream(a, b, 6, 1, -1)),
     ):
         a, b = z.clone().requires_grad_(), bias.clone().requires_grad_()
@@ -114,7 +105,7 @@ def test_bias_gradient_is_deterministic():
 def test_zero_edges(backend):
     z, bias = _inputs(4, 1, -1, 0, 8, torch.float32)
     z.requires_grad_()
-    out = tap_combine(z, bias, 4, 1, -1, _backend(backend))
+    out = tap_combine(z, bias, 4, 1, -1, elementwise_backend(backend))
     assert out.shape == (0, 13, 8)
     out.sum().backward()
     assert z.grad.shape == z.shape
@@ -178,7 +169,7 @@ def test_bfloat16_z_is_read_as_it_is(backend):
     z, bias = _inputs(6, 1, -1, 40, 128, torch.float32, seed=6)
     zb = (3 * z).bfloat16()
     dm = torch.randn(40, 19, 128, generator=torch.Generator().manual_seed(7))
-    be = _backend(backend)
+    be = elementwise_backend(backend)
     results = []
     for zz in (zb, zb.float()):
         a, b = zz.clone().requires_grad_(), bias.clone().requires_grad_()

@@ -20,7 +20,7 @@ from scn_fast.ops import (
 )
 from scn_fast.ops.layout import dense_from_compact
 
-from .conftest import TOL, rel_max_error
+from .conftest import TOL, elementwise_backend, rel_max_error
 
 CONFIGS = [(6, 1, -1), (4, 1, -1), (3, 0, -1), (5, 1, 1), (1, 1, -1), (10, 1, -1)]
 
@@ -89,15 +89,6 @@ def test_four_taps_use_41_percent_of_the_flops():
 GATE_BACKENDS = ["reference", "extension", "triton"]
 
 
-def _gate_backend(name: str) -> str:
-    if name == "triton":
-        from scn_fast.kernels import tap_elementwise
-
-        if not tap_elementwise.is_interpreted() and not torch.cuda.is_available():
-            pytest.skip("Triton compiled for a GPU and no CUDA device is visible")
-    return name
-
-
 def _gated_inputs(lmax, mmax, e, c, h, dtype, seed=0):
     r = edge_layout(lmax, mmax).R
     g = torch.Generator().manual_seed(seed)
@@ -114,7 +105,9 @@ def _gated_inputs(lmax, mmax, e, c, h, dtype, seed=0):
 def test_gated_matches_upstream(lmax, mmax, num_taps, backend, dtype):
     y, w, b, gate = _gated_inputs(lmax, mmax, 11, 6, 10, dtype)
     sym = tap_symmetry(lmax, mmax, num_taps)
-    out = gated_tap_projection(y, w, b, gate, lmax, mmax, num_taps, backend=_gate_backend(backend))
+    out = gated_tap_projection(
+        y, w, b, gate, lmax, mmax, num_taps, backend=elementwise_backend(backend)
+    )
     ref = silu(_upstream_taps(y.double(), w.double(), b.double(), sym)) * gate.double().unsqueeze(1)
     assert out.shape == (11, sym.num_taps, 10) and out.dtype == dtype
     assert rel_max_error(out, ref) <= (TOL["op_fp64"] if dtype == torch.float64 else TOL["op_fp32"])
@@ -124,7 +117,7 @@ def test_gated_matches_upstream(lmax, mmax, num_taps, backend, dtype):
 @pytest.mark.parametrize("backend", GATE_BACKENDS)
 def test_gated_gradcheck_float64(lmax, mmax, num_taps, backend):
     inputs = [t.requires_grad_() for t in _gated_inputs(lmax, mmax, 4, 2, 3, torch.float64)]
-    be = _gate_backend(backend)
+    be = elementwise_backend(backend)
     assert torch.autograd.gradcheck(
         lambda *a: gated_tap_projection(*a, lmax, mmax, num_taps, backend=be), inputs
     )
@@ -140,7 +133,7 @@ def test_gated_float32_gradients_match_upstream(backend):
     for name in ("fused", "upstream"):
         args = [t.clone().requires_grad_() for t in inputs]
         if name == "fused":
-            out = gated_tap_projection(*args, lmax, 1, -1, backend=_gate_backend(backend))
+            out = gated_tap_projection(*args, lmax, 1, -1, backend=elementwise_backend(backend))
         else:
             out = silu(_upstream_taps(*args[:3], sym)) * args[3].unsqueeze(1)
         out.backward(dout)

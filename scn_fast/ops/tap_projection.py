@@ -222,8 +222,9 @@ def _row_blocked(y: torch.Tensor, precision: str, native: bool) -> bool:
     GEMMs (strided operands, leading dimension 2RC) ran 8.4 ms against 9.7 ms for gather + 2 GEMMs at
     E = 168 (2 threads), and write the weight gradient in place (no scratch copy, no gather back). On
     a GPU the gather takes microseconds and 2 large GEMMs beat 2R launches. Native bf16 GEMMs (oneDNN
-    on CPU) cost ~0.1 ms per call whatever the size and round every block's output to bf16, so
-    they take the gathered form too (measured: blocked bf16 backward 2x slower)."""
+    on CPU) have a large fixed cost per call and round every block's output to bf16, so they take
+    the gathered form too (measured: a bf16 training step at scn-t4-b2 took 1.33 s with a blocked
+    bf16 backward against 1.25 s gathered)."""
     if y.device.type != "cpu":
         return False
     return not (precision == "bf16" and native and y.dtype != torch.float64)
@@ -473,37 +474,13 @@ def _gated(
     precision: str,
     native: bool,
     backend: str,
-) -> torch.Tensor:
-    return _gated_forward(y, weight, bias, gate, lmax, mmax, num_taps, precision, native, backend)[
-        0
-    ]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(silu(pre) * gate, A, B): A and B are what the backward needs (dropped by the caller when
+    nothing is recorded for autograd)."""
+    return _gated_forward(y, weight, bias, gate, lmax, mmax, num_taps, precision, native, backend)
 
 
 @_gated.register_fake
-def _(y, weight, bias, gate, lmax, mmax, num_taps, precision, native, backend):
-    return _fake_out(y, weight, lmax, mmax, num_taps)
-
-
-@torch.library.custom_op("scn_fast::gated_tap_projection_train", mutates_args=())
-def _gated_train(
-    y: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    gate: torch.Tensor,
-    lmax: int,
-    mmax: int,
-    num_taps: int,
-    precision: str,
-    native: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    out, a, b = _gated_forward(
-        y, weight, bias, gate, lmax, mmax, num_taps, precision, native, backend
-    )
-    return out, a, b
-
-
-@_gated_train.register_fake
 def _(y, weight, bias, gate, lmax, mmax, num_taps, precision, native, backend):
     out = _fake_out(y, weight, lmax, mmax, num_taps)
     e, t, h = out.shape
@@ -562,7 +539,7 @@ def _gated_backward(ctx, dout, _da, _db):
     return dy, dw, dbias, dgate, None, None, None, None, None, None
 
 
-_gated_train.register_autograd(_gated_backward, setup_context=_gated_setup)
+_gated.register_autograd(_gated_backward, setup_context=_gated_setup)
 
 
 def gated_tap_projection(
@@ -580,7 +557,4 @@ def gated_tap_projection(
     """silu(pre) * gate (E, T, H): upstream's ``act(fc1_edge_proj(a_t)) * act(fc1_dist(x_edge))`` for
     every tap, from the rotated features y (E, 2, R, C) and gate (E, H). ``backend``: whose fused
     kernels run the elementwise epilogue ("extension", "triton"; anything else: ATen ops)."""
-    args = (y, weight, bias, gate, lmax, mmax, num_taps, precision, native, backend)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (y, weight, bias, gate)):
-        return _gated_train(*args)[0]
-    return _gated(*args)
+    return _gated(y, weight, bias, gate, lmax, mmax, num_taps, precision, native, backend)[0]
