@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
-import traceback
 
 import torch
 import triton
@@ -336,7 +334,7 @@ COMPILE_CASES = [
 def compile_main(archs: tuple[int, ...] = (80, 90), json_path: str | None = None) -> int:
     """Compile every launch config of :data:`COMPILE_CASES` for each arch down to a cubin (run in a
     process without TRITON_INTERPRET). Prints one line per compile; returns 1 if any failed."""
-    from triton.backends.compiler import GPUTarget
+    from .grid_projection import _compile_one
 
     if is_interpreted():
         print("compile_main: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
@@ -345,21 +343,8 @@ def compile_main(archs: tuple[int, ...] = (80, 90), json_path: str | None = None
     for hidden, rows, channels, dtype in COMPILE_CASES:
         for cfg in launch_configs(hidden, rows, channels, dtype):
             for arch in archs:
-                res = {
-                    "kernel": cfg.name,
-                    "arch": f"sm_{arch}",
-                    "case": f"H={hidden} R={rows} C={channels} {dtype}",
-                }
-                start = time.perf_counter()
-                try:
-                    compiled = triton.compile(
-                        cfg.ast_source(), target=GPUTarget("cuda", arch, 32), options=cfg.options
-                    )
-                    cubin = compiled.asm.get("cubin", b"")
-                    res.update(ok=bool(cubin), cubin_bytes=len(cubin))
-                except Exception:
-                    res.update(ok=False, error=traceback.format_exc(limit=4))
-                res["seconds"] = round(time.perf_counter() - start, 2)
+                res = _compile_one(cfg, arch)
+                res["case"] = f"H={hidden} R={rows} C={channels} {dtype}"
                 print(
                     f"{res['case']:<28} {res['kernel']:<22} {res['arch']} {res['seconds']}s "
                     + ("ok" if res["ok"] else "FAILED\n" + res.get("error", "no cubin"))

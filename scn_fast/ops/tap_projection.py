@@ -155,12 +155,15 @@ def _split_input(
     return y0.view(e, -1), _pair_rows(y3, rows, dtype, backend).view(2 * e, -1)
 
 
-def _gathered_dtype(y: torch.Tensor, precision: str, native: bool) -> torch.Tensor:
+def _native_bf16(t: torch.Tensor, precision: str, native: bool) -> bool:
+    """Whether t's GEMMs run as native bf16 GEMMs (precision "bf16" on bf16 units, float32 t)."""
+    return precision == "bf16" and native and t.dtype == torch.float32
+
+
+def _gathered_dtype(y: torch.Tensor, precision: str, native: bool) -> torch.dtype:
     """The dtype the gathered form gathers y's rows into: bf16 for native bf16 GEMMs (gather and
     cast in one pass), else y's own."""
-    return (
-        torch.bfloat16 if precision == "bf16" and native and y.dtype == torch.float32 else y.dtype
-    )
+    return torch.bfloat16 if _native_bf16(y, precision, native) else y.dtype
 
 
 def _ext():
@@ -187,7 +190,7 @@ def _weight_operands(
     (H, 2R, C) workspace (scratch: valid until the next call), in bf16 for native bf16 GEMMs."""
     h = weight.shape[0]
     w3 = weight.reshape(h, -1, c)
-    bf16 = precision == "bf16" and native and weight.dtype == torch.float32
+    bf16 = _native_bf16(weight, precision, native)
     wp = workspace("tap_weight", w3.shape, torch.bfloat16 if bf16 else w3.dtype, w3.device)
     _gather_rows(w3, rows.w_rows, wp, backend)
     w0, w1 = wp[:, : rows.n0].reshape(h, -1), wp[:, rows.n0 :].reshape(h, -1)
@@ -225,18 +228,16 @@ def _row_blocked(y: torch.Tensor, precision: str, native: bool) -> bool:
     on CPU) have a large fixed cost per call and round every block's output to bf16, so they take
     the gathered form too (measured: a bf16 training step at scn-t4-b2 took 1.33 s with a blocked
     bf16 backward against 1.25 s gathered)."""
-    if y.device.type != "cpu":
-        return False
-    return not (precision == "bf16" and native and y.dtype != torch.float64)
+    return y.device.type == "cpu" and not _native_bf16(y, precision, native)
 
 
 def _project(y, weight, bias, lmax, mmax, num_taps, precision, native, backend) -> _Projection:
     e, _, r, c = y.shape
     h = weight.shape[0]
-    rows = tap_rows(lmax, mmax, num_taps, y.device)
     if tap_symmetry(lmax, mmax, num_taps).num_taps == 1:
         ys, ws = gemm_inputs((y.reshape(e, -1), weight), precision, native)
         return _Projection(gemm_mm(ys, ws.t(), precision, native).add_(bias), None)
+    rows = tap_rows(lmax, mmax, num_taps, y.device)
     if _row_blocked(y, precision, native):
         y3, w3 = gemm_inputs(
             (y.reshape(e, 2 * r, c), weight.reshape(-1, 2 * r, c)), precision, native

@@ -38,8 +38,3 @@ def workspace(
         buf = torch.empty(numel, dtype=dtype)
         buffers[key] = buf
     return buf[:numel].view(shape)
-
-
-def release_workspaces() -> None:
-    """Free this thread's buffers (they are rebuilt on the next call that needs them)."""
-    _local.buffers = {}
