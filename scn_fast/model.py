@@ -39,8 +39,15 @@ from .ops import (
 )
 from .ops.grid_projection import grid_constants, grid_projection
 from .ops.output_heads import heads_constants, output_heads
-from .ops.tap_combine import combine_tables, tap_combine
-from .precision import Linear, check_precision, gemm_operand, gemm_support, linear_operands
+from .ops.tap_combine import combine_tables, identical_taps, tap_combine
+from .precision import (
+    Linear,
+    check_precision,
+    gemm_operand,
+    gemm_support,
+    linear_operands,
+    low_precision_linear,
+)
 from .smearing import make_distance_expansion
 
 logger = logging.getLogger(__name__)
@@ -333,6 +340,47 @@ class MessageBlock(nn.Module):
         m = m.view(-1, 1, res.sphere_basis_reduce, c)
         return scatter_aggregation(m, wig, csr_target, res.lmax, res.mmax, scatter_backend)
 
+    def forward_fused_invariant(
+        self,
+        x0: torch.Tensor,
+        x_edge: torch.Tensor,
+        wig: torch.Tensor,
+        csr_both: EdgeCSR,
+        csr_target: EdgeCSR,
+        scatter_backend: str,
+    ) -> torch.Tensor:
+        """:meth:`forward_fused` for an input of degree 0 alone (the first interaction, whose x holds
+        the atom embeddings in its l = 0 row and zeros elsewhere): x0 (N, C') the l = 0 row ->
+        (N, S_L, C'), the same messages (up to rounding) with a fraction of the work.
+
+        Every rotation is the identity on degree 0 and maps zeros to zeros, so every tap's rotated
+        input is [x0[src], 0, ..., x0[tgt], 0, ...]: fc1_edge_proj reduces to its two l = 0 column
+        blocks, applied per atom (N rows, not 4E) and gathered per edge; the taps are equal, so
+        fc1_edge and fc2_edge run once per edge (E rows, not 4E); equal taps combine row by row
+        (``identical_taps``: the m = +-1 rows cancel for 4 taps), so fc2_edge only computes the
+        rows that survive. No edge rotation runs; the rotation back and the sum into targets do."""
+        res, c, h = self.res, self.sphere_channels_reduce, self.hidden_channels
+        r = res.sphere_basis_reduce
+        gate = self.act(self.fc1_dist(x_edge))
+        proj, fc2 = self.fc1_edge_proj, self.fc2_edge
+        # fc1_edge_proj's input columns are (side, row, channel): the l = 0 row of both sides
+        w_l0 = proj.weight.view(h, 2, r, c)[:, :, 0].transpose(0, 1).reshape(2 * h, c)
+        per_atom = low_precision_linear(x0, w_l0, None, proj.precision, proj.precision_native).view(
+            -1, 2, h
+        )
+        src, tgt = csr_both.idx[:, 0], csr_both.idx[:, 1]
+        pre = per_atom[src, 0] + per_atom[tgt, 1] + proj.bias
+        m = self.act(pre) * gate
+        m = self.act(self.fc1_edge(m))
+        rows, scale = identical_taps(res.lmax, res.mmax, res.taps_arg, m.dtype, m.device)
+        w2 = fc2.weight.view(r, c, h)[rows].view(-1, h)
+        b2 = fc2.bias.view(r, c)[rows].view(-1)
+        z = low_precision_linear(m, w2, b2, fc2.precision, fc2.precision_native)
+        z = self.act(z).view(-1, len(rows), c) * scale.view(1, -1, 1)
+        msg = z.new_zeros((z.shape[0], 1, r, c))
+        msg[:, 0, rows] = z
+        return scatter_aggregation(msg, wig, csr_target, res.lmax, res.mmax, scatter_backend)
+
 
 class EdgeBlock(nn.Module):
     """One interaction: messages from every resolution summed into targets, then (use_grid) a
@@ -374,8 +422,15 @@ class EdgeBlock(nn.Module):
             self.fc3_sphere = Linear(2 * channels_reduce, channels_reduce)
 
     def forward(
-        self, x: torch.Tensor, atomic_numbers: torch.Tensor, ctx: EdgeContext
+        self,
+        x: torch.Tensor,
+        atomic_numbers: torch.Tensor,
+        ctx: EdgeContext,
+        degree0_input: bool = False,
     ) -> torch.Tensor:
+        """x (N, S, C) -> (N, S, C). ``degree0_input``: x is zero outside its l = 0 row (the first
+        interaction); the fused message path then skips the work that zeros make redundant
+        (:meth:`MessageBlock.forward_fused_invariant`)."""
         c, cr, s = self.sphere_channels, self.sphere_channels_reduce, self.sphere_basis
         ei = ctx.edge_index
         # The fused path computes the shared distance expansion once per forward (exact); the
@@ -395,10 +450,15 @@ class EdgeBlock(nn.Module):
                     x_down[:, : res.sphere_basis, :], x_edge[lo:hi], ei[:, lo:hi], *ctx.dense(r)
                 )
                 x_new[:, : res.sphere_basis, :].index_add_(0, ei[1, lo:hi], msg.to(x_new.dtype))
+            elif degree0_input:
+                summed = block.forward_fused_invariant(
+                    x_down[:, 0], x_edge[lo:hi], ctx.compact(r), *ctx.csr(r), scatter
+                )
             else:
                 summed = block.forward_fused(
                     x_down, x_edge[lo:hi], ctx.compact(r), *ctx.csr(r), rotate, scatter
                 )
+            if rotate != "reference":
                 x_new[:, : res.sphere_basis, :] += summed
         if self.grid is not None:
             grid_backend = ctx.dispatcher.choose(
@@ -730,6 +790,7 @@ class SphericalChannelNetwork(nn.Module):
                 ctx.compact(r)
                 ctx.csr(r)
                 combine_tables(res.lmax, res.mmax, res.taps_arg, like.dtype, like.device)
+                identical_taps(res.lmax, res.mmax, res.taps_arg, like.dtype, like.device)
         if self.grid is not None:
             request = OpRequest(
                 "grid_projection", like.device, like.dtype, self.grid.lmax, 0, 1, cr
@@ -784,7 +845,7 @@ class SphericalChannelNetwork(nn.Module):
         x = st.pos.new_zeros((len(z), self.sphere_basis, self.sphere_channels))
         x[:, 0, :] = self.sphere_embedding(z)
         for i, block in enumerate(self.edge_blocks):
-            y = block(x, z, ctx)
+            y = block(x, z, ctx, degree0_input=i == 0)
             x = x + y if i > 0 else y
         return self._heads(x, st)
 

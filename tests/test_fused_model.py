@@ -117,3 +117,49 @@ def test_extension_training_step_is_bit_reproducible():
     model = build(g, torch.float32, use_fused=True, backend="extension")
     a, b = _loss_grads(model, g), _loss_grads(model, g)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "name", ["tiny__pt_bulk_rattled.pt", "variant_taps1_linsig__cu111_co.pt"], ids=["t4", "t1"]
+)
+def test_degree0_message_path_matches_general_path(name):
+    """The first interaction's shortcut (input of degree 0 alone: no rotation, per-atom projection,
+    one tap, surviving rows only) gives the general fused path's messages and gradients (float64)."""
+    from scn_fast.ops.tap_combine import identical_taps
+
+    g = load_golden(name)
+    model = build(g, torch.float64, use_fused=True, backend="extension")
+    st, ctx = model.prepare(golden_inputs(g))
+    z = st.atomic_numbers
+    block = model.edge_blocks[0]
+    x_edge = block.dist_block(
+        ctx.edge_distance,
+        z[ctx.edge_index[0]],
+        z[ctx.edge_index[1]],
+        ctx.basis(block.distance_expansion),
+    ).detach()
+    for r, mb in enumerate(block.message_blocks):
+        lo, hi = ctx.span(r)
+        x0 = torch.randn(len(z), mb.sphere_channels_reduce, dtype=torch.float64, requires_grad=True)
+        x = torch.zeros(len(z), mb.res.sphere_basis, x0.shape[1], dtype=torch.float64)
+        x = x.index_copy(1, torch.tensor([0]), x0.unsqueeze(1))
+        general = mb.forward_fused(
+            x, x_edge[lo:hi], ctx.compact(r), *ctx.csr(r), "extension", "extension"
+        )
+        short = mb.forward_fused_invariant(
+            x0, x_edge[lo:hi], ctx.compact(r), *ctx.csr(r), "extension"
+        )
+        assert torch.allclose(short, general, rtol=0, atol=1e-12 * general.abs().max().item())
+        probe = torch.randn_like(general)
+        grads_general = torch.autograd.grad((general * probe).sum(), [x0, *mb.parameters()])
+        grads_short = torch.autograd.grad((short * probe).sum(), [x0, *mb.parameters()])
+        for a, b in zip(grads_short, grads_general, strict=True):
+            assert torch.allclose(a, b, rtol=0, atol=1e-11 * max(b.abs().max().item(), 1e-30))
+        rows, scale = identical_taps(
+            mb.res.lmax, mb.res.mmax, mb.res.taps_arg, torch.float64, "cpu"
+        )
+        assert torch.equal(scale, torch.ones_like(scale))
+        if mb.res.num_taps == 4:  # the m = +-1 rows cancel
+            assert len(rows) == mb.res.lmax + 1
+        else:
+            assert len(rows) == mb.res.sphere_basis_reduce

@@ -59,6 +59,36 @@ def combine_tables(
     return _TABLES[key]
 
 
+@cache
+def _identical_taps_f64(lmax: int, mmax: int, num_taps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    mapping = so3.tap_set(lmax, mmax, num_taps).mapping  # (T*R, R), float64
+    r = mapping.shape[1]
+    summed = mapping.view(-1, r, r).sum(0)  # [r_in, r_out]: the mapping seen by equal taps
+    scale = summed.diagonal().clone()
+    off = summed - torch.diag(scale)
+    if off.abs().max() > 1e-12:
+        raise AssertionError("equal taps do not combine row by row (off-diagonal terms)")
+    scale[scale.abs() <= 1e-12] = 0.0
+    rows = torch.nonzero(scale).flatten()
+    return rows, scale[rows].contiguous()
+
+
+def identical_taps(
+    lmax: int, mmax: int, num_taps: int, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """How the tap combination acts when every tap carries the same z (E, R, C): row by row,
+    ``m[:, rows] = scale * silu(z[:, rows] + bias[rows])`` and every other row 0. (rows (K,) int64,
+    scale (K,) in dtype), on device. For mmax = 1 with 4 taps the m = 0 rows keep scale 1 and the
+    m = +-1 rows cancel (taps 2 and 3 rotate them back with the opposite sign of taps 0 and 1); with
+    one tap every row has scale 1. An input of degree 0 alone (the first interaction's atom
+    embeddings) gives equal taps: its rotations are the identity in every tap."""
+    key = ("identical", lmax, mmax, num_taps, dtype, torch.device(device))
+    if key not in _TABLES:
+        rows, scale = _identical_taps_f64(lmax, mmax, num_taps)
+        _TABLES[key] = (rows.to(device), scale.to(dtype=dtype, device=device))
+    return _TABLES[key]
+
+
 def _forward_reference(z, bias, src, coef):
     q, r = z.shape[1], bias.shape[0]
     act = F.silu(z.to(bias.dtype) + bias.repeat(q // r, 1))
