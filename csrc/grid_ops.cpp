@@ -30,6 +30,11 @@
 // grid_mlp_backward(grad_out, same inputs) -> [dx_down, dx_new, dw1, db1, dw2, db2, dw3, db3]
 //   recomputes each tile's forward (nothing saved across tiles) and runs the chain rule backwards
 //   through the same GEMMs; weight gradients accumulate over tiles.
+// grid_mlp_forward_saving(same inputs) -> [out, A1 (N*G*H1,), A2 (N*G*H2,)] and
+// grid_mlp_backward_saved(grad_out, x_down, x_new, A1, A2, the other inputs) -> as above: the
+//   pre-activations of fc1 and fc2 kept from the forward (each tile's rows in its (g, z) order, so
+//   the same tile_atoms must be passed to both), so the backward runs no forward GEMM: ~45% fewer
+//   GEMM FLOPs for G*(H1+H2) saved numbers per atom (645 KB at L = 6, 2 bands, float32).
 //
 // sphere_heads_forward(x (N, S, C), sh (P, S), weights [w1, b1, w2, b2, w3, b3 per head],
 //                      point_weights [V_k (P, d_k) per head], tile_atoms) -> [out_k (N, d_k)]
@@ -233,13 +238,22 @@ void tile_first_layer(const Tensor& X, const Tensor& Q, Tensor h1, Tensor pre,
   bias_silu(acc, b1, pre, h1);
 }
 
-Tensor grid_mlp_forward(const Tensor& x_down, const Tensor& x_new, const Tensor& to_grid,
-                        const Tensor& from_grid, const Tensor& w1, const Tensor& b1,
-                        const Tensor& w2, const Tensor& b2, const Tensor& w3, const Tensor& b3,
-                        int64_t tile_atoms, bool bf16_gemms) {
+// Tile t's region (atoms z0 .. z0+n) of a saved (N*G*width) activation, in the tile's (g, z) row
+// order: (G, n*width).
+Tensor saved_tile(const Tensor& all, int64_t z0, int64_t n, int64_t width, const GridSizes& z) {
+  return all.narrow(0, z0 * z.G * width, z.G * n * width).view({z.G, n * width});
+}
+
+// The forward; with a1_all / a2_all defined ((N*G*H1,), (N*G*H2,)) it also writes the pre-activations
+// of fc1 and fc2 there (for a backward that need not recompute them).
+Tensor forward_impl(const Tensor& x_down, const Tensor& x_new, const Tensor& to_grid,
+                    const Tensor& from_grid, const Tensor& w1, const Tensor& b1, const Tensor& w2,
+                    const Tensor& b2, const Tensor& w3, const Tensor& b3, int64_t tile_atoms,
+                    bool bf16_gemms, const Tensor& a1_all, const Tensor& a2_all) {
   const auto z = check_grid(x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3, tile_atoms);
   auto out = at::empty({z.N, z.S, z.C3}, x_down.options());
   if (z.N == 0) return out;
+  const bool save = a1_all.defined();
   const Gemm gemm{check_bf16_gemms(bf16_gemms, x_down)};
   const int64_t nt = std::min(tile_atoms, z.N);
   const auto opt = x_down.options();
@@ -254,10 +268,17 @@ Tensor grid_mlp_forward(const Tensor& x_down, const Tensor& x_new, const Tensor&
     auto x = X.view({z.S * n, 2 * z.C});
     load_tile(x, x_down, x_new, z0, n, z);
     auto h1 = H1.view({z.G, n * z.H1});
-    tile_first_layer(x, Q.view({z.b, z.S * n, z.H1}), h1, Tensor(), to_grid, W1r, b1, n, z, gemm);
+    const Tensor a1 = save ? saved_tile(a1_all, z0, n, z.H1, z) : Tensor();
+    tile_first_layer(x, Q.view({z.b, z.S * n, z.H1}), h1, a1, to_grid, W1r, b1, n, z, gemm);
     auto h2 = H2.view({z.G * n, z.H2});
-    gemm.mm(h2, gemm.op(h1.view({z.G * n, z.H1})), w2t);
-    bias_silu(h2, b2, Tensor(), h2);
+    if (save) {
+      auto a2 = saved_tile(a2_all, z0, n, z.H2, z).view({z.G * n, z.H2});
+      gemm.mm(a2, gemm.op(h1.view({z.G * n, z.H1})), w2t);
+      bias_silu(a2, b2, a2, h2);
+    } else {
+      gemm.mm(h2, gemm.op(h1.view({z.G * n, z.H1})), w2t);
+      bias_silu(h2, b2, Tensor(), h2);
+    }
     auto u = U.view({z.S, n * z.H2});
     at::mm_out(u, from_grid, h2.view({z.G, n * z.H2}));
     auto o = O.view({z.S * n, z.C3});
@@ -268,15 +289,48 @@ Tensor grid_mlp_forward(const Tensor& x_down, const Tensor& x_new, const Tensor&
   return out;
 }
 
-std::vector<Tensor> grid_mlp_backward(const Tensor& grad_out, const Tensor& x_down,
-                                      const Tensor& x_new, const Tensor& to_grid,
-                                      const Tensor& from_grid, const Tensor& w1, const Tensor& b1,
-                                      const Tensor& w2, const Tensor& b2, const Tensor& w3,
-                                      const Tensor& b3, int64_t tile_atoms, bool bf16_gemms) {
+Tensor grid_mlp_forward(const Tensor& x_down, const Tensor& x_new, const Tensor& to_grid,
+                        const Tensor& from_grid, const Tensor& w1, const Tensor& b1,
+                        const Tensor& w2, const Tensor& b2, const Tensor& w3, const Tensor& b3,
+                        int64_t tile_atoms, bool bf16_gemms) {
+  return forward_impl(x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3, tile_atoms,
+                      bf16_gemms, Tensor(), Tensor());
+}
+
+std::vector<Tensor> grid_mlp_forward_saving(const Tensor& x_down, const Tensor& x_new,
+                                            const Tensor& to_grid, const Tensor& from_grid,
+                                            const Tensor& w1, const Tensor& b1, const Tensor& w2,
+                                            const Tensor& b2, const Tensor& w3, const Tensor& b3,
+                                            int64_t tile_atoms, bool bf16_gemms) {
+  const auto z = check_grid(x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3, tile_atoms);
+  auto a1_all = at::empty({z.N * z.G * z.H1}, x_down.options());
+  auto a2_all = at::empty({z.N * z.G * z.H2}, x_down.options());
+  auto out = forward_impl(x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3, tile_atoms,
+                          bf16_gemms, a1_all, a2_all);
+  return {out, a1_all, a2_all};
+}
+
+// The backward; with a1_all / a2_all defined (from grid_mlp_forward_saving with the same
+// tile_atoms) the tile's forward is not recomputed: only SiLU of the saved pre-activations and the
+// small back-projection U = F H2.
+std::vector<Tensor> backward_impl(const Tensor& grad_out, const Tensor& x_down, const Tensor& x_new,
+                                  const Tensor& to_grid, const Tensor& from_grid, const Tensor& w1,
+                                  const Tensor& b1, const Tensor& w2, const Tensor& b2,
+                                  const Tensor& w3, const Tensor& b3, int64_t tile_atoms,
+                                  bool bf16_gemms, const Tensor& a1_all, const Tensor& a2_all) {
   const auto z = check_grid(x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3, tile_atoms);
   const Gemm gemm{check_bf16_gemms(bf16_gemms, x_down)};
   check_float(grad_out, "grad_out", x_down);
   check_shape(grad_out, "grad_out (N, S, C3)", {z.N, z.S, z.C3});
+  const bool saved = a1_all.defined();
+  if (saved) {
+    check_float(a1_all, "a1", x_down);
+    check_float(a2_all, "a2", x_down);
+    check_shape(a1_all, "saved a1 (N*G*H1,)", {z.N * z.G * z.H1});
+    check_shape(a2_all, "saved a2 (N*G*H2,)", {z.N * z.G * z.H2});
+    TORCH_CHECK(a1_all.is_contiguous() && a2_all.is_contiguous(),
+                "scn_fast_ext: saved activations must be contiguous");
+  }
   const auto opt = x_down.options();
   auto dx_down = at::empty_like(x_down);
   auto dx_new = at::empty_like(x_new);
@@ -297,25 +351,33 @@ std::vector<Tensor> grid_mlp_backward(const Tensor& grad_out, const Tensor& x_do
   const Tensor w2g = gemm.op(w2), w3g = gemm.op(w3);
   const Tensor w2t = w2g.t();
   const Tensor fsum = from_grid.sum(1);
-  Scratch X(z.S * nt * 2 * z.C, opt), Q(z.b * z.S * nt * z.H1, opt), A1(z.G * nt * z.H1, opt),
-      H1(z.G * nt * z.H1, opt), A2(z.G * nt * z.H2, opt), H2(z.G * nt * z.H2, opt),
-      U(z.S * nt * z.H2, opt), dO(z.S * nt * z.C3, opt), dU(z.S * nt * z.H2, opt),
-      dX(z.S * nt * 2 * z.C, opt);
+  Scratch X(z.S * nt * 2 * z.C, opt), Q(z.b * z.S * nt * z.H1, opt),
+      A1(saved ? 0 : z.G * nt * z.H1, opt), H1(z.G * nt * z.H1, opt),
+      A2(saved ? 0 : z.G * nt * z.H2, opt), H2(z.G * nt * z.H2, opt), U(z.S * nt * z.H2, opt),
+      dO(z.S * nt * z.C3, opt), dU(z.S * nt * z.H2, opt), dX(z.S * nt * 2 * z.C, opt);
   for (int64_t z0 = 0; z0 < z.N; z0 += nt) {
     const int64_t n = std::min(nt, z.N - z0);
     const int64_t rows = z.G * n;
-    // ---- recompute the tile's forward
     auto x = X.view({z.S * n, 2 * z.C});
     load_tile(x, x_down, x_new, z0, n, z);
     auto q = Q.view({z.b, z.S * n, z.H1});
-    auto a1 = A1.view({z.G, n * z.H1});
     auto h1 = H1.view({z.G, n * z.H1});
-    tile_first_layer(x, q, h1, a1, to_grid, W1r, b1, n, z, gemm);
-    const Tensor h1g = gemm.op(h1.view({rows, z.H1}));  // fc2's operand, also dw2's
-    auto a2 = A2.view({rows, z.H2});
-    gemm.mm(a2, h1g, w2t);
     auto h2 = H2.view({rows, z.H2});
-    bias_silu(a2, b2, a2, h2);
+    Tensor a1, a2, h1g;
+    if (saved) {  // ---- the tile's activations from its saved pre-activations
+      a1 = saved_tile(a1_all, z0, n, z.H1, z);
+      a2 = saved_tile(a2_all, z0, n, z.H2, z).view({rows, z.H2});
+      at::silu_out(h1, a1);
+      h1g = gemm.op(h1.view({rows, z.H1}));
+      at::silu_out(h2, a2);
+    } else {  // ---- recompute the tile's forward
+      a1 = A1.view({z.G, n * z.H1});
+      tile_first_layer(x, q, h1, a1, to_grid, W1r, b1, n, z, gemm);
+      h1g = gemm.op(h1.view({rows, z.H1}));  // fc2's operand, also dw2's
+      a2 = A2.view({rows, z.H2});
+      gemm.mm(a2, h1g, w2t);
+      bias_silu(a2, b2, a2, h2);
+    }
     auto u = U.view({z.S, n * z.H2});
     at::mm_out(u, from_grid, h2.view({z.G, n * z.H2}));
     // ---- fc3 and the back-projection: out[(i,z)] = U[(i,z)] w3^T + fsum[i] b3
@@ -356,6 +418,26 @@ std::vector<Tensor> grid_mlp_backward(const Tensor& grad_out, const Tensor& x_do
     dx_new.narrow(0, z0, n).transpose(0, 1).copy_(dxv.select(2, 1));
   }
   return finish();
+}
+
+std::vector<Tensor> grid_mlp_backward(const Tensor& grad_out, const Tensor& x_down,
+                                      const Tensor& x_new, const Tensor& to_grid,
+                                      const Tensor& from_grid, const Tensor& w1, const Tensor& b1,
+                                      const Tensor& w2, const Tensor& b2, const Tensor& w3,
+                                      const Tensor& b3, int64_t tile_atoms, bool bf16_gemms) {
+  return backward_impl(grad_out, x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3,
+                       tile_atoms, bf16_gemms, Tensor(), Tensor());
+}
+
+std::vector<Tensor> grid_mlp_backward_saved(const Tensor& grad_out, const Tensor& x_down,
+                                            const Tensor& x_new, const Tensor& a1,
+                                            const Tensor& a2, const Tensor& to_grid,
+                                            const Tensor& from_grid, const Tensor& w1,
+                                            const Tensor& b1, const Tensor& w2, const Tensor& b2,
+                                            const Tensor& w3, const Tensor& b3, int64_t tile_atoms,
+                                            bool bf16_gemms) {
+  return backward_impl(grad_out, x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3,
+                       tile_atoms, bf16_gemms, a1, a2);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -564,6 +646,14 @@ TORCH_LIBRARY_FRAGMENT(scn_fast_ext, m) {
       "Tensor from_grid, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor w3, Tensor b3, "
       "int tile_atoms, bool bf16_gemms=False) -> Tensor[]");
   m.def(
+      "grid_mlp_forward_saving(Tensor x_down, Tensor x_new, Tensor to_grid, Tensor from_grid, "
+      "Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor w3, Tensor b3, int tile_atoms, "
+      "bool bf16_gemms=False) -> Tensor[]");
+  m.def(
+      "grid_mlp_backward_saved(Tensor grad_out, Tensor x_down, Tensor x_new, Tensor a1, Tensor a2, "
+      "Tensor to_grid, Tensor from_grid, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor w3, "
+      "Tensor b3, int tile_atoms, bool bf16_gemms=False) -> Tensor[]");
+  m.def(
       "sphere_heads_forward(Tensor x, Tensor sh, Tensor[] weights, Tensor[] point_weights, "
       "int tile_atoms) -> Tensor[]");
   m.def(
@@ -574,6 +664,8 @@ TORCH_LIBRARY_FRAGMENT(scn_fast_ext, m) {
 TORCH_LIBRARY_IMPL(scn_fast_ext, CompositeExplicitAutograd, m) {
   m.impl("grid_mlp_forward", &scn_fast::grid::grid_mlp_forward);
   m.impl("grid_mlp_backward", &scn_fast::grid::grid_mlp_backward);
+  m.impl("grid_mlp_forward_saving", &scn_fast::grid::grid_mlp_forward_saving);
+  m.impl("grid_mlp_backward_saved", &scn_fast::grid::grid_mlp_backward_saved);
   m.impl("sphere_heads_forward", &scn_fast::grid::sphere_heads_forward);
   m.impl("sphere_heads_backward", &scn_fast::grid::sphere_heads_backward);
 }

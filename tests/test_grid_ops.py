@@ -144,16 +144,35 @@ def grid_params(layers):
     return [t for m in layers for t in (m.weight, m.bias)]
 
 
-def check_grid(backend, lmax, bands, channels, n_atoms, dtype, tile_atoms, ran):
+def forward_ran(ran, backend: str, saved: bool) -> int:
+    """Calls of the forward entry point the saving mode uses (``saved``) or the recompute one."""
+    return ran[(backend, "grid_mlp_forward_saving" if saved else "grid_mlp_forward")]
+
+
+def backward_ran(ran, backend: str, saved: bool) -> int:
+    return ran[(backend, "grid_mlp_backward_saved" if saved else "grid_mlp_backward")]
+
+
+def check_grid(backend, lmax, bands, channels, n_atoms, dtype, tile_atoms, ran, save=None):
+    """The op against upstream's computation, forward and every gradient. save: the
+    save_activations argument (None: the op chooses; on CPU the extension saves)."""
     device = device_for(backend)
     xd, xn, layers = make_grid_problem(lmax, bands, channels, n_atoms, dtype, device)
     params = grid_params(layers)
     ref = reference_grid(Grid(lmax, bands), xd, xn, *layers)
     out = gp.grid_mlp(
-        xd, xn, *layers, lmax=lmax, num_bands=bands, backend=backend, tile_atoms=tile_atoms
+        xd,
+        xn,
+        *layers,
+        lmax=lmax,
+        num_bands=bands,
+        backend=backend,
+        tile_atoms=tile_atoms,
+        save_activations=save,
     )
+    saved = save if save is not None else gp.saves_activations(backend, (xd,))
     assert out.shape == ref.shape and out.dtype == dtype and out.device == ref.device
-    assert ran[(backend, "grid_mlp_forward")] >= 1
+    assert forward_ran(ran, backend, saved) >= 1
     tol = TOLS[dtype]
     assert rel_max_error(out, ref) <= tol
     if n_atoms == 0:
@@ -164,7 +183,7 @@ def check_grid(backend, lmax, bands, channels, n_atoms, dtype, tile_atoms, ran):
     inputs = [xd, xn, *params]
     want = torch.autograd.grad(ref, inputs, gout)
     got = torch.autograd.grad(out, inputs, gout)
-    assert ran[(backend, "grid_mlp_backward")] >= 1
+    assert backward_ran(ran, backend, saved) >= 1
     names = ["x_down", "x_new", "w1", "b1", "w2", "b2", "w3", "b3"]
     for name, a, b in zip(names, got, want, strict=True):
         assert a.shape == b.shape, name
@@ -220,6 +239,21 @@ def test_grid_matches_reference(backend, lmax, bands, channels, atoms, tile, dty
     check_grid(backend, lmax, bands, channels, atoms, dtype, tile, ran)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize(("lmax", "bands", "channels", "atoms", "tile"), GRID_CASES[::2])
+@pytest.mark.parametrize("save", [False, True], ids=["recompute", "saved"])
+def test_grid_extension_both_backward_modes(save, lmax, bands, channels, atoms, tile, dtype, ran):
+    """The extension's backward that recomputes each tile (GPUs, inference-only callers) and the one
+    that reads the forward's saved pre-activations (CPU training), both against upstream."""
+    check_grid("extension", lmax, bands, channels, atoms, dtype, tile, ran, save=save)
+
+
+def test_grid_save_activations_refused_off_cpu_extension():
+    xd, xn, layers = make_grid_problem(1, 1, 2, 2, torch.float64, "cpu")
+    with pytest.raises(ValueError, match="save_activations needs the extension"):
+        gp.grid_mlp(xd, xn, *layers, lmax=1, num_bands=1, backend="triton", save_activations=True)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("atoms", [0, 1])
 def test_grid_edge_sizes(backend, atoms, ran):
@@ -252,7 +286,7 @@ def test_grid_large_activations(backend, ran):
         torch.autograd.grad(out, inputs, gout), torch.autograd.grad(ref, inputs, gout), strict=True
     ):
         assert rel_max_error(a, b) <= TOL["op_fp32"]
-    assert ran[(backend, "grid_mlp_backward")] >= 1
+    assert backward_ran(ran, backend, gp.saves_activations(backend, (xd,))) >= 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -268,18 +302,30 @@ def test_grid_tile_independent(backend, ran):
         assert rel_max_error(o, outs[0]) <= 1e-13
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_grid_gradcheck(backend, ran):
-    """float64 gradcheck w.r.t. x_down, x_new and every weight and bias (two tiles, ragged)."""
+@pytest.mark.parametrize(
+    ("backend", "save"), [("extension", False), ("extension", True), ("triton", False)]
+)
+def test_grid_gradcheck(backend, save, ran):
+    """float64 gradcheck w.r.t. x_down, x_new and every weight and bias (two tiles, ragged), for
+    each backward (recomputing, and the extension's from saved pre-activations)."""
     device = device_for(backend)
     xd, xn, layers = make_grid_problem(1, 2, 2, 3, torch.float64, device)
     params = [p.detach().clone().requires_grad_() for p in grid_params(layers)]
 
     def fn(xd, xn, *ps):
-        return gp.grid_projection(xd, xn, *ps, lmax=1, num_bands=2, backend=backend, tile_atoms=2)
+        return gp.grid_projection(
+            xd,
+            xn,
+            *ps,
+            lmax=1,
+            num_bands=2,
+            backend=backend,
+            tile_atoms=2,
+            save_activations=save,
+        )
 
     assert torch.autograd.gradcheck(fn, (xd, xn, *params), fast_mode=True)
-    assert ran[(backend, "grid_mlp_backward")] >= 1
+    assert backward_ran(ran, backend, save) >= 1
 
 
 def test_grid_reference_backend_is_upstream():
@@ -534,9 +580,16 @@ def test_no_grid_sized_allocation(backend, ran):
         ref_largest, _ = allocations(lambda: reference_grid(Grid(lmax, bands), xd, xn, *layers))
     assert ref_largest >= grid_bytes  # the instrument sees the reference's grid tensor
 
-    def fused():
+    def fused():  # the recomputing backward (what GPUs run): nothing of grid size is kept
         return gp.grid_mlp(
-            xd, xn, *layers, lmax=lmax, num_bands=bands, backend=backend, tile_atoms=2
+            xd,
+            xn,
+            *layers,
+            lmax=lmax,
+            num_bands=bands,
+            backend=backend,
+            tile_atoms=2,
+            save_activations=False,
         )
 
     with torch.no_grad():
@@ -639,7 +692,7 @@ def test_cuda_grid_scn_t4_b2(backend, bands, ran):
         torch.autograd.grad(out, inputs, gout), torch.autograd.grad(ref, inputs, gout), strict=True
     ):
         assert rel_max_error(a, b) <= TOL["op_fp32"]
-    assert ran[(backend, "grid_mlp_backward")] >= 1
+    assert backward_ran(ran, backend, gp.saves_activations(backend, (xd,))) >= 1
 
 
 @pytest.mark.gpu
