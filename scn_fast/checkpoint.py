@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .model import SphericalChannelNetwork
+from .tap_order import params_to_model, params_to_upstream
 
 MODEL_NAMES = ("scn", "SphericalChannelNetwork", "spherical_channel_network")
 
@@ -149,8 +150,8 @@ def _load_ema(model: torch.nn.Module, ema: Mapping[str, Any]) -> None:
     ]
     if bad:
         raise ValueError(f"checkpoint EMA shadow parameters {bad} do not match the model's shapes")
-    with torch.no_grad():
-        for s, p in zip(shadow, params, strict=True):
+    with torch.no_grad():  # shadow parameters are in upstream's layout (tap_order)
+        for s, p in zip(params_to_model(model, shadow), params, strict=True):
             p.copy_(s)
 
 
@@ -232,6 +233,7 @@ def save_checkpoint(
     optim = dict(optim_config or {})
     if ema_decay is not None:
         optim["ema_decay"] = ema_decay
+    ema_shadow = None if ema_shadow is None else params_to_upstream(module, list(ema_shadow))
     ckpt: dict[str, Any] = {
         "epoch": epoch,
         "step": step,

@@ -40,6 +40,7 @@ from .ops import (
 from .ops.grid_projection import grid_constants, grid_projection
 from .ops.output_heads import heads_constants, output_heads
 from .ops.tap_combine import combine_tables, identical_taps, tap_combine
+from .ops.tap_projection import has_tap_order
 from .precision import (
     Linear,
     check_precision,
@@ -49,6 +50,7 @@ from .precision import (
     low_precision_linear,
 )
 from .smearing import make_distance_expansion
+from .tap_order import TapOrderedLinear
 
 logger = logging.getLogger(__name__)
 
@@ -265,15 +267,27 @@ class MessageBlock(nn.Module):
     taps, rotate back. Returns (E_r, S_L, C') per edge."""
 
     def __init__(
-        self, channels: int, hidden: int, num_basis: int, res: Resolution, act: nn.Module
+        self,
+        channels: int,
+        hidden: int,
+        num_basis: int,
+        res: Resolution,
+        act: nn.Module,
+        tap_ordered: bool = False,
     ) -> None:
+        """``tap_ordered`` (the fused model): hold fc1_edge_proj's weight in tap order when the
+        resolution has 4 taps (``scn_fast.tap_order``; state_dict stays upstream's)."""
         super().__init__()
         self.act = act
         self.hidden_channels = hidden
         self.sphere_channels_reduce = channels
         self.res = res
         self.fc1_dist = Linear(num_basis, hidden)
-        self.fc1_edge_proj = Linear(2 * res.sphere_basis_reduce * channels, hidden)
+        width = 2 * res.sphere_basis_reduce * channels
+        if tap_ordered and has_tap_order(res.lmax, res.mmax, res.taps_arg):
+            self.fc1_edge_proj = TapOrderedLinear(width, hidden, res.lmax, res.mmax, res.taps_arg)
+        else:
+            self.fc1_edge_proj = Linear(width, hidden)
         self.fc1_edge = Linear(hidden, hidden)
         self.fc2_edge = Linear(hidden, res.sphere_basis_reduce * channels)
 
@@ -330,6 +344,7 @@ class MessageBlock(nn.Module):
             proj.precision,
             proj.precision_native,
             scatter_backend,
+            weight_order="tap" if isinstance(proj, TapOrderedLinear) else "upstream",
         )
         m = self.act(self.fc1_edge(m.view(-1, h)))
         # a native bf16 GEMM's output goes to the extension's tap_combine as it is (bf16)
@@ -363,8 +378,11 @@ class MessageBlock(nn.Module):
         r = res.sphere_basis_reduce
         gate = self.act(self.fc1_dist(x_edge))
         proj, fc2 = self.fc1_edge_proj, self.fc2_edge
-        # fc1_edge_proj's input columns are (side, row, channel): the l = 0 row of both sides
-        w_l0 = proj.weight.view(h, 2, r, c)[:, :, 0].transpose(0, 1).reshape(2 * h, c)
+        # fc1_edge_proj's input columns are (side, row, channel): the l = 0 row of both sides, at
+        # rows 0 and R in upstream's order, 0 and R0 in tap order (the m = 0 rows of each side first)
+        second = res.lmax + 1 if isinstance(proj, TapOrderedLinear) else r
+        w_l0 = proj.weight.view(h, 2 * r, c)[:, 0 : second + 1 : second]
+        w_l0 = w_l0.transpose(0, 1).reshape(2 * h, c)
         per_atom = low_precision_linear(x0, w_l0, None, proj.precision, proj.precision_native).view(
             -1, 2, h
         )
@@ -397,6 +415,7 @@ class EdgeBlock(nn.Module):
         num_basis: int,
         num_gaussians: int,
         act: nn.Module,
+        tap_ordered: bool = False,
     ) -> None:
         super().__init__()
         self.num_resolutions = len(resolutions)
@@ -410,7 +429,8 @@ class EdgeBlock(nn.Module):
         self.sphere_basis = resolutions[0].sphere_basis
         self.dist_block = DistanceBlock(num_gaussians, num_basis, expansion, max_elements, act)
         self.message_blocks = nn.ModuleList(
-            MessageBlock(channels_reduce, r.hidden, num_basis, r, act) for r in resolutions
+            MessageBlock(channels_reduce, r.hidden, num_basis, r, act, tap_ordered)
+            for r in resolutions
         )
         if channels != channels_reduce:
             self.downsample = Linear(channels, channels_reduce, bias=False)
@@ -653,6 +673,7 @@ class SphericalChannelNetwork(nn.Module):
                 num_basis_functions,
                 self.num_gaussians,
                 self.act,
+                tap_ordered=use_fused,
             )
             for _ in range(num_interactions)
         )

@@ -35,6 +35,7 @@ from .datasets import LabeledBatch, SampleOrder, TrainingSet, fit_normalizers, l
 from .datasets import rank_share as _rank_share
 from .model import SphericalChannelNetwork
 from .presets import preset as _preset
+from .tap_order import optimizer_state_to_model, optimizer_state_to_upstream, params_to_model
 
 CHECKPOINT_NAME = "checkpoint.pt"
 # Options that may differ between a run and its resumption without changing the trajectory.
@@ -368,12 +369,15 @@ class _Trainer:
 
     def _restore(self, ckpt: Mapping[str, Any], state: Mapping[str, Any]) -> None:
         self.model.load_state_dict(_strip_prefix(ckpt["state_dict"]), strict=True)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        # checkpoints hold optimizer and EMA state in upstream's layout (scn_fast.tap_order)
+        self.optimizer.load_state_dict(optimizer_state_to_model(self.model, ckpt["optimizer"]))
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if self.ema is not None:
             if not ckpt.get("ema"):
                 raise ValueError("the checkpoint holds no EMA state but --ema-decay is set")
-            self.ema.load_state_dict(ckpt["ema"])
+            ema = dict(ckpt["ema"])
+            ema["shadow_params"] = params_to_model(self.model, ema["shadow_params"])
+            self.ema.load_state_dict(ema)
         self.order.load_state_dict(state["data_order"])
         self.step = int(ckpt["step"])
         self.losses = [float(x) for x in state.get("losses", [])]
@@ -394,7 +398,7 @@ class _Trainer:
         args = asdict(self.cfg)
         args["lr_milestones"] = list(args["lr_milestones"])
         extra = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state_to_upstream(self.model, self.optimizer.state_dict()),
             "scheduler": self.scheduler.state_dict(),
             "train_state": {
                 "step": self.step,

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from scn_fast import SphericalChannelNetwork
+from scn_fast.tap_order import to_upstream_layout
 
 from .conftest import GOLDEN_FILES, TOL, energy_error, force_error, golden_inputs, load_golden
 
@@ -69,7 +70,12 @@ def _loss_grads(model: SphericalChannelNetwork, g: dict) -> dict[str, torch.Tens
     out = model(golden_inputs(g))
     loss = out["energy"].pow(2).sum() + 1e4 * out["forces"].pow(2).sum()
     loss.backward()
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    # in upstream's layout (the fused model holds fc1_edge_proj's weight in tap order)
+    return {
+        n: to_upstream_layout(model, n, p.grad.detach()).clone()
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    }
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

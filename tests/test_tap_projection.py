@@ -175,3 +175,46 @@ def test_low_precision_rounds_the_operands(precision, native):
     else:
         unit = 2.0**-8 if precision == "bf16" else 2.0**-11
         assert 1e-2 * unit < err < 30 * unit, err
+
+
+@pytest.mark.parametrize(
+    ("precision", "dtype"),
+    [("fp32", torch.float32), ("fp32", torch.float64), ("bf16", torch.float32)],
+    ids=["fp32", "fp64", "bf16"],
+)
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
+def test_weight_in_tap_order_gives_the_same_results(gated, precision, dtype):
+    """weight_order="tap" (the fused model's layout: [W0 | W1] columns, no gather) against the
+    upstream-ordered weight: same outputs, same input gradients, the weight gradient in tap order."""
+    from scn_fast.ops.tap_projection import from_tap_order, to_tap_order
+
+    y, w, b, gate = _gated_inputs(6, 1, 20, 16, 24, dtype, seed=7)
+    dout = torch.randn(20, 4, 24, generator=torch.Generator().manual_seed(8), dtype=dtype)
+    results = {}
+    for order in ("upstream", "tap"):
+        weight = w if order == "upstream" else to_tap_order(w, 6, 1, -1)
+        args = [t.clone().requires_grad_() for t in (y, weight, b, gate)]
+        kw = {"precision": precision, "backend": "extension", "weight_order": order}
+        if gated:
+            out = gated_tap_projection(*args, 6, 1, -1, **kw)
+        else:
+            out = tap_projection(*args[:3], 6, 1, -1, **kw)
+        out.backward(dout)
+        grads = [a.grad for a in args[: 4 if gated else 3]]
+        if order == "tap":
+            grads[1] = from_tap_order(grads[1], 6, 1, -1)
+        results[order] = [out.detach(), *grads]
+    tol = TOL["op_fp64"] if dtype == torch.float64 else TOL["op_fp32"]
+    for a, b_ in zip(results["tap"], results["upstream"], strict=True):
+        assert rel_max_error(a, b_) <= (tol if precision == "fp32" else 1e-2)
+
+
+def test_weight_order_checks():
+    y, w, b, _ = _gated_inputs(2, 1, 3, 4, 5, torch.float64, seed=1)
+    with pytest.raises(ValueError, match="weight_order must be"):
+        tap_projection(y, w, b, 2, 1, -1, weight_order="permuted")
+    r = edge_layout(2, 0).R
+    y0 = torch.randn(3, 2, r, 4, dtype=torch.float64)
+    w0 = torch.randn(5, 2 * r * 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="needs 4 taps"):
+        tap_projection(y0, w0, b, 2, 0, -1, weight_order="tap")

@@ -199,8 +199,12 @@ def test_train_run_checkpoint_predict(emt_file, tmp_path, capsys):
     assert pred["energy"].shape == (4,) and torch.isfinite(pred["forces"]).all()
 
 
-def test_resume_reproduces_uninterrupted_run(emt_file, tmp_path, capsys):
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_resume_reproduces_uninterrupted_run(emt_file, tmp_path, capsys, fused):
+    """Resuming continues bit for bit; with the fused model too, whose fc1_edge_proj weights (and
+    so their Adam moments and EMA shadows) are in tap order in memory, upstream's in the file."""
     argv = ["train", "--data", str(emt_file), *COMMON, "--batch-size", "2", "--lr", "5e-3"]
+    argv += ["--use-fused"] if fused else []
     argv += ["--lr-milestones", "3", "--lr-gamma", "0.5"]
     main([*argv, "--steps", "6", "--out", str(tmp_path / "a")])
     full = _losses(capsys.readouterr().out)

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..model import SphericalChannelNetwork
 from ..presets import preset
+from ..tap_order import to_upstream_layout
 from .paths import PathSpec, path_spec
 
 
@@ -87,4 +88,8 @@ class Models:
 
 
 def grads_of(module: nn.Module) -> dict[str, torch.Tensor | None]:
-    return {n: p.grad for n, p in module.named_parameters()}
+    """Parameter gradients by name, in upstream's layout (comparable across paths)."""
+    return {
+        n: None if p.grad is None else to_upstream_layout(module, n, p.grad)
+        for n, p in module.named_parameters()
+    }

@@ -126,6 +126,42 @@ def tap_rows(lmax: int, mmax: int, num_taps: int, device: torch.device) -> TapRo
     return _DEVICE_ROWS[key]
 
 
+def has_tap_order(lmax: int, mmax: int, num_taps: int) -> bool:
+    """Whether the resolution's fc1_edge_proj weight has a tap order: 4 taps, which upstream uses
+    when mmax = 1 and num_taps != 1 (``so3.tap_set``; plain arithmetic, so torch.compile traces it)."""
+    return mmax == 1 and num_taps != 1
+
+
+def _tap_ordered(weight_order: str, lmax: int, mmax: int, num_taps: int) -> bool:
+    if weight_order not in ("upstream", "tap"):
+        raise ValueError(f"weight_order must be 'upstream' or 'tap', got {weight_order!r}")
+    if weight_order == "tap" and not has_tap_order(lmax, mmax, num_taps):
+        raise ValueError(
+            f"weight_order='tap' needs 4 taps (mmax = 1, num_taps != 1); got lmax={lmax}, "
+            f"mmax={mmax}, num_taps={num_taps}"
+        )
+    return weight_order == "tap"
+
+
+def _reorder(weight: torch.Tensor, rows: torch.Tensor, two_r: int) -> torch.Tensor:
+    h = weight.shape[0]
+    return weight.reshape(h, two_r, -1).index_select(1, rows).reshape(h, -1)
+
+
+def to_tap_order(weight: torch.Tensor, lmax: int, mmax: int, num_taps: int) -> torch.Tensor:
+    """fc1_edge_proj's weight (H, 2RC) with its columns in tap order: the m = 0 rows of both sides,
+    then the m = +-1 rows (``TapRows.w_rows``), so that W0 and W1 are its two column blocks. The
+    fused model holds its weight (and so its gradient and optimizer state) this way; a copy."""
+    rows = tap_rows(lmax, mmax, num_taps, weight.device)
+    return _reorder(weight, rows.w_rows, rows.w_rows.numel())
+
+
+def from_tap_order(weight: torch.Tensor, lmax: int, mmax: int, num_taps: int) -> torch.Tensor:
+    """The inverse of :func:`to_tap_order` (upstream's column order); differentiable."""
+    rows = tap_rows(lmax, mmax, num_taps, weight.device)
+    return _reorder(weight, rows.w_inv, rows.w_inv.numel())
+
+
 def _signs_of_tap1(t: torch.Tensor, rows: TapRows) -> torch.Tensor:
     """Apply tap 1's signs, in place, to the second half of a (B, 2 n1, C) pair-row tensor."""
     b, _, c = t.shape
@@ -184,11 +220,21 @@ def _gather_rows(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor, backen
 
 
 def _weight_operands(
-    weight: torch.Tensor, rows: TapRows, c: int, precision: str, native: bool, backend: str
+    weight: torch.Tensor,
+    rows: TapRows,
+    c: int,
+    precision: str,
+    native: bool,
+    backend: str,
+    tap_ordered: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """W0 (H, 2 R0 C) and W1 (H, 2 R1 C) as GEMM operands: column blocks (views) of one gathered
-    (H, 2R, C) workspace (scratch: valid until the next call), in bf16 for native bf16 GEMMs."""
+    (H, 2R, C) workspace (scratch: valid until the next call), in bf16 for native bf16 GEMMs; of the
+    weight itself when it is held in tap order (``tap_ordered``)."""
     h = weight.shape[0]
+    if tap_ordered:
+        split = rows.n0 * c
+        return gemm_inputs((weight[:, :split], weight[:, split:]), precision, native)
     w3 = weight.reshape(h, -1, c)
     bf16 = _native_bf16(weight, precision, native)
     wp = workspace("tap_weight", w3.shape, torch.bfloat16 if bf16 else w3.dtype, w3.device)
@@ -231,14 +277,16 @@ def _row_blocked(y: torch.Tensor, precision: str, native: bool) -> bool:
     return y.device.type == "cpu" and not _native_bf16(y, precision, native)
 
 
-def _project(y, weight, bias, lmax, mmax, num_taps, precision, native, backend) -> _Projection:
+def _project(
+    y, weight, bias, lmax, mmax, num_taps, precision, native, backend, tap_ordered=False
+) -> _Projection:
     e, _, r, c = y.shape
     h = weight.shape[0]
     if tap_symmetry(lmax, mmax, num_taps).num_taps == 1:
         ys, ws = gemm_inputs((y.reshape(e, -1), weight), precision, native)
         return _Projection(gemm_mm(ys, ws.t(), precision, native).add_(bias), None)
     rows = tap_rows(lmax, mmax, num_taps, y.device)
-    if _row_blocked(y, precision, native):
+    if not tap_ordered and _row_blocked(y, precision, native):
         y3, w3 = gemm_inputs(
             (y.reshape(e, 2 * r, c), weight.reshape(-1, 2 * r, c)), precision, native
         )
@@ -257,7 +305,7 @@ def _project(y, weight, bias, lmax, mmax, num_taps, precision, native, backend) 
     y0, pair = gemm_inputs(
         _split_input(y, rows, _gathered_dtype(y, precision, native), backend), precision, native
     )
-    w0, w1 = _weight_operands(weight, rows, c, precision, native, backend)
+    w0, w1 = _weight_operands(weight, rows, c, precision, native, backend, tap_ordered)
     a = gemm_mm(y0, w0.t(), precision, native).add_(bias)
     b = gemm_mm(pair, w1.t(), precision, native).view(e, 2, -1)
     return _Projection(a, b)
@@ -272,7 +320,9 @@ def _assemble_dy(dy: torch.Tensor, dpair: torch.Tensor, rows: TapRows) -> torch.
     return dy.index_copy_(1, rows.pair_rows[: rows.n1], dpair[:, : rows.n1].add_(swapped))
 
 
-def _project_backward(dpre, y, weight, lmax, mmax, num_taps, precision, native, backend):
+def _project_backward(
+    dpre, y, weight, lmax, mmax, num_taps, precision, native, backend, tap_ordered=False
+):
     """(dy, dweight, dbias) of pre = projection(y) for dpre (E, T, H)."""
     e, h = y.shape[0], weight.shape[0]
     sym = tap_symmetry(lmax, mmax, num_taps)
@@ -284,17 +334,22 @@ def _project_backward(dpre, y, weight, lmax, mmax, num_taps, precision, native, 
         return dy, dw, d.sum(0)
     d4 = dpre.view(e, 2, 2, h)
     da, db = d4.sum((1, 2)), torch.sub(d4[:, 0], d4[:, 1])
-    return _project_backward_ab(da, db, y, weight, lmax, mmax, num_taps, precision, native, backend)
+    return _project_backward_ab(
+        da, db, y, weight, lmax, mmax, num_taps, precision, native, backend, tap_ordered
+    )
 
 
-def _project_backward_ab(da, db, y, weight, lmax, mmax, num_taps, precision, native, backend):
-    """(dy, dweight, dbias) of the 4-tap projection from the gradients of A (E, H) and B (E, 2, H)."""
+def _project_backward_ab(
+    da, db, y, weight, lmax, mmax, num_taps, precision, native, backend, tap_ordered=False
+):
+    """(dy, dweight, dbias) of the 4-tap projection from the gradients of A (E, H) and B (E, 2, H);
+    dweight in the weight's own column order (upstream's, or tap order)."""
     e, _, r, c = y.shape
     h = weight.shape[0]
     rows = tap_rows(lmax, mmax, num_taps, y.device)
     db = db.reshape(2 * e, h)  # [dB0, dB1] interleaved by edge
     dy = y.new_empty((e, 2 * r, c))
-    if _row_blocked(y, precision, native):
+    if not tap_ordered and _row_blocked(y, precision, native):
         y3, w3, da_s, db_s = gemm_inputs(
             (y.reshape(e, 2 * r, c), weight.reshape(h, 2 * r, c), da, db), precision, native
         )
@@ -323,10 +378,16 @@ def _project_backward_ab(da, db, y, weight, lmax, mmax, num_taps, precision, nat
         return dy.view_as(y), dw.view(h, -1), da.sum(0)
     split = _split_input(y, rows, _gathered_dtype(y, precision, native), backend)
     y0, pair, da_s, db_s = gemm_inputs((*split, da, db), precision, native)
-    w0, w1 = _weight_operands(weight, rows, c, precision, native, backend)
+    w0, w1 = _weight_operands(weight, rows, c, precision, native, backend, tap_ordered)
     # dy: the m = 0 rows from A; the m = +-1 rows from B0 plus B1's part with tap 1 undone.
     dy.index_copy_(1, rows.y0_rows, gemm_mm(da_s, w0, precision, native).view(e, rows.n0, c))
     _assemble_dy(dy, gemm_mm(db_s, w1, precision, native).view(e, 2 * rows.n1, c), rows)
+    if tap_ordered:  # the weight gradient in tap order, written in place by the two GEMMs
+        dw = weight.new_empty((h, 2 * r * c))
+        split = rows.n0 * c
+        gemm_mm(da_s.t(), y0, precision, native, out=dw[:, :split])
+        gemm_mm(db_s.t(), pair, precision, native, out=dw[:, split:])
+        return dy.view_as(y), dw, da.sum(0)
     # dweight: both GEMMs write into the [W0 | W1] buffer (bf16 for native bf16 GEMMs, whose
     # results are bf16), gathered back to upstream's order and float32 in one pass.
     dwp = workspace("tap_dweight", (h, 2 * r, c), da_s.dtype, weight.device)
@@ -349,8 +410,11 @@ def _tap_projection(
     precision: str,
     native: bool,
     backend: str,
+    tap_ordered: bool,
 ) -> torch.Tensor:
-    p = _project(y.contiguous(), weight, bias, lmax, mmax, num_taps, precision, native, backend)
+    p = _project(
+        y.contiguous(), weight, bias, lmax, mmax, num_taps, precision, native, backend, tap_ordered
+    )
     out = p.a.unsqueeze(1) if p.b is None else _combine(p.a, p.b)
     return out.to(y.dtype)
 
@@ -361,14 +425,14 @@ def _fake_out(y, weight, lmax, mmax, num_taps):
 
 
 @_tap_projection.register_fake
-def _(y, weight, bias, lmax, mmax, num_taps, precision, native, backend):
+def _(y, weight, bias, lmax, mmax, num_taps, precision, native, backend, tap_ordered):
     return _fake_out(y, weight, lmax, mmax, num_taps)
 
 
 def _setup_context(ctx, inputs, output):
-    y, weight, _bias, lmax, mmax, num_taps, precision, native, backend = inputs
+    y, weight, _bias, lmax, mmax, num_taps, precision, native, backend, tap_ordered = inputs
     ctx.save_for_backward(y, weight)
-    ctx.meta = (lmax, mmax, num_taps, precision, native, backend)
+    ctx.meta = (lmax, mmax, num_taps, precision, native, backend, tap_ordered)
 
 
 @torch.library.custom_op("scn_fast::tap_projection_backward", mutates_args=())
@@ -382,22 +446,22 @@ def _tap_projection_backward(
     precision: str,
     native: bool,
     backend: str,
+    tap_ordered: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dy, dw, db = _project_backward(
-        dpre.to(y.dtype), y.contiguous(), weight, lmax, mmax, num_taps, precision, native, backend
-    )
+    meta = (lmax, mmax, num_taps, precision, native, backend, tap_ordered)
+    dy, dw, db = _project_backward(dpre.to(y.dtype), y.contiguous(), weight, *meta)
     return dy.to(y.dtype), dw.contiguous(), db
 
 
 @_tap_projection_backward.register_fake
-def _(dpre, y, weight, lmax, mmax, num_taps, precision, native, backend):
+def _(dpre, y, weight, lmax, mmax, num_taps, precision, native, backend, tap_ordered):
     return torch.empty_like(y), torch.empty_like(weight), weight.new_empty(weight.shape[0])
 
 
 def _backward(ctx, dpre):
     y, weight = ctx.saved_tensors
     dy, dw, db = _tap_projection_backward(dpre, y, weight, *ctx.meta)
-    return dy, dw, db, None, None, None, None, None, None
+    return dy, dw, db, None, None, None, None, None, None, None
 
 
 _tap_projection.register_autograd(_backward, setup_context=_setup_context)
@@ -413,11 +477,16 @@ def tap_projection(
     precision: str = "fp32",
     native: bool = True,
     backend: str = "reference",
+    weight_order: str = "upstream",
 ) -> torch.Tensor:
     """Pre-activations (E, T, H) of fc1_edge_proj for every tap of the rotated features y (E, 2, R, C).
     ``backend``: "extension" gathers the weight with the extension's one-pass kernel (where the
-    gathered form runs); anything else uses ATen ops."""
-    return _tap_projection(y, weight, bias, lmax, mmax, num_taps, precision, native, backend)
+    gathered form runs); anything else uses ATen ops. ``weight_order``: the weight's columns as
+    upstream holds them ("upstream") or in tap order ("tap", :func:`to_tap_order`; 4 taps only)."""
+    tap_ordered = _tap_ordered(weight_order, lmax, mmax, num_taps)
+    return _tap_projection(
+        y, weight, bias, lmax, mmax, num_taps, precision, native, backend, tap_ordered
+    )
 
 
 # ----------------------------------------------------------------------------- gated op
@@ -455,8 +524,12 @@ def _gate_impl(backend: str, dtype: torch.dtype):
     return _gate_forward_composite, _gate_backward_composite
 
 
-def _gated_forward(y, weight, bias, gate, lmax, mmax, num_taps, precision, native, backend):
-    p = _project(y.contiguous(), weight, bias, lmax, mmax, num_taps, precision, native, backend)
+def _gated_forward(
+    y, weight, bias, gate, lmax, mmax, num_taps, precision, native, backend, tap_ordered
+):
+    p = _project(
+        y.contiguous(), weight, bias, lmax, mmax, num_taps, precision, native, backend, tap_ordered
+    )
     a = p.a.to(y.dtype)
     b = a.new_empty((a.shape[0], 0, a.shape[1])) if p.b is None else p.b.to(y.dtype)
     forward, _ = _gate_impl(backend, a.dtype)
@@ -475,25 +548,26 @@ def _gated(
     precision: str,
     native: bool,
     backend: str,
+    tap_ordered: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(silu(pre) * gate, A, B): A and B are what the backward needs (dropped by the caller when
     nothing is recorded for autograd)."""
-    return _gated_forward(y, weight, bias, gate, lmax, mmax, num_taps, precision, native, backend)
+    meta = (lmax, mmax, num_taps, precision, native, backend, tap_ordered)
+    return _gated_forward(y, weight, bias, gate, *meta)
 
 
 @_gated.register_fake
-def _(y, weight, bias, gate, lmax, mmax, num_taps, precision, native, backend):
+def _(y, weight, bias, gate, lmax, mmax, num_taps, precision, native, backend, tap_ordered):
     out = _fake_out(y, weight, lmax, mmax, num_taps)
     e, t, h = out.shape
     return out, y.new_empty((e, h)), y.new_empty((e, 2 if t == 4 else 0, h))
 
 
 def _gated_setup(ctx, inputs, output):
-    y, weight, _bias, gate, lmax, mmax, num_taps, precision, native, backend = inputs
+    y, weight, _bias, gate, lmax, mmax, num_taps, precision, native, backend, tap_ordered = inputs
     _, a, b = output
     ctx.save_for_backward(y, weight, gate, a, b)
-    ctx.meta = (lmax, mmax, num_taps, precision, native)
-    ctx.backend = backend
+    ctx.meta = (lmax, mmax, num_taps, precision, native, backend, tap_ordered)
 
 
 @torch.library.custom_op("scn_fast::gated_tap_projection_backward", mutates_args=())
@@ -510,10 +584,11 @@ def _gated_tap_projection_backward(
     precision: str,
     native: bool,
     backend: str,
+    tap_ordered: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _, backward = _gate_impl(backend, a.dtype)
     dpre_a, dpre_b, dgate = backward(dout.to(a.dtype).contiguous(), a, b, gate.contiguous())
-    meta = (lmax, mmax, num_taps, precision, native, backend)
+    meta = (lmax, mmax, num_taps, precision, native, backend, tap_ordered)
     if b.shape[1] == 0:
         dy, dw, dbias = _project_backward(dpre_a.unsqueeze(1), y.contiguous(), weight, *meta)
     else:
@@ -522,7 +597,7 @@ def _gated_tap_projection_backward(
 
 
 @_gated_tap_projection_backward.register_fake
-def _(dout, y, weight, gate, a, b, lmax, mmax, num_taps, precision, native, backend):
+def _(dout, y, weight, gate, a, b, lmax, mmax, num_taps, precision, native, backend, tap_ordered):
     h = weight.shape[0]
     return (
         torch.empty_like(y),
@@ -534,10 +609,8 @@ def _(dout, y, weight, gate, a, b, lmax, mmax, num_taps, precision, native, back
 
 def _gated_backward(ctx, dout, _da, _db):
     y, weight, gate, a, b = ctx.saved_tensors
-    dy, dw, dbias, dgate = _gated_tap_projection_backward(
-        dout, y, weight, gate, a, b, *ctx.meta, ctx.backend
-    )
-    return dy, dw, dbias, dgate, None, None, None, None, None, None
+    dy, dw, dbias, dgate = _gated_tap_projection_backward(dout, y, weight, gate, a, b, *ctx.meta)
+    return dy, dw, dbias, dgate, None, None, None, None, None, None, None
 
 
 _gated.register_autograd(_gated_backward, setup_context=_gated_setup)
@@ -554,8 +627,12 @@ def gated_tap_projection(
     precision: str = "fp32",
     native: bool = True,
     backend: str = "reference",
+    weight_order: str = "upstream",
 ) -> torch.Tensor:
     """silu(pre) * gate (E, T, H): upstream's ``act(fc1_edge_proj(a_t)) * act(fc1_dist(x_edge))`` for
     every tap, from the rotated features y (E, 2, R, C) and gate (E, H). ``backend``: whose fused
-    kernels run the elementwise epilogue ("extension", "triton"; anything else: ATen ops)."""
-    return _gated(y, weight, bias, gate, lmax, mmax, num_taps, precision, native, backend)[0]
+    kernels run the elementwise epilogue ("extension", "triton"; anything else: ATen ops);
+    ``weight_order``: "upstream" or "tap" (as in :func:`tap_projection`)."""
+    tap_ordered = _tap_ordered(weight_order, lmax, mmax, num_taps)
+    meta = (lmax, mmax, num_taps, precision, native, backend, tap_ordered)
+    return _gated(y, weight, bias, gate, *meta)[0]
