@@ -62,6 +62,10 @@ class TapRows:
     inverse permutation. runs0 / runs1: the row-blocked GEMMs' K blocks, maximal runs of consecutive
     rows among y0_rows / the m = +-1 rows, as (position, first row, length): at L = 6 the m = +-1
     rows of one side are 1, 3-4, 6-7, 9-10, 12-13, 15-16, 18 (7 blocks of 1 or 2 rows, not 12).
+    pair_signs (2 n1,) float64: the sign of each pair row (tap 1's signs on the second half).
+    assemble_a / assemble_b / assemble_sign (2R,): the adjoint of the split for each row r of y
+    (the extension's ``tap_assemble``): dy[r] = dy0[a[r]] for an m = 0 row (b[r] = -1), else
+    dpair[a[r]] + sign[r] * dpair[b[r]].
     """
 
     y0_rows: torch.Tensor
@@ -71,6 +75,10 @@ class TapRows:
     w_inv: torch.Tensor
     runs0: tuple[tuple[int, int, int], ...]
     runs1: tuple[tuple[int, int, int], ...]
+    pair_signs: torch.Tensor
+    assemble_a: torch.Tensor
+    assemble_b: torch.Tensor
+    assemble_sign: torch.Tensor
 
     @property
     def n0(self) -> int:
@@ -103,7 +111,20 @@ def _tap_rows_cpu(lmax: int, mmax: int, num_taps: int) -> TapRows:
     w_inv[w_rows] = torch.arange(len(w_rows))
     neg = tuple(k for k, s in enumerate(sym.pair_signs) if s < 0)
     runs0, runs1 = _runs(y0_rows.tolist()), _runs(m1.tolist())
-    return TapRows(y0_rows, pair_rows, neg, w_rows, w_inv, runs0, runs1)
+    n1 = len(m1)
+    pair_signs = torch.ones(2 * n1, dtype=torch.float64)
+    for j in range(n1):
+        if j % 2 in neg:
+            pair_signs[n1 + j] = -1.0
+    a = torch.full((2 * r,), -1, dtype=torch.long)
+    b = torch.full((2 * r,), -1, dtype=torch.long)
+    sign = torch.zeros(2 * r, dtype=torch.float64)
+    for j, row in enumerate(y0_rows.tolist()):
+        a[row] = j
+    for i, row in enumerate(m1.tolist()):  # y1's part, then y1''s (pair partner i ^ 1, its sign)
+        a[row], b[row], sign[row] = i, n1 + (i ^ 1), pair_signs[n1 + (i ^ 1)]
+    assert bool((a >= 0).all()), "every row is an m = 0 or an m = +-1 row"
+    return TapRows(y0_rows, pair_rows, neg, w_rows, w_inv, runs0, runs1, pair_signs, a, b, sign)
 
 
 _DEVICE_ROWS: dict[tuple, TapRows] = {}
@@ -122,6 +143,10 @@ def tap_rows(lmax: int, mmax: int, num_taps: int, device: torch.device) -> TapRo
             rows.w_inv.to(device),
             rows.runs0,
             rows.runs1,
+            rows.pair_signs.to(device),
+            rows.assemble_a.to(device),
+            rows.assemble_b.to(device),
+            rows.assemble_sign.to(device),
         )
     return _DEVICE_ROWS[key]
 
@@ -179,13 +204,32 @@ def _pair_rows(y3: torch.Tensor, rows: TapRows, dtype: torch.dtype, backend: str
     return _signs_of_tap1(pair, rows)
 
 
+def _split_fresh(
+    y3: torch.Tensor, rows: TapRows, dtype: torch.dtype, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y0 (E, n0, C), pair (E, 2 n1, C)) of y3 (E, 2R, C) in dtype, as new tensors (to be kept for
+    the backward): the extension's one-pass ``tap_split`` where it applies, else gathers."""
+    if backend == "extension" and dtype == y3.dtype and dtype in (torch.float32, torch.float64):
+        y0, pair = _ext().tap_split(y3.contiguous(), rows.y0_rows, rows.pair_rows, rows.pair_signs)
+        return y0, pair
+    e, _, c = y3.shape
+    y0 = torch.empty((e, rows.n0, c), dtype=dtype, device=y3.device)
+    pair = torch.empty((e, 2 * rows.n1, c), dtype=dtype, device=y3.device)
+    _gather_rows(y3, rows.y0_rows, y0, backend)
+    _gather_rows(y3, rows.pair_rows, pair, backend)
+    return y0, _signs_of_tap1(pair, rows)
+
+
 def _split_input(
-    y: torch.Tensor, rows: TapRows, dtype: torch.dtype, backend: str
+    y: torch.Tensor, rows: TapRows, dtype: torch.dtype, backend: str, fresh: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y (E, 2, R, C) -> y0 (E, 2 R0 C) and [y1; y1'] (2E, 2 R1 C) (rows interleaved by edge), in
-    dtype, in workspaces (scratch for this call)."""
+    dtype, in workspaces (scratch for this call), or new tensors (``fresh``)."""
     e, _, r, c = y.shape
     y3 = y.reshape(e, 2 * r, c)
+    if fresh:
+        y0, pair = _split_fresh(y3, rows, dtype, backend)
+        return y0.view(e, -1), pair.view(2 * e, -1)
     y0 = workspace("tap_y0", (e, rows.n0, c), dtype, y.device)
     _gather_rows(y3, rows.y0_rows, y0, backend)
     return y0.view(e, -1), _pair_rows(y3, rows, dtype, backend).view(2 * e, -1)
@@ -260,6 +304,7 @@ class _Projection:
 
     a: torch.Tensor
     b: torch.Tensor | None
+    split: tuple[torch.Tensor, torch.Tensor] | None = None  # (y0, pair) when kept (tap order)
 
 
 def _row_blocked(y: torch.Tensor, precision: str, native: bool) -> bool:
@@ -302,13 +347,12 @@ def _project(
             lhs, rhs = pair[:, j : j + n].reshape(2 * e, -1), w3[:, k : k + n].reshape(h, -1).t()
             b = torch.mm(lhs, rhs) if b is None else b.addmm_(lhs, rhs)
         return _Projection(a, b.view(e, 2, -1))
-    y0, pair = gemm_inputs(
-        _split_input(y, rows, _gathered_dtype(y, precision, native), backend), precision, native
-    )
+    split = _split_input(y, rows, _gathered_dtype(y, precision, native), backend, tap_ordered)
+    y0, pair = gemm_inputs(split, precision, native)
     w0, w1 = _weight_operands(weight, rows, c, precision, native, backend, tap_ordered)
     a = gemm_mm(y0, w0.t(), precision, native).add_(bias)
     b = gemm_mm(pair, w1.t(), precision, native).view(e, 2, -1)
-    return _Projection(a, b)
+    return _Projection(a, b, split if tap_ordered else None)
 
 
 def _assemble_dy(dy: torch.Tensor, dpair: torch.Tensor, rows: TapRows) -> torch.Tensor:
@@ -339,17 +383,51 @@ def _project_backward(
     )
 
 
+def _assemble(dy0: torch.Tensor, dpair: torch.Tensor, rows: TapRows, backend: str) -> torch.Tensor:
+    """dy (E, 2R, C) from the gradients of the split's two parts, dy0 (E, n0, C) and dpair
+    (E, 2 n1, C): the extension's one pass (``tap_assemble``) or ATen ops."""
+    if backend == "extension" and dy0.dtype in (torch.float32, torch.float64):
+        return _ext().tap_assemble(
+            dy0.contiguous(),
+            dpair.contiguous(),
+            rows.assemble_a,
+            rows.assemble_b,
+            rows.assemble_sign,
+        )
+    e, _, c = dy0.shape
+    dy = dy0.new_empty((e, rows.assemble_a.numel(), c))
+    dy.index_copy_(1, rows.y0_rows, dy0)
+    return _assemble_dy(dy, dpair, rows)
+
+
 def _project_backward_ab(
-    da, db, y, weight, lmax, mmax, num_taps, precision, native, backend, tap_ordered=False
+    da,
+    db,
+    y,
+    weight,
+    lmax,
+    mmax,
+    num_taps,
+    precision,
+    native,
+    backend,
+    tap_ordered=False,
+    split=None,
 ):
     """(dy, dweight, dbias) of the 4-tap projection from the gradients of A (E, H) and B (E, 2, H);
-    dweight in the weight's own column order (upstream's, or tap order)."""
-    e, _, r, c = y.shape
+    dweight in the weight's own column order (upstream's, or tap order). y: the rotated features
+    (E, 2, R, C); or, with ``split`` = (y0 (E, n0, C), pair (E, 2 n1, C)) kept from the forward
+    (tap order), a tensor of y's dtype whose values are not read."""
     h = weight.shape[0]
-    rows = tap_rows(lmax, mmax, num_taps, y.device)
+    rows = tap_rows(lmax, mmax, num_taps, weight.device)
+    if split is not None:
+        e, c = split[0].shape[0], split[0].shape[2]
+        r = (rows.n0 + rows.n1) // 2
+    else:
+        e, _, r, c = y.shape
     db = db.reshape(2 * e, h)  # [dB0, dB1] interleaved by edge
-    dy = y.new_empty((e, 2 * r, c))
-    if not tap_ordered and _row_blocked(y, precision, native):
+    if split is None and not tap_ordered and _row_blocked(y, precision, native):
+        dy = y.new_empty((e, 2 * r, c))
         y3, w3, da_s, db_s = gemm_inputs(
             (y.reshape(e, 2 * r, c), weight.reshape(h, 2 * r, c), da, db), precision, native
         )
@@ -376,18 +454,22 @@ def _project_backward_ab(
             mm(db_s.t(), pair[:, j : j + n].reshape(2 * e, -1), dwk)
         _assemble_dy(dy, dpair.view(e, 2 * rows.n1, c), rows)
         return dy.view_as(y), dw.view(h, -1), da.sum(0)
-    split = _split_input(y, rows, _gathered_dtype(y, precision, native), backend)
+    if split is None:
+        split = _split_input(y, rows, _gathered_dtype(y, precision, native), backend)
+    else:
+        split = (split[0].view(e, -1), split[1].view(2 * e, -1))
     y0, pair, da_s, db_s = gemm_inputs((*split, da, db), precision, native)
     w0, w1 = _weight_operands(weight, rows, c, precision, native, backend, tap_ordered)
     # dy: the m = 0 rows from A; the m = +-1 rows from B0 plus B1's part with tap 1 undone.
-    dy.index_copy_(1, rows.y0_rows, gemm_mm(da_s, w0, precision, native).view(e, rows.n0, c))
-    _assemble_dy(dy, gemm_mm(db_s, w1, precision, native).view(e, 2 * rows.n1, c), rows)
+    dy0 = gemm_mm(da_s, w0, precision, native).view(e, rows.n0, c)
+    dpair = gemm_mm(db_s, w1, precision, native).view(e, 2 * rows.n1, c)
+    dy = _assemble(dy0, dpair, rows, backend).view(e, 2, r, c)
     if tap_ordered:  # the weight gradient in tap order, written in place by the two GEMMs
         dw = weight.new_empty((h, 2 * r * c))
-        split = rows.n0 * c
-        gemm_mm(da_s.t(), y0, precision, native, out=dw[:, :split])
-        gemm_mm(db_s.t(), pair, precision, native, out=dw[:, split:])
-        return dy.view_as(y), dw, da.sum(0)
+        cut = rows.n0 * c
+        gemm_mm(da_s.t(), y0, precision, native, out=dw[:, :cut])
+        gemm_mm(db_s.t(), pair, precision, native, out=dw[:, cut:])
+        return dy, dw, da.sum(0)
     # dweight: both GEMMs write into the [W0 | W1] buffer (bf16 for native bf16 GEMMs, whose
     # results are bf16), gathered back to upstream's order and float32 in one pass.
     dwp = workspace("tap_dweight", (h, 2 * r, c), da_s.dtype, weight.device)
@@ -395,7 +477,7 @@ def _project_backward_ab(
     gemm_mm(db_s.t(), pair, precision, native, out=dwp[:, rows.n0 :].reshape(h, -1))
     dw = weight.new_empty((h, 2 * r, c))
     _gather_rows(dwp, rows.w_inv, dw, backend)
-    return dy.view_as(y), dw.view(h, -1), da.sum(0)
+    return dy, dw.view(h, -1), da.sum(0)
 
 
 # ----------------------------------------------------------------------------- ungated op
@@ -533,7 +615,12 @@ def _gated_forward(
     a = p.a.to(y.dtype)
     b = a.new_empty((a.shape[0], 0, a.shape[1])) if p.b is None else p.b.to(y.dtype)
     forward, _ = _gate_impl(backend, a.dtype)
-    return forward(a, b, gate.contiguous()), a, b
+    if p.split is None:
+        y0, pair = y.new_empty(0), y.new_empty(0)
+    else:
+        e, c = y.shape[0], y.shape[3]
+        y0, pair = p.split[0].view(e, -1, c), p.split[1].view(e, -1, c)
+    return forward(a, b, gate.contiguous()), a, b, y0, pair
 
 
 @torch.library.custom_op("scn_fast::gated_tap_projection", mutates_args=())
@@ -549,9 +636,10 @@ def _gated(
     native: bool,
     backend: str,
     tap_ordered: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(silu(pre) * gate, A, B): A and B are what the backward needs (dropped by the caller when
-    nothing is recorded for autograd)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(silu(pre) * gate, A, B, y0, pair): what the backward needs besides the inputs (dropped by
+    the caller when nothing is recorded for autograd). y0 (E, n0, C) and pair (E, 2 n1, C), the
+    GEMM operands split from y, are kept in tap order (then y is not), else empty."""
     meta = (lmax, mmax, num_taps, precision, native, backend, tap_ordered)
     return _gated_forward(y, weight, bias, gate, *meta)
 
@@ -560,13 +648,22 @@ def _gated(
 def _(y, weight, bias, gate, lmax, mmax, num_taps, precision, native, backend, tap_ordered):
     out = _fake_out(y, weight, lmax, mmax, num_taps)
     e, t, h = out.shape
-    return out, y.new_empty((e, h)), y.new_empty((e, 2 if t == 4 else 0, h))
+    if tap_ordered:  # n0 = 2 (L + 1) m = 0 rows, n1 = 4L m = +-1 rows (mmax = 1)
+        dtype = _gathered_dtype(y, precision, native)
+        c = y.shape[3]
+        y0 = y.new_empty((e, 2 * (lmax + 1), c), dtype=dtype)
+        pair = y.new_empty((e, 8 * lmax, c), dtype=dtype)
+    else:
+        y0, pair = y.new_empty(0), y.new_empty(0)
+    return out, y.new_empty((e, h)), y.new_empty((e, 2 if t == 4 else 0, h)), y0, pair
 
 
 def _gated_setup(ctx, inputs, output):
     y, weight, _bias, gate, lmax, mmax, num_taps, precision, native, backend, tap_ordered = inputs
-    _, a, b = output
-    ctx.save_for_backward(y, weight, gate, a, b)
+    _, a, b, y0, pair = output
+    # in tap order the split (y0, pair) replaces y (the same numbers, rearranged)
+    ctx.save_for_backward(weight, gate, a, b, y0, pair, *(() if tap_ordered else (y,)))
+    ctx.y_dtype = y.dtype
     ctx.meta = (lmax, mmax, num_taps, precision, native, backend, tap_ordered)
 
 
@@ -578,6 +675,8 @@ def _gated_tap_projection_backward(
     gate: torch.Tensor,
     a: torch.Tensor,
     b: torch.Tensor,
+    y0: torch.Tensor,
+    pair: torch.Tensor,
     lmax: int,
     mmax: int,
     num_taps: int,
@@ -586,30 +685,51 @@ def _gated_tap_projection_backward(
     backend: str,
     tap_ordered: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients w.r.t. (y, weight, bias, gate). In tap order y is an empty tensor of y's dtype and
+    (y0, pair) the forward's split; otherwise y is the input and y0, pair are empty."""
     _, backward = _gate_impl(backend, a.dtype)
     dpre_a, dpre_b, dgate = backward(dout.to(a.dtype).contiguous(), a, b, gate.contiguous())
     meta = (lmax, mmax, num_taps, precision, native, backend, tap_ordered)
     if b.shape[1] == 0:
         dy, dw, dbias = _project_backward(dpre_a.unsqueeze(1), y.contiguous(), weight, *meta)
     else:
-        dy, dw, dbias = _project_backward_ab(dpre_a, dpre_b, y.contiguous(), weight, *meta)
+        split = (y0, pair) if tap_ordered else None
+        dy, dw, dbias = _project_backward_ab(dpre_a, dpre_b, y, weight, *meta, split=split)
     return dy.to(y.dtype), dw.contiguous(), dbias, dgate.to(gate.dtype)
 
 
 @_gated_tap_projection_backward.register_fake
-def _(dout, y, weight, gate, a, b, lmax, mmax, num_taps, precision, native, backend, tap_ordered):
+def _(
+    dout,
+    y,
+    weight,
+    gate,
+    a,
+    b,
+    y0,
+    pair,
+    lmax,
+    mmax,
+    num_taps,
+    precision,
+    native,
+    backend,
+    tap_ordered,
+):
     h = weight.shape[0]
-    return (
-        torch.empty_like(y),
-        torch.empty_like(weight),
-        weight.new_empty(h),
-        torch.empty_like(gate),
+    if tap_ordered:  # R = 3L + 1 rows per side (mmax = 1)
+        dy = y.new_empty((y0.shape[0], 2, 3 * lmax + 1, y0.shape[2]))
+    else:
+        dy = torch.empty_like(y)
+    return dy, torch.empty_like(weight), weight.new_empty(h), torch.empty_like(gate)
+
+
+def _gated_backward(ctx, dout, _da, _db, _dy0, _dpair):
+    weight, gate, a, b, y0, pair, *rest = ctx.saved_tensors
+    y = rest[0] if rest else a.new_empty(0, dtype=ctx.y_dtype)
+    dy, dw, dbias, dgate = _gated_tap_projection_backward(
+        dout, y, weight, gate, a, b, y0, pair, *ctx.meta
     )
-
-
-def _gated_backward(ctx, dout, _da, _db):
-    y, weight, gate, a, b = ctx.saved_tensors
-    dy, dw, dbias, dgate = _gated_tap_projection_backward(dout, y, weight, gate, a, b, *ctx.meta)
     return dy, dw, dbias, dgate, None, None, None, None, None, None, None
 
 
