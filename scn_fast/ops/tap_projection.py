@@ -207,8 +207,9 @@ def _pair_rows(y3: torch.Tensor, rows: TapRows, dtype: torch.dtype, backend: str
 def _split_fresh(
     y3: torch.Tensor, rows: TapRows, dtype: torch.dtype, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y0 (E, n0, C), pair (E, 2 n1, C)) of y3 (E, 2R, C) in dtype, as new tensors (to be kept for
-    the backward): the extension's one-pass ``tap_split`` where it applies, else gathers."""
+    """(y0 (E, n0, C), pair (E, 2 n1, C)) of y3 (E, 2R, C) in dtype, as new tensors: the
+    extension's one-pass ``tap_split`` (gather and tap 1's signs together) where it applies, else
+    gathers and a sign pass."""
     if backend == "extension" and dtype == y3.dtype and dtype in (torch.float32, torch.float64):
         y0, pair = _ext().tap_split(y3.contiguous(), rows.y0_rows, rows.pair_rows, rows.pair_signs)
         return y0, pair
@@ -304,7 +305,6 @@ class _Projection:
 
     a: torch.Tensor
     b: torch.Tensor | None
-    split: tuple[torch.Tensor, torch.Tensor] | None = None  # (y0, pair) when kept (tap order)
 
 
 def _row_blocked(y: torch.Tensor, precision: str, native: bool) -> bool:
@@ -352,7 +352,7 @@ def _project(
     w0, w1 = _weight_operands(weight, rows, c, precision, native, backend, tap_ordered)
     a = gemm_mm(y0, w0.t(), precision, native).add_(bias)
     b = gemm_mm(pair, w1.t(), precision, native).view(e, 2, -1)
-    return _Projection(a, b, split if tap_ordered else None)
+    return _Projection(a, b)
 
 
 def _assemble_dy(dy: torch.Tensor, dpair: torch.Tensor, rows: TapRows) -> torch.Tensor:
@@ -412,21 +412,14 @@ def _project_backward_ab(
     native,
     backend,
     tap_ordered=False,
-    split=None,
 ):
     """(dy, dweight, dbias) of the 4-tap projection from the gradients of A (E, H) and B (E, 2, H);
-    dweight in the weight's own column order (upstream's, or tap order). y: the rotated features
-    (E, 2, R, C); or, with ``split`` = (y0 (E, n0, C), pair (E, 2 n1, C)) kept from the forward
-    (tap order), a tensor of y's dtype whose values are not read."""
+    dweight in the weight's own column order (upstream's, or tap order)."""
+    e, _, r, c = y.shape
     h = weight.shape[0]
-    rows = tap_rows(lmax, mmax, num_taps, weight.device)
-    if split is not None:
-        e, c = split[0].shape[0], split[0].shape[2]
-        r = (rows.n0 + rows.n1) // 2
-    else:
-        e, _, r, c = y.shape
+    rows = tap_rows(lmax, mmax, num_taps, y.device)
     db = db.reshape(2 * e, h)  # [dB0, dB1] interleaved by edge
-    if split is None and not tap_ordered and _row_blocked(y, precision, native):
+    if not tap_ordered and _row_blocked(y, precision, native):
         dy = y.new_empty((e, 2 * r, c))
         y3, w3, da_s, db_s = gemm_inputs(
             (y.reshape(e, 2 * r, c), weight.reshape(h, 2 * r, c), da, db), precision, native
@@ -454,10 +447,7 @@ def _project_backward_ab(
             mm(db_s.t(), pair[:, j : j + n].reshape(2 * e, -1), dwk)
         _assemble_dy(dy, dpair.view(e, 2 * rows.n1, c), rows)
         return dy.view_as(y), dw.view(h, -1), da.sum(0)
-    if split is None:
-        split = _split_input(y, rows, _gathered_dtype(y, precision, native), backend)
-    else:
-        split = (split[0].view(e, -1), split[1].view(2 * e, -1))
+    split = _split_input(y, rows, _gathered_dtype(y, precision, native), backend, tap_ordered)
     y0, pair, da_s, db_s = gemm_inputs((*split, da, db), precision, native)
     w0, w1 = _weight_operands(weight, rows, c, precision, native, backend, tap_ordered)
     # dy: the m = 0 rows from A; the m = +-1 rows from B0 plus B1's part with tap 1 undone.
@@ -615,12 +605,7 @@ def _gated_forward(
     a = p.a.to(y.dtype)
     b = a.new_empty((a.shape[0], 0, a.shape[1])) if p.b is None else p.b.to(y.dtype)
     forward, _ = _gate_impl(backend, a.dtype)
-    if p.split is None:
-        y0, pair = y.new_empty(0), y.new_empty(0)
-    else:
-        e, c = y.shape[0], y.shape[3]
-        y0, pair = p.split[0].view(e, -1, c), p.split[1].view(e, -1, c)
-    return forward(a, b, gate.contiguous()), a, b, y0, pair
+    return forward(a, b, gate.contiguous()), a, b
 
 
 @torch.library.custom_op("scn_fast::gated_tap_projection", mutates_args=())
@@ -636,10 +621,10 @@ def _gated(
     native: bool,
     backend: str,
     tap_ordered: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(silu(pre) * gate, A, B, y0, pair): what the backward needs besides the inputs (dropped by
-    the caller when nothing is recorded for autograd). y0 (E, n0, C) and pair (E, 2 n1, C), the
-    GEMM operands split from y, are kept in tap order (then y is not), else empty."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(silu(pre) * gate, A, B): A and B are what the backward needs (dropped by the caller when
+    nothing is recorded for autograd). The backward splits y again (one pass) rather than keeping
+    the split: y1' repeats y1, so the split is 1.6x y's size at L = 6."""
     meta = (lmax, mmax, num_taps, precision, native, backend, tap_ordered)
     return _gated_forward(y, weight, bias, gate, *meta)
 
@@ -648,22 +633,13 @@ def _gated(
 def _(y, weight, bias, gate, lmax, mmax, num_taps, precision, native, backend, tap_ordered):
     out = _fake_out(y, weight, lmax, mmax, num_taps)
     e, t, h = out.shape
-    if tap_ordered:  # n0 = 2 (L + 1) m = 0 rows, n1 = 4L m = +-1 rows (mmax = 1)
-        dtype = _gathered_dtype(y, precision, native)
-        c = y.shape[3]
-        y0 = y.new_empty((e, 2 * (lmax + 1), c), dtype=dtype)
-        pair = y.new_empty((e, 8 * lmax, c), dtype=dtype)
-    else:
-        y0, pair = y.new_empty(0), y.new_empty(0)
-    return out, y.new_empty((e, h)), y.new_empty((e, 2 if t == 4 else 0, h)), y0, pair
+    return out, y.new_empty((e, h)), y.new_empty((e, 2 if t == 4 else 0, h))
 
 
 def _gated_setup(ctx, inputs, output):
     y, weight, _bias, gate, lmax, mmax, num_taps, precision, native, backend, tap_ordered = inputs
-    _, a, b, y0, pair = output
-    # in tap order the split (y0, pair) replaces y (the same numbers, rearranged)
-    ctx.save_for_backward(weight, gate, a, b, y0, pair, *(() if tap_ordered else (y,)))
-    ctx.y_dtype = y.dtype
+    _, a, b = output
+    ctx.save_for_backward(y, weight, gate, a, b)
     ctx.meta = (lmax, mmax, num_taps, precision, native, backend, tap_ordered)
 
 
@@ -675,8 +651,6 @@ def _gated_tap_projection_backward(
     gate: torch.Tensor,
     a: torch.Tensor,
     b: torch.Tensor,
-    y0: torch.Tensor,
-    pair: torch.Tensor,
     lmax: int,
     mmax: int,
     num_taps: int,
@@ -685,51 +659,30 @@ def _gated_tap_projection_backward(
     backend: str,
     tap_ordered: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients w.r.t. (y, weight, bias, gate). In tap order y is an empty tensor of y's dtype and
-    (y0, pair) the forward's split; otherwise y is the input and y0, pair are empty."""
     _, backward = _gate_impl(backend, a.dtype)
     dpre_a, dpre_b, dgate = backward(dout.to(a.dtype).contiguous(), a, b, gate.contiguous())
     meta = (lmax, mmax, num_taps, precision, native, backend, tap_ordered)
     if b.shape[1] == 0:
         dy, dw, dbias = _project_backward(dpre_a.unsqueeze(1), y.contiguous(), weight, *meta)
     else:
-        split = (y0, pair) if tap_ordered else None
-        dy, dw, dbias = _project_backward_ab(dpre_a, dpre_b, y, weight, *meta, split=split)
+        dy, dw, dbias = _project_backward_ab(dpre_a, dpre_b, y.contiguous(), weight, *meta)
     return dy.to(y.dtype), dw.contiguous(), dbias, dgate.to(gate.dtype)
 
 
 @_gated_tap_projection_backward.register_fake
-def _(
-    dout,
-    y,
-    weight,
-    gate,
-    a,
-    b,
-    y0,
-    pair,
-    lmax,
-    mmax,
-    num_taps,
-    precision,
-    native,
-    backend,
-    tap_ordered,
-):
+def _(dout, y, weight, gate, a, b, lmax, mmax, num_taps, precision, native, backend, tap_ordered):
     h = weight.shape[0]
-    if tap_ordered:  # R = 3L + 1 rows per side (mmax = 1)
-        dy = y.new_empty((y0.shape[0], 2, 3 * lmax + 1, y0.shape[2]))
-    else:
-        dy = torch.empty_like(y)
-    return dy, torch.empty_like(weight), weight.new_empty(h), torch.empty_like(gate)
-
-
-def _gated_backward(ctx, dout, _da, _db, _dy0, _dpair):
-    weight, gate, a, b, y0, pair, *rest = ctx.saved_tensors
-    y = rest[0] if rest else a.new_empty(0, dtype=ctx.y_dtype)
-    dy, dw, dbias, dgate = _gated_tap_projection_backward(
-        dout, y, weight, gate, a, b, y0, pair, *ctx.meta
+    return (
+        torch.empty_like(y),
+        torch.empty_like(weight),
+        weight.new_empty(h),
+        torch.empty_like(gate),
     )
+
+
+def _gated_backward(ctx, dout, _da, _db):
+    y, weight, gate, a, b = ctx.saved_tensors
+    dy, dw, dbias, dgate = _gated_tap_projection_backward(dout, y, weight, gate, a, b, *ctx.meta)
     return dy, dw, dbias, dgate, None, None, None, None, None, None, None
 
 
