@@ -30,8 +30,8 @@
 // gather_rows_out(src (B, Rs, C), rows (Ro,), out (B, Ro, C)): out[b, j] = src[b, rows[j]] in out's
 //   dtype (float32, float64, bfloat16): fc1_edge_proj's weight into [W0 | W1] order and cast to bf16
 //   (or its gradient back to upstream's order) in one pass instead of two.
-// tap_split(y3 (E, 2R, C), rows0 (n0,), pair_rows (2 n1,), pair_signs (2 n1,) float64)
-//   -> [y0 (E, n0, C), pair (E, 2 n1, C)]: y0[:, j] = y3[:, rows0[j]], pair[:, j] =
+// tap_split(y3 (E, 2R, C), rows0 (n0,), pair_rows (2 n1,), pair_signs (2 n1,) float64,
+//   y0! (E, n0, C), pair! (E, 2 n1, C)): y0[:, j] = y3[:, rows0[j]], pair[:, j] =
 //   pair_signs[j] * y3[:, pair_rows[j]]: the tap projection's two GEMM operands in one pass.
 // tap_assemble(dy0 (E, n0, C), dpair (E, 2 n1, C), a (2R,), b (2R,), sign (2R,) float64)
 //   -> dy (E, 2R, C): dy[:, r] = dy0[:, a[r]] where b[r] < 0 (an m = 0 row), else
@@ -719,12 +719,18 @@ void check_signs(const Tensor& signs, int64_t n, const char* name) {
               "scn_fast_ext: ", name, " must be a contiguous float64 (", n, ",) tensor");
 }
 
-std::vector<Tensor> tap_split(const Tensor& y3, const Tensor& rows0, const Tensor& pair_rows,
-                              const Tensor& pair_signs) {
+void tap_split(const Tensor& y3, const Tensor& rows0, const Tensor& pair_rows,
+               const Tensor& pair_signs, Tensor y0, Tensor pair) {
   TORCH_CHECK(y3.dim() == 3, "scn_fast_ext: tap_split y3 must be (E, 2R, C), got ", y3.sizes());
   check_float(y3, "y3", y3);
   const int64_t E = y3.size(0), R2 = y3.size(1), C = y3.size(2);
   const int64_t n0 = rows0.numel(), np = pair_rows.numel();
+  TORCH_CHECK(y0.sizes() == at::IntArrayRef({E, n0, C}) && pair.sizes() == at::IntArrayRef({E, np, C}),
+              "scn_fast_ext: tap_split outputs must be y0 (E, n0, C) = (", E, ", ", n0, ", ", C,
+              ") and pair (E, 2 n1, C) = (", E, ", ", np, ", ", C, "), got ", y0.sizes(), " and ",
+              pair.sizes());
+  check_float(y0, "y0", y3);
+  check_float(pair, "pair", y3);
   check_rows(rows0, n0, R2, "rows0");
   check_rows(pair_rows, np, R2, "pair_rows");
   check_signs(pair_signs, np, "pair_signs");
@@ -732,12 +738,12 @@ std::vector<Tensor> tap_split(const Tensor& y3, const Tensor& rows0, const Tenso
                   pair_signs.device() == y3.device(),
               "scn_fast_ext: tap_split tensors must be on one device");
   if (!y3.is_cpu()) {
-    auto pair = y3.index_select(1, pair_rows) * pair_signs.to(y3.scalar_type()).view({1, np, 1});
-    return {y3.index_select(1, rows0), pair};
+    at::index_select_out(y0, y3, 1, rows0);
+    at::mul_out(pair, y3.index_select(1, pair_rows),
+                pair_signs.to(y3.scalar_type()).view({1, np, 1}));
+    return;
   }
-  Tensor y0 = at::empty({E, n0, C}, y3.options());
-  Tensor pair = at::empty({E, np, C}, y3.options());
-  if (E == 0) return {y0, pair};
+  if (E == 0) return;
   const int64_t* r0 = rows0.const_data_ptr<int64_t>();
   const int64_t* rp = pair_rows.const_data_ptr<int64_t>();
   const double* sp = pair_signs.const_data_ptr<double>();
@@ -763,7 +769,6 @@ std::vector<Tensor> tap_split(const Tensor& y3, const Tensor& rows0, const Tenso
                        }
                      });
   });
-  return {y0, pair};
 }
 
 Tensor tap_assemble(const Tensor& dy0, const Tensor& dpair, const Tensor& a, const Tensor& b,
@@ -835,7 +840,9 @@ TORCH_LIBRARY_FRAGMENT(scn_fast_ext, m) {
       "tap_combine_backward(Tensor dm, Tensor z, Tensor bias, Tensor src, Tensor coef) -> "
       "Tensor[]");
   m.def("gather_rows_out(Tensor src, Tensor rows, Tensor(a!) out) -> ()");
-  m.def("tap_split(Tensor y3, Tensor rows0, Tensor pair_rows, Tensor pair_signs) -> Tensor[]");
+  m.def(
+      "tap_split(Tensor y3, Tensor rows0, Tensor pair_rows, Tensor pair_signs, Tensor(a!) y0, "
+      "Tensor(b!) pair) -> ()");
   m.def("tap_assemble(Tensor dy0, Tensor dpair, Tensor a, Tensor b, Tensor sign) -> Tensor");
   m.def(
       "tap_blocked_forward(Tensor y3, Tensor pair, Tensor w3, Tensor bias, int[] runs0, "

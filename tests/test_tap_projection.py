@@ -233,15 +233,19 @@ def test_extension_split_and_its_adjoint(lmax, dtype):
     r = edge_layout(lmax, 1).R
     gen = torch.Generator().manual_seed(lmax)
     y3 = torch.randn(7, 2 * r, 5, generator=gen, dtype=dtype)
-    y0, pair = ext.tap_split(y3, rows.y0_rows, rows.pair_rows, rows.pair_signs)
-    want0, want_pair = tp._split_fresh(y3, rows, dtype, "reference")
-    assert torch.equal(y0, want0) and torch.equal(pair, want_pair)
+    y0 = y3.new_empty((7, rows.n0, 5))
+    pair = y3.new_empty((7, 2 * rows.n1, 5))
+    ext.tap_split(y3, rows.y0_rows, rows.pair_rows, rows.pair_signs, y0, pair)
+    want0, want_pair = tp._split_input(y3.view(7, 2, r, 5), rows, dtype, "reference")
+    assert torch.equal(y0.view(7, -1), want0) and torch.equal(pair.view(14, -1), want_pair)
     g0, gp = torch.randn_like(y0), torch.randn_like(pair)
     dy = ext.tap_assemble(g0, gp, rows.assemble_a, rows.assemble_b, rows.assemble_sign)
     lhs = (y0 * g0).sum() + (pair * gp).sum()
     assert torch.allclose(lhs, (y3 * dy).sum(), rtol=1e-5 if dtype == torch.float32 else 1e-12)
     assert torch.equal(dy, tp._assemble(g0, gp, rows, "reference"))  # ATen ops: same numbers
     with pytest.raises(RuntimeError, match="out of range"):
-        ext.tap_split(y3, rows.y0_rows + 2 * r, rows.pair_rows, rows.pair_signs)
+        ext.tap_split(y3, rows.y0_rows + 2 * r, rows.pair_rows, rows.pair_signs, y0, pair)
     with pytest.raises(RuntimeError, match="float64"):
-        ext.tap_split(y3, rows.y0_rows, rows.pair_rows, rows.pair_signs.float())
+        ext.tap_split(y3, rows.y0_rows, rows.pair_rows, rows.pair_signs.float(), y0, pair)
+    with pytest.raises(RuntimeError, match="outputs must be"):
+        ext.tap_split(y3, rows.y0_rows, rows.pair_rows, rows.pair_signs, pair, y0)

@@ -204,34 +204,19 @@ def _pair_rows(y3: torch.Tensor, rows: TapRows, dtype: torch.dtype, backend: str
     return _signs_of_tap1(pair, rows)
 
 
-def _split_fresh(
-    y3: torch.Tensor, rows: TapRows, dtype: torch.dtype, backend: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y0 (E, n0, C), pair (E, 2 n1, C)) of y3 (E, 2R, C) in dtype, as new tensors: the
-    extension's one-pass ``tap_split`` (gather and tap 1's signs together) where it applies, else
-    gathers and a sign pass."""
-    if backend == "extension" and dtype == y3.dtype and dtype in (torch.float32, torch.float64):
-        y0, pair = _ext().tap_split(y3.contiguous(), rows.y0_rows, rows.pair_rows, rows.pair_signs)
-        return y0, pair
-    e, _, c = y3.shape
-    y0 = torch.empty((e, rows.n0, c), dtype=dtype, device=y3.device)
-    pair = torch.empty((e, 2 * rows.n1, c), dtype=dtype, device=y3.device)
-    _gather_rows(y3, rows.y0_rows, y0, backend)
-    _gather_rows(y3, rows.pair_rows, pair, backend)
-    return y0, _signs_of_tap1(pair, rows)
-
-
 def _split_input(
-    y: torch.Tensor, rows: TapRows, dtype: torch.dtype, backend: str, fresh: bool = False
+    y: torch.Tensor, rows: TapRows, dtype: torch.dtype, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y (E, 2, R, C) -> y0 (E, 2 R0 C) and [y1; y1'] (2E, 2 R1 C) (rows interleaved by edge), in
-    dtype, in workspaces (scratch for this call), or new tensors (``fresh``)."""
+    dtype, in workspaces (scratch for this call): the extension's one-pass ``tap_split`` (gather
+    and tap 1's signs together) where it applies, else gathers and a sign pass."""
     e, _, r, c = y.shape
     y3 = y.reshape(e, 2 * r, c)
-    if fresh:
-        y0, pair = _split_fresh(y3, rows, dtype, backend)
-        return y0.view(e, -1), pair.view(2 * e, -1)
     y0 = workspace("tap_y0", (e, rows.n0, c), dtype, y.device)
+    if backend == "extension" and dtype == y.dtype and dtype in (torch.float32, torch.float64):
+        pair = workspace("tap_pair", (e, 2 * rows.n1, c), dtype, y.device)
+        _ext().tap_split(y3.contiguous(), rows.y0_rows, rows.pair_rows, rows.pair_signs, y0, pair)
+        return y0.view(e, -1), pair.view(2 * e, -1)
     _gather_rows(y3, rows.y0_rows, y0, backend)
     return y0.view(e, -1), _pair_rows(y3, rows, dtype, backend).view(2 * e, -1)
 
@@ -347,7 +332,7 @@ def _project(
             lhs, rhs = pair[:, j : j + n].reshape(2 * e, -1), w3[:, k : k + n].reshape(h, -1).t()
             b = torch.mm(lhs, rhs) if b is None else b.addmm_(lhs, rhs)
         return _Projection(a, b.view(e, 2, -1))
-    split = _split_input(y, rows, _gathered_dtype(y, precision, native), backend, tap_ordered)
+    split = _split_input(y, rows, _gathered_dtype(y, precision, native), backend)
     y0, pair = gemm_inputs(split, precision, native)
     w0, w1 = _weight_operands(weight, rows, c, precision, native, backend, tap_ordered)
     a = gemm_mm(y0, w0.t(), precision, native).add_(bias)
@@ -447,7 +432,7 @@ def _project_backward_ab(
             mm(db_s.t(), pair[:, j : j + n].reshape(2 * e, -1), dwk)
         _assemble_dy(dy, dpair.view(e, 2 * rows.n1, c), rows)
         return dy.view_as(y), dw.view(h, -1), da.sum(0)
-    split = _split_input(y, rows, _gathered_dtype(y, precision, native), backend, tap_ordered)
+    split = _split_input(y, rows, _gathered_dtype(y, precision, native), backend)
     y0, pair, da_s, db_s = gemm_inputs((*split, da, db), precision, native)
     w0, w1 = _weight_operands(weight, rows, c, precision, native, backend, tap_ordered)
     # dy: the m = 0 rows from A; the m = +-1 rows from B0 plus B1's part with tap 1 undone.
