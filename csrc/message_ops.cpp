@@ -719,6 +719,29 @@ void check_signs(const Tensor& signs, int64_t n, const char* name) {
               "scn_fast_ext: ", name, " must be a contiguous float64 (", n, ",) tensor");
 }
 
+// The non-CPU bodies of tap_split / tap_assemble (ATen ops; any device). Registered as
+// _tap_split_aten / _tap_assemble_aten too, so the tests run them on CPU against the CPU loops.
+void tap_split_aten(const Tensor& y3, const Tensor& rows0, const Tensor& pair_rows,
+                    const Tensor& pair_signs, Tensor y0, Tensor pair) {
+  const int64_t np = pair_rows.numel();
+  at::index_select_out(y0, y3, 1, rows0);
+  at::mul_out(pair, y3.index_select(1, pair_rows),
+              pair_signs.to(y3.scalar_type()).view({1, np, 1}));
+}
+
+Tensor tap_assemble_aten(const Tensor& dy0, const Tensor& dpair, const Tensor& a, const Tensor& b,
+                         const Tensor& sign) {
+  const int64_t R2 = a.numel();
+  auto m0 = b.lt(0);
+  auto idx_a0 = at::where(m0, a, at::zeros_like(a));
+  auto idx_a1 = at::where(m0, at::zeros_like(a), a);
+  auto idx_b = at::where(m0, at::zeros_like(b), b);
+  auto from0 = dy0.index_select(1, idx_a0);
+  auto s = sign.to(dy0.scalar_type()).view({1, R2, 1});
+  auto from1 = dpair.index_select(1, idx_a1) + s * dpair.index_select(1, idx_b);
+  return at::where(m0.view({1, R2, 1}), from0, from1);
+}
+
 void tap_split(const Tensor& y3, const Tensor& rows0, const Tensor& pair_rows,
                const Tensor& pair_signs, Tensor y0, Tensor pair) {
   TORCH_CHECK(y3.dim() == 3, "scn_fast_ext: tap_split y3 must be (E, 2R, C), got ", y3.sizes());
@@ -737,12 +760,7 @@ void tap_split(const Tensor& y3, const Tensor& rows0, const Tensor& pair_rows,
   TORCH_CHECK(rows0.device() == y3.device() && pair_rows.device() == y3.device() &&
                   pair_signs.device() == y3.device(),
               "scn_fast_ext: tap_split tensors must be on one device");
-  if (!y3.is_cpu()) {
-    at::index_select_out(y0, y3, 1, rows0);
-    at::mul_out(pair, y3.index_select(1, pair_rows),
-                pair_signs.to(y3.scalar_type()).view({1, np, 1}));
-    return;
-  }
+  if (!y3.is_cpu()) return tap_split_aten(y3, rows0, pair_rows, pair_signs, y0, pair);
   if (E == 0) return;
   const int64_t* r0 = rows0.const_data_ptr<int64_t>();
   const int64_t* rp = pair_rows.const_data_ptr<int64_t>();
@@ -787,16 +805,7 @@ Tensor tap_assemble(const Tensor& dy0, const Tensor& dpair, const Tensor& a, con
   TORCH_CHECK(a.device() == dy0.device() && b.device() == dy0.device() &&
                   sign.device() == dy0.device(),
               "scn_fast_ext: tap_assemble tensors must be on one device");
-  if (!dy0.is_cpu()) {
-    auto m0 = b.lt(0);
-    auto idx_a0 = at::where(m0, a, at::zeros_like(a));
-    auto idx_a1 = at::where(m0, at::zeros_like(a), a);
-    auto idx_b = at::where(m0, at::zeros_like(b), b);
-    auto from0 = dy0.index_select(1, idx_a0);
-    auto s = sign.to(dy0.scalar_type()).view({1, R2, 1});
-    auto from1 = dpair.index_select(1, idx_a1) + s * dpair.index_select(1, idx_b);
-    return at::where(m0.view({1, R2, 1}), from0, from1);
-  }
+  if (!dy0.is_cpu()) return tap_assemble_aten(dy0, dpair, a, b, sign);
   const int64_t* ap = a.const_data_ptr<int64_t>();
   const int64_t* bp = b.const_data_ptr<int64_t>();
   const double* sp = sign.const_data_ptr<double>();
@@ -845,6 +854,10 @@ TORCH_LIBRARY_FRAGMENT(scn_fast_ext, m) {
       "Tensor(b!) pair) -> ()");
   m.def("tap_assemble(Tensor dy0, Tensor dpair, Tensor a, Tensor b, Tensor sign) -> Tensor");
   m.def(
+      "_tap_split_aten(Tensor y3, Tensor rows0, Tensor pair_rows, Tensor pair_signs, "
+      "Tensor(a!) y0, Tensor(b!) pair) -> ()");
+  m.def("_tap_assemble_aten(Tensor dy0, Tensor dpair, Tensor a, Tensor b, Tensor sign) -> Tensor");
+  m.def(
       "tap_blocked_forward(Tensor y3, Tensor pair, Tensor w3, Tensor bias, int[] runs0, "
       "int[] runs1) -> Tensor[]");
   m.def(
@@ -860,6 +873,8 @@ TORCH_LIBRARY_IMPL(scn_fast_ext, CompositeExplicitAutograd, m) {
   m.impl("gather_rows_out", &scn_fast::message::gather_rows_out);
   m.impl("tap_split", &scn_fast::message::tap_split);
   m.impl("tap_assemble", &scn_fast::message::tap_assemble);
+  m.impl("_tap_split_aten", &scn_fast::message::tap_split_aten);
+  m.impl("_tap_assemble_aten", &scn_fast::message::tap_assemble_aten);
   m.impl("tap_blocked_forward", &scn_fast::message::tap_blocked_forward);
   m.impl("tap_blocked_backward", &scn_fast::message::tap_blocked_backward);
 }
