@@ -137,3 +137,15 @@ def test_checkpoint_ema_is_saved_and_read_in_upstream_layout(tmp_path):
         for name, p in model.named_parameters():
             got = to_upstream_layout(model, name, p.detach())
             assert torch.equal(got, 2 * want[name].detach()), (use_fused, name)
+
+
+@pytest.mark.parametrize("lmax", [1, 4, 6])
+@pytest.mark.parametrize("mmax", [0, 1])
+@pytest.mark.parametrize("num_taps", [-1, 1, 4])
+def test_has_tap_order_agrees_with_the_tap_set(lmax, mmax, num_taps):
+    """The arithmetic predicate (traceable by torch.compile) matches upstream's tap set."""
+    from scn_fast.ops.layout import tap_symmetry
+    from scn_fast.ops.tap_projection import has_tap_order
+
+    four = tap_symmetry(lmax, mmax, num_taps).num_taps == 4
+    assert has_tap_order(lmax, mmax, num_taps) == four
