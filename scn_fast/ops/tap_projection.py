@@ -21,6 +21,10 @@ Data movement: y (E, 2, R, C) and the weight (H, 2, R, C) are viewed as 2R rows 
 interleaved by edge; for the weight: [W0 | W1] as column blocks of one buffer that the GEMMs read with
 a leading dimension). The weight gradient is written by the GEMMs straight into such a buffer and
 gathered back to upstream's column order in one pass.
+The fused model holds the weight in tap order already (``weight_order="tap"``, ``scn_fast.tap_order``):
+W0 and W1 are then its two column blocks, nothing of the weight is gathered, and the weight
+gradient is written in place; the extension splits y in one pass (``tap_split``) and assembles dy
+in one (``tap_assemble``).
 
 Shapes: y (E, 2, R, C), weight (H, 2*R*C), bias (H,), gate (E, H) -> (E, T, H).
 Precision: "fp32" (or float64 inputs) runs the GEMMs as given; "tf32" / "bf16" round every GEMM
@@ -168,9 +172,10 @@ def _tap_ordered(weight_order: str, lmax: int, mmax: int, num_taps: int) -> bool
     return weight_order == "tap"
 
 
-def _reorder(weight: torch.Tensor, rows: torch.Tensor, two_r: int) -> torch.Tensor:
+def _reorder(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """weight (H, 2R * C) with its 2R column blocks in the order ``rows`` (a copy)."""
     h = weight.shape[0]
-    return weight.reshape(h, two_r, -1).index_select(1, rows).reshape(h, -1)
+    return weight.reshape(h, rows.numel(), -1).index_select(1, rows).reshape(h, -1)
 
 
 def to_tap_order(weight: torch.Tensor, lmax: int, mmax: int, num_taps: int) -> torch.Tensor:
@@ -178,13 +183,13 @@ def to_tap_order(weight: torch.Tensor, lmax: int, mmax: int, num_taps: int) -> t
     then the m = +-1 rows (``TapRows.w_rows``), so that W0 and W1 are its two column blocks. The
     fused model holds its weight (and so its gradient and optimizer state) this way; a copy."""
     rows = tap_rows(lmax, mmax, num_taps, weight.device)
-    return _reorder(weight, rows.w_rows, rows.w_rows.numel())
+    return _reorder(weight, rows.w_rows)
 
 
 def from_tap_order(weight: torch.Tensor, lmax: int, mmax: int, num_taps: int) -> torch.Tensor:
     """The inverse of :func:`to_tap_order` (upstream's column order); differentiable."""
     rows = tap_rows(lmax, mmax, num_taps, weight.device)
-    return _reorder(weight, rows.w_inv, rows.w_inv.numel())
+    return _reorder(weight, rows.w_inv)
 
 
 def _signs_of_tap1(t: torch.Tensor, rows: TapRows) -> torch.Tensor:
