@@ -441,9 +441,12 @@ def _project_backward_ab(
     y0, pair, da_s, db_s = gemm_inputs((*split, da, db), precision, native)
     w0, w1 = _weight_operands(weight, rows, c, precision, native, backend, tap_ordered)
     # dy: the m = 0 rows from A; the m = +-1 rows from B0 plus B1's part with tap 1 undone.
-    dy0 = gemm_mm(da_s, w0, precision, native).view(e, rows.n0, c)
-    dpair = gemm_mm(db_s, w1, precision, native).view(e, 2 * rows.n1, c)
-    dy = _assemble(dy0, dpair, rows, backend).view(e, 2, r, c)
+    # (scratch: read once by the assembly)
+    dy0 = workspace("tap_dy0", (e, rows.n0, c), y.dtype, y.device)
+    dpair = workspace("tap_dpair", (2 * e, rows.n1, c), y.dtype, y.device)
+    gemm_mm(da_s, w0, precision, native, out=dy0.view(e, -1))
+    gemm_mm(db_s, w1, precision, native, out=dpair.view(2 * e, -1))
+    dy = _assemble(dy0, dpair.view(e, 2 * rows.n1, c), rows, backend).view(e, 2, r, c)
     if tap_ordered:  # the weight gradient in tap order, written in place by the two GEMMs
         dw = weight.new_empty((h, 2 * r * c))
         cut = rows.n0 * c
