@@ -48,6 +48,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/cpu_isa.h"
@@ -324,88 +325,22 @@ inline void combine_backward_tail(const T* dme, const Z* ze, const T* bias, cons
 }
 
 #if SCN_HAS_AVX2_CLONE
-// 8 lanes of z as float: float loads, or bfloat16 widened (a bf16 is the top half of a float).
-template <typename Z>
-SCN_TARGET_AVX2 SCN_ALWAYS_INLINE __m256 load8(const Z* p) {
-  if constexpr (std::is_same_v<Z, float>) {
-    return _mm256_loadu_ps(p);
-  } else {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  }
-}
+// The vector channel loops, one text compiled for AVX2 (8 lanes) and for AVX-512 (16 lanes).
+SCN_BEGIN_TARGET_AVX2
+namespace avx2 {
+using scn_fast::cpu::avx2::sigmoid;
+using scn_fast::cpu::avx2::V;
+#include "message_combine.inc"
+}  // namespace avx2
+SCN_END_TARGET
 
-template <typename Z>
-SCN_TARGET_AVX2 SCN_ALWAYS_INLINE void store8(Z* p, __m256 v) {
-  if constexpr (std::is_same_v<Z, float>) {
-    _mm256_storeu_ps(p, v);
-  } else {  // round to nearest even, as c10::BFloat16 does (NaN -> 0x7fc0)
-    const __m256i bits = _mm256_castps_si256(v);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-    __m256i h = _mm256_srli_epi32(
-        _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    h = _mm256_blendv_epi8(h, _mm256_set1_epi32(0x7fc0), nan);
-    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(h, h), 0x08);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-  }
-}
-
-template <typename Z>
-SCN_TARGET_AVX2 void combine_forward_edges_avx2(const Z* z, const float* bias, const int64_t* src,
-                                                const float* coef, float* m, int64_t e0,
-                                                int64_t e1, int64_t Q, int64_t R, int64_t J,
-                                                int64_t C) {
-  for (int64_t e = e0; e < e1; ++e) {
-    const Z* ze = z + e * Q * C;
-    float* me = m + e * R * C;
-    const int64_t cv = C / 8 * 8;
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t c = 0; c < cv; c += 8) {
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t j = 0; j < J; ++j) {
-          const int64_t s = src[r * J + j];
-          const __m256 x = _mm256_add_ps(load8(ze + s * C + c), _mm256_loadu_ps(bias + (s % R) * C + c));
-          acc = _mm256_fmadd_ps(_mm256_set1_ps(coef[r * J + j]),
-                                _mm256_mul_ps(x, sigmoid_avx2(x)), acc);
-        }
-        _mm256_storeu_ps(me + r * C + c, acc);
-      }
-    if (cv < C) combine_forward_tail(ze, bias, src, coef, me, R, J, C, cv);
-  }
-}
-
-template <typename Z>
-SCN_TARGET_AVX2 void combine_backward_edges_avx2(const float* dm, const Z* z, const float* bias,
-                                                 const int64_t* src, const float* coef, Z* dz,
-                                                 float* psum, int64_t e0, int64_t e1, int64_t Q,
-                                                 int64_t R, int64_t J, int64_t C) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  const int64_t cv = C / 8 * 8;
-  for (int64_t e = e0; e < e1; ++e) {
-    const float* dme = dm + e * R * C;
-    const Z* ze = z + e * Q * C;
-    Z* dze = dz + e * Q * C;
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t j = 0; j < J; ++j) {
-        const int64_t s = src[r * J + j];
-        const __m256 k = _mm256_set1_ps(coef[r * J + j]);
-        const Z* zr = ze + s * C;
-        const float* br = bias + (s % R) * C;
-        Z* dzr = dze + s * C;
-        float* pr = psum + (s % R) * C;
-        for (int64_t c = 0; c < cv; c += 8) {
-          const __m256 x = _mm256_add_ps(load8(zr + c), _mm256_loadu_ps(br + c));
-          const __m256 sg = sigmoid_avx2(x);
-          const __m256 ds = _mm256_mul_ps(sg, _mm256_fmadd_ps(x, _mm256_sub_ps(one, sg), one));
-          const __m256 v = _mm256_mul_ps(_mm256_mul_ps(k, _mm256_loadu_ps(dme + r * C + c)), ds);
-          store8(dzr + c, v);
-          _mm256_storeu_ps(pr + c, _mm256_add_ps(_mm256_loadu_ps(pr + c), v));
-        }
-      }
-    if (cv < C) combine_backward_tail(dme, ze, bias, src, coef, dze, psum, R, J, C, cv);
-  }
-}
+SCN_BEGIN_TARGET_AVX512
+namespace avx512 {
+using scn_fast::cpu::avx512::sigmoid;
+using scn_fast::cpu::avx512::V;
+#include "message_combine.inc"
+}  // namespace avx512
+SCN_END_TARGET
 #endif
 
 template <typename Z, typename T>
@@ -413,8 +348,10 @@ void combine_forward_edges(const Z* z, const T* bias, const int64_t* src, const 
                            int64_t e0, int64_t e1, int64_t Q, int64_t R, int64_t J, int64_t C) {
 #if SCN_HAS_AVX2_CLONE
   if constexpr (std::is_same_v<T, float>) {
+    if (scn_fast::cpu::cpu_has_avx512())
+      return avx512::combine_forward_edges<Z>(z, bias, src, coef, m, e0, e1, Q, R, J, C);
     if (scn_fast::cpu::cpu_has_avx2_fma())
-      return combine_forward_edges_avx2<Z>(z, bias, src, coef, m, e0, e1, Q, R, J, C);
+      return avx2::combine_forward_edges<Z>(z, bias, src, coef, m, e0, e1, Q, R, J, C);
   }
 #endif
   for (int64_t e = e0; e < e1; ++e)
@@ -427,8 +364,12 @@ void combine_backward_edges(const T* dm, const Z* z, const T* bias, const int64_
                             int64_t R, int64_t J, int64_t C) {
 #if SCN_HAS_AVX2_CLONE
   if constexpr (std::is_same_v<T, float>) {
+    if (scn_fast::cpu::cpu_has_avx512())
+      return avx512::combine_backward_edges<Z>(dm, z, bias, src, coef, dz, psum, e0, e1, Q, R, J,
+                                               C);
     if (scn_fast::cpu::cpu_has_avx2_fma())
-      return combine_backward_edges_avx2<Z>(dm, z, bias, src, coef, dz, psum, e0, e1, Q, R, J, C);
+      return avx2::combine_backward_edges<Z>(dm, z, bias, src, coef, dz, psum, e0, e1, Q, R, J,
+                                             C);
   }
 #endif
   for (int64_t e = e0; e < e1; ++e)
@@ -838,6 +779,13 @@ Tensor tap_assemble(const Tensor& dy0, const Tensor& dpair, const Tensor& a, con
   return dy;
 }
 
+// Caps the ISA of the CPU clones (2 = AVX-512, 1 = AVX2, 0 = baseline) and returns the previous
+// cap: the tests run every clone on one machine.
+int64_t set_isa_cap(int64_t cap) {
+  TORCH_CHECK(cap >= 0 && cap <= 2, "scn_fast_ext: ISA cap must be 0, 1 or 2, got ", cap);
+  return scn_fast::cpu::isa_cap.exchange(static_cast<int>(cap));
+}
+
 }  // namespace
 }  // namespace scn_fast::message
 
@@ -849,6 +797,7 @@ TORCH_LIBRARY_FRAGMENT(scn_fast_ext, m) {
       "tap_combine_backward(Tensor dm, Tensor z, Tensor bias, Tensor src, Tensor coef) -> "
       "Tensor[]");
   m.def("gather_rows_out(Tensor src, Tensor rows, Tensor(a!) out) -> ()");
+  m.def("_set_isa_cap(int cap) -> int");
   m.def(
       "tap_split(Tensor y3, Tensor rows0, Tensor pair_rows, Tensor pair_signs, Tensor(a!) y0, "
       "Tensor(b!) pair) -> ()");
@@ -863,6 +812,10 @@ TORCH_LIBRARY_FRAGMENT(scn_fast_ext, m) {
   m.def(
       "tap_blocked_backward(Tensor da, Tensor db, Tensor y3, Tensor pair, Tensor w3, int[] runs0, "
       "int[] runs1, Tensor(a!) dy, Tensor(b!) dpair) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(scn_fast_ext, CatchAll, m) {
+  m.impl("_set_isa_cap", &scn_fast::message::set_isa_cap);
 }
 
 TORCH_LIBRARY_IMPL(scn_fast_ext, CompositeExplicitAutograd, m) {

@@ -7,6 +7,7 @@
 // SCN_ALWAYS_INLINE so that they are compiled inside each clone's target.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -15,6 +16,24 @@
 #else
 #define SCN_HAS_AVX2_CLONE 0
 #define SCN_TARGET_AVX2
+#endif
+
+// Regions of code compiled for one ISA (the width-generic kernels, cpu/vec_math.h): every function
+// defined between SCN_BEGIN_TARGET_* and SCN_END_TARGET gets that target, template instantiations
+// included, so one kernel text (an .inc file) is compiled once per ISA in separate namespaces.
+#if SCN_HAS_AVX2_CLONE && defined(__clang__)
+#define SCN_BEGIN_TARGET_AVX2 \
+  _Pragma("clang attribute push(__attribute__((target(\"avx2,fma\"))), apply_to = function)")
+#define SCN_BEGIN_TARGET_AVX512                                                                 \
+  _Pragma(                                                                                      \
+      "clang attribute push(__attribute__((target(\"avx512f,avx512bw,avx512dq,avx512vl,avx2,fma\"))), apply_to = function)")
+#define SCN_END_TARGET _Pragma("clang attribute pop")
+#elif SCN_HAS_AVX2_CLONE
+#define SCN_BEGIN_TARGET_AVX2 _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma\")")
+#define SCN_BEGIN_TARGET_AVX512 \
+  _Pragma("GCC push_options")   \
+      _Pragma("GCC target(\"avx512f,avx512bw,avx512dq,avx512vl,avx2,fma\")")
+#define SCN_END_TARGET _Pragma("GCC pop_options")
 #endif
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -37,11 +56,26 @@ SCN_ALWAYS_INLINE void prefetch_bytes(const void* p, int64_t bytes) {
 #endif
 }
 
+// The widest ISA the clones may use: 2 = AVX-512, 1 = AVX2, 0 = baseline. Lowered only by tests
+// (scn_fast_ext::_set_isa_cap) so that every clone runs on a machine that has the wider ones.
+inline std::atomic<int> isa_cap{2};
+
 // True when the running CPU has AVX2 and FMA (and the avx2 clones exist in this build).
 inline bool cpu_has_avx2_fma() {
 #if SCN_HAS_AVX2_CLONE
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
+  return has && isa_cap.load(std::memory_order_relaxed) >= 1;
+#else
+  return false;
+#endif
+}
+
+// True when the running CPU has AVX-512 F, BW, DQ and VL besides AVX2 and FMA.
+inline bool cpu_has_avx512() {
+#if SCN_HAS_AVX2_CLONE
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  return has && cpu_has_avx2_fma() && isa_cap.load(std::memory_order_relaxed) >= 2;
 #else
   return false;
 #endif
