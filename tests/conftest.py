@@ -92,3 +92,15 @@ def _no_backend_override(monkeypatch):
     """Tests choose backends explicitly; a developer's SCN_FAST_BACKEND must not leak in."""
     if "SCN_FAST_BACKEND" in os.environ:
         monkeypatch.delenv("SCN_FAST_BACKEND")
+
+
+@pytest.fixture
+def isa_cap():
+    """The extension's CPU ISA cap setter (2 = AVX-512, 1 = AVX2, 0 = baseline; a width the CPU
+    lacks falls back to the next), restored after the test: runs every CPU clone on one machine."""
+    from scn_fast.extension import load_extension
+
+    ext = load_extension()
+    old = ext._set_isa_cap(2)
+    yield ext._set_isa_cap
+    ext._set_isa_cap(old)

@@ -189,17 +189,6 @@ def test_z_dtype_must_match_bias():
         tap_combine(z.bfloat16(), bias, 4, 1, -1, "extension")
 
 
-@pytest.fixture
-def isa_cap():
-    """Set the extension's CPU ISA cap (2 = AVX-512, 1 = AVX2, 0 = baseline) for one test."""
-    from scn_fast.extension import load_extension
-
-    ext = load_extension()
-    old = ext._set_isa_cap(2)
-    yield ext._set_isa_cap
-    ext._set_isa_cap(old)
-
-
 @pytest.mark.parametrize("zdtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_every_cpu_clone_agrees(isa_cap, zdtype):
     """The AVX-512, AVX2 and baseline clones of the extension's kernels (each run here by capping
