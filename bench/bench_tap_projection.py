@@ -3,9 +3,10 @@
 Reference (upstream): ``F.linear`` on the tap-expanded rotated features (E*T, 2*R*C) (materialised by
 upstream's per-tap rotation) with W (H, 2*R*C), then ``silu(.) * gate``. Fused:
 ``scn_fast.ops.gated_tap_projection`` on the rotated features once per edge (E, 2, R, C), using the
-tap symmetry ((5L+1)/(12L+4) of the GEMM FLOPs, exactly; DESIGN.md section 3), the weight read in
-place by row-blocked GEMMs on CPU, and the activation and gate fused (per backend's elementwise
-kernels). Forward, and forward + backward w.r.t. the features, weight, bias and gate.
+tap symmetry ((5L+1)/(12L+4) of the GEMM FLOPs, exactly; DESIGN.md section 3) and the activation and
+gate fused (per backend's elementwise kernels), with the weight in upstream's column order (read in
+place by row-blocked GEMMs on CPU) or in tap order (the fused model's layout: two GEMMs on its column
+blocks). Forward, and forward + backward w.r.t. the features, weight, bias and gate.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch.nn.functional import linear, silu
 
 from scn_fast.ops import gated_tap_projection
 from scn_fast.ops.layout import tap_symmetry
+from scn_fast.ops.tap_projection import to_tap_order
 
 
 def _operands(lmax: int, device: str, grad: bool):
@@ -54,15 +56,19 @@ def test_reference(run_op, device, lmax, direction):
     run_op(fn, device, f"tap_projection L{lmax} {direction} {device}")
 
 
+@pytest.mark.parametrize("weight_order", ["upstream", "tap"])
 @pytest.mark.parametrize("lmax", LMAXES)
 @pytest.mark.parametrize(("device", "backend"), backend_params())
 @pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
-def test_fused(run_op, device, backend, lmax, direction):
+def test_fused(run_op, device, backend, lmax, direction, weight_order):
     inp, y, w, b, _, gate = _operands(lmax, device, direction != "fwd")
+    if weight_order == "tap":
+        w = to_tap_order(w.detach(), lmax, inp.mmax, -1).requires_grad_(w.requires_grad)
     grad = torch.randn(y.shape[0], inp.T, HIDDEN, device=device)
+    kw = {"backend": backend, "weight_order": weight_order}
 
     def fn():
-        out = lambda: gated_tap_projection(y, w, b, gate, lmax, inp.mmax, -1, backend=backend)  # noqa: E731
+        out = lambda: gated_tap_projection(y, w, b, gate, lmax, inp.mmax, -1, **kw)  # noqa: E731
         if direction == "fwd":
             with torch.no_grad():
                 return out()
