@@ -457,24 +457,10 @@ def grid_projection(
             f"save_activations needs the extension backend on CPU, got backend={backend!r} on "
             f"{x_down.device.type}"
         )
+    args = (x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3)
     if saves_activations(backend, tensors) if save_activations is None else save_activations:
-        args = (x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3)
         return _grid_projection_saving(*args, int(tile_atoms), bool(bf16_gemms))[0]
-    return _grid_projection(
-        x_down,
-        x_new,
-        to_grid,
-        from_grid,
-        w1,
-        b1,
-        w2,
-        b2,
-        w3,
-        b3,
-        int(tile_atoms),
-        backend,
-        bool(bf16_gemms),
-    )
+    return _grid_projection(*args, int(tile_atoms), backend, bool(bf16_gemms))
 
 
 def grid_mlp(
