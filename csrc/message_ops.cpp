@@ -642,7 +642,8 @@ Tensor tap_blocked_backward(const Tensor& da, const Tensor& db, const Tensor& y3
   return dw.view({z.H, z.R2 * z.C});
 }
 
-void check_rows(const Tensor& rows, int64_t n, int64_t bound, const char* name) {
+// rows: a contiguous int64 (n,) tensor whose values (checked on CPU) lie in [lo, bound).
+void check_rows(const Tensor& rows, int64_t n, int64_t lo, int64_t bound, const char* name) {
   TORCH_CHECK(rows.dim() == 1 && rows.size(0) == n && rows.scalar_type() == at::kLong &&
                   rows.is_contiguous(),
               "scn_fast_ext: ", name, " must be a contiguous int64 (", n, ",) tensor, got ",
@@ -650,7 +651,7 @@ void check_rows(const Tensor& rows, int64_t n, int64_t bound, const char* name) 
   if (!rows.is_cpu()) return;
   const int64_t* p = rows.const_data_ptr<int64_t>();
   for (int64_t j = 0; j < n; ++j)
-    TORCH_CHECK(p[j] >= -1 && p[j] < bound, "scn_fast_ext: ", name, " holds ", p[j],
+    TORCH_CHECK(p[j] >= lo && p[j] < bound, "scn_fast_ext: ", name, " holds ", p[j],
                 ", out of range for ", bound, " rows");
 }
 
@@ -695,8 +696,8 @@ void tap_split(const Tensor& y3, const Tensor& rows0, const Tensor& pair_rows,
               pair.sizes());
   check_float(y0, "y0", y3);
   check_float(pair, "pair", y3);
-  check_rows(rows0, n0, R2, "rows0");
-  check_rows(pair_rows, np, R2, "pair_rows");
+  check_rows(rows0, n0, 0, R2, "rows0");
+  check_rows(pair_rows, np, 0, R2, "pair_rows");
   check_signs(pair_signs, np, "pair_signs");
   TORCH_CHECK(rows0.device() == y3.device() && pair_rows.device() == y3.device() &&
                   pair_signs.device() == y3.device(),
@@ -706,9 +707,6 @@ void tap_split(const Tensor& y3, const Tensor& rows0, const Tensor& pair_rows,
   const int64_t* r0 = rows0.const_data_ptr<int64_t>();
   const int64_t* rp = pair_rows.const_data_ptr<int64_t>();
   const double* sp = pair_signs.const_data_ptr<double>();
-  for (int64_t j = 0; j < n0; ++j) TORCH_CHECK(r0[j] >= 0, "scn_fast_ext: rows0 must be >= 0");
-  for (int64_t j = 0; j < np; ++j)
-    TORCH_CHECK(rp[j] >= 0, "scn_fast_ext: pair_rows must be >= 0");
   AT_DISPATCH_FLOATING_TYPES(y3.scalar_type(), "scn_fast_ext::tap_split", [&] {
     const scalar_t* src = y3.const_data_ptr<scalar_t>();
     scalar_t* d0 = y0.mutable_data_ptr<scalar_t>();
@@ -740,8 +738,8 @@ Tensor tap_assemble(const Tensor& dy0, const Tensor& dpair, const Tensor& a, con
   check_float(dpair, "dpair", dy0);
   const int64_t E = dy0.size(0), n0 = dy0.size(1), np = dpair.size(1), C = dy0.size(2);
   const int64_t R2 = a.numel();
-  check_rows(a, R2, std::max(n0, np), "a");
-  check_rows(b, R2, np, "b");
+  check_rows(a, R2, 0, std::max(n0, np), "a");  // the exact bound per row is checked below
+  check_rows(b, R2, -1, np, "b");                 // -1: an m = 0 row
   check_signs(sign, R2, "sign");
   TORCH_CHECK(a.device() == dy0.device() && b.device() == dy0.device() &&
                   sign.device() == dy0.device(),
