@@ -237,3 +237,34 @@ def test_failures_are_classified():
     assert is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried"))
     assert is_oom(MemoryError()) and not is_oom(ValueError("out of memory"))
     assert first_line(ValueError("\n  first\nsecond")) == "ValueError: first"
+
+
+def test_training_step_drops_gradients_for_timing_and_keeps_them_for_memory():
+    """make_step's training step: "set_to_none" (timing, as optimizer.zero_grad() by default) leaves
+    the last backward's gradients as fresh tensors; "in_place" (activation memory) keeps each .grad
+    tensor allocated and zeroes it before the backward adds into it. Either way one step's
+    gradients, never an accumulation over steps."""
+    from scn_fast.benchmark.paths import make_step
+
+    lin = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+
+    def model(data):
+        y = lin(data)
+        return {"energy": y.sum(1), "forces": y.unsqueeze(-1).expand(-1, -1, 3)}
+
+    params = list(lin.parameters())
+    make_step(model, params, "training", x)()
+    once = [p.grad.clone() for p in params]
+    held = [p.grad for p in params]
+
+    make_step(model, params, "training", x, zero_grads="in_place")()
+    assert all(p.grad is h for p, h in zip(params, held, strict=True))  # same storage
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, once, strict=True))
+
+    make_step(model, params, "training", x)()
+    assert all(p.grad is not h for p, h in zip(params, held, strict=True))  # dropped, rebuilt
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, once, strict=True))
+
+    with pytest.raises(ValueError, match="zero_grads"):
+        make_step(model, params, "training", x, zero_grads="keep")

@@ -89,8 +89,23 @@ def _detached(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in out.items()}
 
 
-def make_step(model: Callable[[Any], dict], params: list[nn.Parameter], mode: str, data: Any):
-    """A zero-argument callable running one ``mode`` step of ``model`` on ``data``; returns outputs."""
+def make_step(
+    model: Callable[[Any], dict],
+    params: list[nn.Parameter],
+    mode: str,
+    data: Any,
+    zero_grads: str = "set_to_none",
+) -> Callable[[], dict[str, torch.Tensor]]:
+    """A zero-argument callable running one ``mode`` step of ``model`` on ``data``; returns outputs.
+
+    A training step first clears the parameters' gradients, then runs forward and backward (no
+    optimizer step). ``zero_grads``: "set_to_none" drops them, as ``torch.optim.Optimizer.zero_grad()``
+    and ``nn.Module.zero_grad()`` do by default (what a training loop runs: the backward's gradients
+    become ``.grad``; used for timing); "in_place" zeroes them where they lie and the backward adds into
+    them, so the gradients stay allocated across the step (used for activation memory, which DESIGN.md
+    section 6 measures above the weights and gradients held before the step)."""
+    if zero_grads not in ("set_to_none", "in_place"):
+        raise ValueError(f"zero_grads must be 'set_to_none' or 'in_place', got {zero_grads!r}")
     if mode == "inference":
 
         def inference() -> dict[str, torch.Tensor]:
@@ -99,10 +114,13 @@ def make_step(model: Callable[[Any], dict], params: list[nn.Parameter], mode: st
 
         return inference
     if mode == "training":
+        in_place = zero_grads == "in_place"
 
         def training() -> dict[str, torch.Tensor]:
             for p in params:
-                if p.grad is not None:
+                if not in_place:
+                    p.grad = None
+                elif p.grad is not None:
                     p.grad.zero_()
             out = model(data)
             loss_of(out).backward()

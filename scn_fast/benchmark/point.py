@@ -272,7 +272,17 @@ def _run_mode(cfg, mode, specs, models, data, base, e64, u, floor_of, fields_of,
     warmup = max(0, cfg.warmup - 1)
     times = measure.time_interleaved(steps, device, cfg.repeats, warmup)
     log(f"{mode}: memory")
-    mem = {s: measure.activation_memory(g, device) for s, g in steps.items()}
+    # Activation memory is taken above the weights and gradients held before the step, so its
+    # training step keeps the gradients allocated (zeroed in place) rather than dropping them.
+    mem = {}
+    for s, g in steps.items():
+        if g.error is None:
+            entry = models.get(s)
+            mem_step = _Guarded(
+                make_step(entry.call, entry.params, mode, data, zero_grads="in_place"), device
+            )
+            mem[s] = measure.activation_memory(mem_step, device)
+            g.error = mem_step.error  # a step that fails here (out of memory) fails the record
     ref_spec = next((s for s in ok if (s.kind, s.precision) == ("reference", "fp32")), None)
     ref_median = None
     if ref_spec is not None and steps[ref_spec].error is None:
