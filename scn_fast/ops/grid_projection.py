@@ -349,9 +349,13 @@ def _saving_setup_context(ctx, inputs, output):
     _, a1, a2 = output
     ctx.save_for_backward(x_down, x_new, a1, a2, to_grid, from_grid, w1, b1, w2, b2, w3, b3)
     ctx.meta = (tile_atoms, bf16_gemms)
+    # a1 and a2 are outputs only to be saved: no zero-filled gradients of their size for them
+    ctx.set_materialize_grads(False)
 
 
 def _saving_backward(ctx, grad_out, _da1, _da2):
+    if grad_out is None:  # the output took no part in the loss
+        return (None,) * 12
     grads = _grid_projection_backward_saved(grad_out, *ctx.saved_tensors, *ctx.meta)
     dx_down, dx_new, dw1, db1, dw2, db2, dw3, db3 = grads
     return dx_down, dx_new, None, None, dw1, db1, dw2, db2, dw3, db3, None, None

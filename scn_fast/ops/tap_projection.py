@@ -634,6 +634,8 @@ def _gated_setup(ctx, inputs, output):
     _, a, b = output
     ctx.save_for_backward(y, weight, gate, a, b)
     ctx.meta = (lmax, mmax, num_taps, precision, native, backend, tap_ordered)
+    # a and b are outputs only to be saved: no zero-filled (E, T, H)-sized gradients for them
+    ctx.set_materialize_grads(False)
 
 
 @torch.library.custom_op("scn_fast::gated_tap_projection_backward", mutates_args=())
@@ -674,6 +676,8 @@ def _(dout, y, weight, gate, a, b, lmax, mmax, num_taps, precision, native, back
 
 
 def _gated_backward(ctx, dout, _da, _db):
+    if dout is None:  # the output took no part in the loss
+        return (None,) * 11
     y, weight, gate, a, b = ctx.saved_tensors
     dy, dw, dbias, dgate = _gated_tap_projection_backward(dout, y, weight, gate, a, b, *ctx.meta)
     return dy, dw, dbias, dgate, None, None, None, None, None, None, None
