@@ -29,7 +29,9 @@ def _on_cpu(fn):
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
-        with torch.device("cpu"), unset_fake_temporarily():
+        # inference_mode(False): a cached constant outlives the call, and an inference tensor could
+        # not take part in autograd later
+        with torch.device("cpu"), unset_fake_temporarily(), torch.inference_mode(False):
             return fn(*args, **kwargs)
 
     return wrapper

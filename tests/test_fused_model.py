@@ -169,3 +169,46 @@ def test_degree0_message_path_matches_general_path(name):
             assert len(rows) == mb.res.lmax + 1
         else:
             assert len(rows) == mb.res.sphere_basis_reduce
+
+
+_MODES_SCRIPT = """
+import torch
+from tests.conftest import golden_inputs, load_golden
+from tests.test_fused_model import build
+
+g = load_golden("tiny__pt_bulk_rattled.pt")
+for kw in ({"use_fused": True, "backend": "extension"}, {"use_fused": False}):
+    model = build(g, torch.float32, **kw)
+    torch.manual_seed(g["seed"])  # the same edge frames in every call
+    with torch.inference_mode():  # first: every cache is filled here
+        first = model(golden_inputs(g))
+    torch.manual_seed(g["seed"])
+    with torch.no_grad():
+        second = model(golden_inputs(g))
+    torch.manual_seed(g["seed"])
+    out = model(golden_inputs(g))
+    (out["energy"].sum() + out["forces"].pow(2).sum()).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad), kw
+    for k in ("energy", "forces"):
+        assert torch.equal(first[k], second[k]), (kw, k)
+        # with autograd other kernels may run (saved activations): equal up to float32 rounding
+        scale = first[k].abs().max().clamp_min(1e-12)
+        assert ((first[k] - out[k].detach()).abs().max() / scale) < 1e-5, (kw, k)
+print("ok")
+"""
+
+
+def test_inference_mode_first_then_no_grad_then_training():
+    """A first call under torch.inference_mode() fills the process-wide constant caches and the CPU
+    workspaces; later calls under no_grad and with autograd (training) must still run and give the
+    same numbers (cached inference tensors could not take part in autograd). Fresh process: the
+    caches must be empty when the inference-mode call comes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, "-c", _MODES_SCRIPT], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-3000:]

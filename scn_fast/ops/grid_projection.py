@@ -77,11 +77,12 @@ def grid_constants(
     upstream's ToGrid / FromGrid matrices (``so3.grid_matrices``); cached."""
     key = (lmax, num_bands, dtype, torch.device(device))
     if key not in _CONSTANTS:
-        to_grid, from_grid = _grid_constants_f64(lmax, num_bands)
-        _CONSTANTS[key] = (
-            to_grid.to(dtype=dtype, device=device),
-            from_grid.to(dtype=dtype, device=device),
-        )
+        with torch.inference_mode(False):  # cached: normal tensors, usable under autograd
+            to_grid, from_grid = _grid_constants_f64(lmax, num_bands)
+            _CONSTANTS[key] = (
+                to_grid.to(dtype=dtype, device=device),
+                from_grid.to(dtype=dtype, device=device),
+            )
     return _CONSTANTS[key]
 
 

@@ -40,12 +40,13 @@ def heads_constants(
     the float64 constants of ``so3``; cached."""
     key = (num_points, lmax, dtype, torch.device(device))
     if key not in _CONSTANTS:
-        sh = so3.sphere_harmonics_at_points(num_points, lmax)
-        pts = so3.sphere_points(num_points)
-        _CONSTANTS[key] = tuple(
-            t.to(dtype=dtype, device=device).contiguous()
-            for t in (sh, torch.ones(num_points, 1, dtype=torch.float64), pts)
-        )
+        with torch.inference_mode(False):  # cached: normal tensors, usable under autograd
+            sh = so3.sphere_harmonics_at_points(num_points, lmax)
+            pts = so3.sphere_points(num_points)
+            _CONSTANTS[key] = tuple(
+                t.to(dtype=dtype, device=device).contiguous()
+                for t in (sh, torch.ones(num_points, 1, dtype=torch.float64), pts)
+            )
     return _CONSTANTS[key]
 
 

@@ -54,8 +54,9 @@ def combine_tables(
     num_taps), on device (cached)."""
     key = (lmax, mmax, num_taps, dtype, torch.device(device))
     if key not in _TABLES:
-        src, coef = _tables_f64(lmax, mmax, num_taps)
-        _TABLES[key] = (src.to(device), coef.to(dtype=dtype, device=device))
+        with torch.inference_mode(False):  # cached: normal tensors, usable under autograd
+            src, coef = _tables_f64(lmax, mmax, num_taps)
+            _TABLES[key] = (src.to(device), coef.to(dtype=dtype, device=device))
     return _TABLES[key]
 
 
@@ -84,8 +85,9 @@ def identical_taps(
     embeddings) gives equal taps: its rotations are the identity in every tap."""
     key = ("identical", lmax, mmax, num_taps, dtype, torch.device(device))
     if key not in _TABLES:
-        rows, scale = _identical_taps_f64(lmax, mmax, num_taps)
-        _TABLES[key] = (rows.to(device), scale.to(dtype=dtype, device=device))
+        with torch.inference_mode(False):  # cached: normal tensors, usable under autograd
+            rows, scale = _identical_taps_f64(lmax, mmax, num_taps)
+            _TABLES[key] = (rows.to(device), scale.to(dtype=dtype, device=device))
     return _TABLES[key]
 
 

@@ -138,20 +138,21 @@ def tap_rows(lmax: int, mmax: int, num_taps: int, device: torch.device) -> TapRo
     """The row gathers of resolution (lmax, mmax, num_taps) with index tensors on ``device``."""
     key = (lmax, mmax, num_taps, device)
     if key not in _DEVICE_ROWS:
-        rows = _tap_rows_cpu(lmax, mmax, num_taps)
-        _DEVICE_ROWS[key] = TapRows(
-            rows.y0_rows.to(device),
-            rows.pair_rows.to(device),
-            rows.neg_slots,
-            rows.w_rows.to(device),
-            rows.w_inv.to(device),
-            rows.runs0,
-            rows.runs1,
-            rows.pair_signs.to(device),
-            rows.assemble_a.to(device),
-            rows.assemble_b.to(device),
-            rows.assemble_sign.to(device),
-        )
+        with torch.inference_mode(False):  # cached: normal tensors, usable under autograd
+            rows = _tap_rows_cpu(lmax, mmax, num_taps)
+            _DEVICE_ROWS[key] = TapRows(
+                rows.y0_rows.to(device),
+                rows.pair_rows.to(device),
+                rows.neg_slots,
+                rows.w_rows.to(device),
+                rows.w_inv.to(device),
+                rows.runs0,
+                rows.runs1,
+                rows.pair_signs.to(device),
+                rows.assemble_a.to(device),
+                rows.assemble_b.to(device),
+                rows.assemble_sign.to(device),
+            )
     return _DEVICE_ROWS[key]
 
 

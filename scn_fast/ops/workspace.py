@@ -33,8 +33,11 @@ def workspace(
     _local.buffers = buffers
     key = (name, dtype)
     numel = math.prod(shape)
-    buf = buffers.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=dtype)
-        buffers[key] = buf
-    return buf[:numel].view(shape)
+    # A normal tensor even under torch.inference_mode(): an inference tensor could not be written
+    # later outside that mode (buffers outlive the call that made them).
+    with torch.inference_mode(False):
+        buf = buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=dtype)
+            buffers[key] = buf
+        return buf[:numel].view(shape)
