@@ -94,10 +94,9 @@ class Resolution:
     def mapping(self, like: torch.Tensor) -> torch.Tensor:
         """(T*R, R) tap-combination matrix in like's dtype and device."""
         key = ("mapping", like.dtype, like.device)
-        if key not in self._cache:
-            with torch.inference_mode(False):  # cached: a normal tensor, usable under autograd
-                self._cache[key] = self.taps.mapping.to(dtype=like.dtype, device=like.device)
-        return self._cache[key]
+        return so3.cached_constant(
+            self._cache, key, lambda: self.taps.mapping.to(dtype=like.dtype, device=like.device)
+        )
 
     def wigner(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotations for edge frames (E, 3, 3): wigner (E*T, R, S_L) per (edge, tap), edge-major, and
@@ -132,14 +131,15 @@ class Grid:
 
     def _mats(self, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
         key = (like.dtype, like.device)
-        if key not in self._cache:
-            m = self.mats
-            with torch.inference_mode(False):  # cached: normal tensors, usable under autograd
-                self._cache[key] = tuple(
-                    t.to(dtype=like.dtype, device=like.device)
-                    for t in (m.to_grid_shb, m.to_grid_sha, m.from_grid_sha, m.from_grid_shb)
-                )
-        return self._cache[key]
+        m = self.mats
+        return so3.cached_constant(
+            self._cache,
+            key,
+            lambda: tuple(
+                t.to(dtype=like.dtype, device=like.device)
+                for t in (m.to_grid_shb, m.to_grid_sha, m.from_grid_sha, m.from_grid_shb)
+            ),
+        )
 
     def to_grid(self, x: torch.Tensor, channels: int) -> torch.Tensor:
         """x (N, S, C) -> grid values (N * res_beta * res_alpha, bands * C)."""

@@ -10,10 +10,11 @@ Shapes use ``S_L = (L+1)^2`` coefficients, ``R`` kept rows (|m| <= mmax) and ``T
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache, wraps
+from typing import Any
 
 import torch
 from e3nn import o3
@@ -35,6 +36,16 @@ def _on_cpu(fn):
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+def cached_constant(cache: dict, key: Any, build: Callable[[], Any]) -> Any:
+    """``cache[key]``, built by ``build()`` on first use. Built outside ``torch.inference_mode()``: a
+    cached constant outlives the call that made it, and an inference tensor could not take part in a
+    later autograd call."""
+    if key not in cache:
+        with torch.inference_mode(False):
+            cache[key] = build()
+    return cache[key]
 
 
 # The improper 3x3 map whose degree-l representation J_l appears in D = X(a) J X(b) J X(c).

@@ -76,14 +76,12 @@ def grid_constants(
     """(to_grid (G, bands*S), from_grid (S, G)) in dtype on device, built once in float64 from
     upstream's ToGrid / FromGrid matrices (``so3.grid_matrices``); cached."""
     key = (lmax, num_bands, dtype, torch.device(device))
-    if key not in _CONSTANTS:
-        with torch.inference_mode(False):  # cached: normal tensors, usable under autograd
-            to_grid, from_grid = _grid_constants_f64(lmax, num_bands)
-            _CONSTANTS[key] = (
-                to_grid.to(dtype=dtype, device=device),
-                from_grid.to(dtype=dtype, device=device),
-            )
-    return _CONSTANTS[key]
+
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
+        to_grid, from_grid = _grid_constants_f64(lmax, num_bands)
+        return to_grid.to(dtype=dtype, device=device), from_grid.to(dtype=dtype, device=device)
+
+    return so3.cached_constant(_CONSTANTS, key, build)
 
 
 def default_tile_atoms(points: int, device: torch.device | str) -> int:

@@ -39,15 +39,16 @@ def heads_constants(
     """(sh (P, S), V_energy = ones (P, 1), V_forces = sphere points (P, 3)) in dtype on device, from
     the float64 constants of ``so3``; cached."""
     key = (num_points, lmax, dtype, torch.device(device))
-    if key not in _CONSTANTS:
-        with torch.inference_mode(False):  # cached: normal tensors, usable under autograd
-            sh = so3.sphere_harmonics_at_points(num_points, lmax)
-            pts = so3.sphere_points(num_points)
-            _CONSTANTS[key] = tuple(
-                t.to(dtype=dtype, device=device).contiguous()
-                for t in (sh, torch.ones(num_points, 1, dtype=torch.float64), pts)
-            )
-    return _CONSTANTS[key]
+
+    def build() -> tuple[torch.Tensor, ...]:
+        sh = so3.sphere_harmonics_at_points(num_points, lmax)
+        pts = so3.sphere_points(num_points)
+        return tuple(
+            t.to(dtype=dtype, device=device).contiguous()
+            for t in (sh, torch.ones(num_points, 1, dtype=torch.float64), pts)
+        )
+
+    return so3.cached_constant(_CONSTANTS, key, build)
 
 
 def default_tile_atoms(points: int, device: torch.device | str) -> int:

@@ -53,11 +53,12 @@ def combine_tables(
     """(src (R, T) int64, coef (R, T) in dtype) of the tap mapping of resolution (lmax, mmax,
     num_taps), on device (cached)."""
     key = (lmax, mmax, num_taps, dtype, torch.device(device))
-    if key not in _TABLES:
-        with torch.inference_mode(False):  # cached: normal tensors, usable under autograd
-            src, coef = _tables_f64(lmax, mmax, num_taps)
-            _TABLES[key] = (src.to(device), coef.to(dtype=dtype, device=device))
-    return _TABLES[key]
+
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
+        src, coef = _tables_f64(lmax, mmax, num_taps)
+        return src.to(device), coef.to(dtype=dtype, device=device)
+
+    return so3.cached_constant(_TABLES, key, build)
 
 
 @cache
@@ -84,11 +85,12 @@ def identical_taps(
     one tap every row has scale 1. An input of degree 0 alone (the first interaction's atom
     embeddings) gives equal taps: its rotations are the identity in every tap."""
     key = ("identical", lmax, mmax, num_taps, dtype, torch.device(device))
-    if key not in _TABLES:
-        with torch.inference_mode(False):  # cached: normal tensors, usable under autograd
-            rows, scale = _identical_taps_f64(lmax, mmax, num_taps)
-            _TABLES[key] = (rows.to(device), scale.to(dtype=dtype, device=device))
-    return _TABLES[key]
+
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
+        rows, scale = _identical_taps_f64(lmax, mmax, num_taps)
+        return rows.to(device), scale.to(dtype=dtype, device=device)
+
+    return so3.cached_constant(_TABLES, key, build)
 
 
 def _forward_reference(z, bias, src, coef):

@@ -39,6 +39,7 @@ from functools import cache
 import torch
 from torch.nn import functional as F
 
+from .. import so3
 from ..precision import gemm_inputs, gemm_mm
 from .layout import tap_symmetry
 from .workspace import workspace
@@ -137,23 +138,24 @@ _DEVICE_ROWS: dict[tuple, TapRows] = {}
 def tap_rows(lmax: int, mmax: int, num_taps: int, device: torch.device) -> TapRows:
     """The row gathers of resolution (lmax, mmax, num_taps) with index tensors on ``device``."""
     key = (lmax, mmax, num_taps, device)
-    if key not in _DEVICE_ROWS:
-        with torch.inference_mode(False):  # cached: normal tensors, usable under autograd
-            rows = _tap_rows_cpu(lmax, mmax, num_taps)
-            _DEVICE_ROWS[key] = TapRows(
-                rows.y0_rows.to(device),
-                rows.pair_rows.to(device),
-                rows.neg_slots,
-                rows.w_rows.to(device),
-                rows.w_inv.to(device),
-                rows.runs0,
-                rows.runs1,
-                rows.pair_signs.to(device),
-                rows.assemble_a.to(device),
-                rows.assemble_b.to(device),
-                rows.assemble_sign.to(device),
-            )
-    return _DEVICE_ROWS[key]
+
+    def build() -> TapRows:
+        rows = _tap_rows_cpu(lmax, mmax, num_taps)
+        return TapRows(
+            rows.y0_rows.to(device),
+            rows.pair_rows.to(device),
+            rows.neg_slots,
+            rows.w_rows.to(device),
+            rows.w_inv.to(device),
+            rows.runs0,
+            rows.runs1,
+            rows.pair_signs.to(device),
+            rows.assemble_a.to(device),
+            rows.assemble_b.to(device),
+            rows.assemble_sign.to(device),
+        )
+
+    return so3.cached_constant(_DEVICE_ROWS, key, build)
 
 
 def has_tap_order(lmax: int, mmax: int, num_taps: int) -> bool:
