@@ -16,8 +16,9 @@ from scn_fast.benchmark import cli as bench_cli
 from scn_fast.benchmark import measure, point
 from scn_fast.benchmark.floor import (
     TRAINING_FACTOR,
+    GemmReplay,
     algebraic_fraction,
-    gemm_floor,
+    isolated_floor,
     record_gemm_calls,
 )
 from scn_fast.benchmark.records import RECORD_FIELDS, STATUSES
@@ -36,7 +37,7 @@ def test_gemm_floor_of_one_linear_is_hand_checkable():
         model(torch.zeros(2, 7, 4))
     assert [(c.m, c.k, c.n) for c in calls] == [(14, 4, 3)]
     assert calls[0].flops == 2 * 14 * 4 * 3
-    floor = gemm_floor(calls, "cpu", timer=_fake_timer)
+    floor = isolated_floor(calls, "cpu", timer=_fake_timer)
     assert floor.flops == 336 and floor.gemm_s == pytest.approx(14 * 4 * 3 * 1e-12)
     assert floor.algebraic_s == floor.gemm_s  # no fc1_edge_proj: the floors agree
     train = floor.scaled(TRAINING_FACTOR)
@@ -58,9 +59,56 @@ def test_algebraic_floor_counts_fc1_edge_proj_at_the_tap_fraction():
     for c in proj:  # tiny: lmax 4, mmax 1, 4 taps: R = 13, C' = 8
         assert c.k == 2 * 13 * 8 and c.m % 4 == 0
         assert c.algebraic_fraction == pytest.approx(21 / 52)
-    floor = gemm_floor(calls, "cpu", timer=_fake_timer)
+    floor = isolated_floor(calls, "cpu", timer=_fake_timer)
     proj_s = sum(c.m * c.k * c.n * 1e-12 for c in proj)
     assert floor.gemm_s - floor.algebraic_s == pytest.approx(proj_s * (1 - 21 / 52))
+    # the replay applies the same fractions, call by call, to the times it measured
+    replay = GemmReplay(calls, "cpu", replay_times=lambda cs: [c.m * c.k * c.n * 1e-12 for c in cs])
+    replayed = replay()
+    assert replayed.gemm_s == pytest.approx(floor.gemm_s)
+    assert replayed.algebraic_s == pytest.approx(floor.algebraic_s)
+
+
+def test_gemm_replay_times_every_call_in_order_and_takes_the_median():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 5), nn.Linear(4, 3))
+    with record_gemm_calls(model) as calls:
+        x = torch.zeros(6, 4)
+        model[2](x), model[1](model[0](x))
+    assert [(c.k, c.n) for c in calls] == [(4, 3), (4, 3), (3, 5)]
+    seen = []
+    rounds = iter([[1.0, 2.0, 4.0], [3.0, 3.0, 3.0], [0.5, 0.5, 0.5], [9.0, 9.0, 9.0]])
+
+    def fake(cs):
+        seen.append([(c.k, c.n) for c in cs])
+        return next(rounds)
+
+    replay = GemmReplay(calls, "cpu", replay_times=fake)
+    assert replay.floor() is None
+    assert replay().gemm_s == 7.0  # one replay: the sum over its calls
+    replay.clear()
+    for _ in range(3):
+        replay()
+    assert seen == [[(4, 3), (4, 3), (3, 5)]] * 4  # every call, in the model's order
+    assert replay.floor().gemm_s == 9.0  # median of 9, 1.5, 27 (the warm-up sample is gone)
+    assert replay.floor(last=2).gemm_s == pytest.approx((1.5 + 27) / 2)
+
+
+def test_gemm_replay_runs_the_recorded_shapes_on_cpu():
+    torch.manual_seed(0)
+    model = SphericalChannelNetwork(**preset("tiny"), deterministic_frames=True)
+    data = AtomsBatch.from_ase(build_system(parse_size("14")))
+    with record_gemm_calls(model) as calls, torch.no_grad():
+        model(data)
+    replay = GemmReplay(calls, "cpu", "fp32")
+    # operands: one set per distinct shape, not one per call
+    assert len(replay._a) == len({(c.m, c.k) for c in calls if c.m > 0}) < len(calls)
+    times = measure.time_interleaved({"floor": replay}, "cpu", repeats=3, warmup=1)
+    assert len(times["floor"]) == 3 and len(replay.samples) == 4
+    f = replay.floor(last=3)
+    assert 0 < f.algebraic_s < f.gemm_s  # tiny has 4-tap fc1_edge_proj calls
+    for whole, sample in zip(times["floor"], replay.samples[1:], strict=True):
+        assert 0 < sample.gemm_s <= whole  # the calls' own times, within the whole replay's
+    assert f.flops == sum(c.flops for c in calls)
 
 
 def test_check_outputs_applies_the_tolerance_table():
@@ -123,7 +171,8 @@ def test_a_path_outside_its_tolerance_is_wrong_and_not_timed(monkeypatch):
     assert ext["median_s"] is None and ext["times_s"] is None and ext["peak_mem_bytes"] is None
     assert ext["max_force_err_rel"] > ext["force_err_limit"]
     assert recs["reference"]["status"] == "ok" and recs["reference"]["median_s"] > 0
-    assert [s.name for s in timed] == ["reference"]
+    # only the reference was timed, next to the GEMM floor's replay
+    assert [getattr(s, "name", s) for s in timed] == ["reference", "GEMM floor (fp32)"]
 
 
 def test_out_of_memory_becomes_a_record_and_stops_the_sweep(tmp_path, capsys):
@@ -193,6 +242,8 @@ def test_records_follow_the_schema(quick_tiny):
                 "floor_s",
                 "gemm_floor_s",
                 "time_over_floor",
+                "isolated_floor_s",
+                "time_over_isolated_floor",
                 "speedup_vs_reference",
                 "peak_mem_bytes",
                 "energy_err_rel",

@@ -1,15 +1,24 @@
 """The reference's GEMM floor, the algebraic floor, and device peak FLOP/s (DESIGN.md sections 3, 6).
 
 GEMM floor: forward hooks on every ``nn.Linear`` of a *reference* model record each call's shape
-(M rows, K = in_features, N = out_features) during one forward on the benchmarked system. Each distinct
-shape is then timed with ``torch.addmm(bias, A (M, K), W.t() (K, N))`` on the same device, in the same
-process and precision (median of a few repeats after a warm-up), and the floor is the sum over calls of
-their shape's time: what the reference's nn.Linear layers cost at the GEMM rate this device reaches at
-these very shapes. A training step (forward + backward) is counted as 3 times the forward GEMMs.
+(M rows, K = in_features, N = out_features) during one forward on the benchmarked system, in the order
+the model makes them. The floor is what those calls take when they are all the work there is: they are
+replayed back to back in the model's order (``GemmReplay``: ``torch.addmm(bias, A (M, K), W.t() (K, N),
+out=...)``, one operand set per distinct shape, outputs preallocated so that no allocation is timed,
+each call timed on its own), on the same device, in the same process and precision. The replay runs
+interleaved with the timed steps (one replay per round, median over the rounds, DESIGN.md section 6),
+so that the floor and the times divided by it see the same machine. A training step (forward +
+backward) is counted as 3 times the forward GEMMs.
 
 Algebraic floor: the same, with every ``fc1_edge_proj`` call of a message block whose resolution has
 mmax = 1 and 4 taps counted at (5L+1)/(12L+4) of its time (L that block's lmax): the tap symmetry of
 section 3 makes the rest of that GEMM redundant, exactly. Otherwise equal to the GEMM floor.
+
+Isolated floor (``isolated_floor``, kept for comparison with older records): each distinct shape timed
+in a loop of its own (the same GEMM again and again) and summed over the calls. It comes out lower than
+the replay (measured on a 2-core Xeon, scn-t4-b2 at 14 atoms: by 9-14%): a GEMM repeated back to back
+finds its operands, output buffer and the library's state where the previous call left them, which no
+call in the model does, so no path that runs the model's GEMMs can reach it.
 """
 
 from __future__ import annotations
@@ -191,15 +200,16 @@ class Floor:
 TRAINING_FACTOR = 3.0  # forward + backward (dX and dW): 3x the forward GEMM FLOPs
 
 
-def gemm_floor(
+def isolated_floor(
     calls: list[GemmCall],
     device: torch.device | str,
     precision: str = "fp32",
     repeats: int = 5,
     timer: Callable[..., float] = time_gemm,
 ) -> Floor:
-    """The forward GEMM floor of ``calls``: each distinct (M, K, N) timed once (``timer``), summed over
-    calls. Multiply by ``TRAINING_FACTOR`` (``Floor.scaled``) for a training step."""
+    """The isolated forward floor of ``calls`` (module doc): each distinct (M, K, N) timed in a loop of
+    its own (``timer``), summed over calls. Multiply by ``TRAINING_FACTOR`` (``Floor.scaled``) for a
+    training step."""
     shape_count = Counter((c.m, c.k, c.n) for c in calls)
     shape_time = {
         shape: timer(*shape, device=device, precision=precision, repeats=repeats)
@@ -214,3 +224,109 @@ def gemm_floor(
         flops += c.flops
         algebraic_flops += c.flops * c.algebraic_fraction
     return Floor(gemm_s, algebraic_s, flops, algebraic_flops)
+
+
+def _floor_of_times(calls: list[GemmCall], seconds: list[float]) -> Floor:
+    """The Floor of one replay: per-call seconds summed, in full and at each call's fraction."""
+    gemm_s = sum(seconds)
+    algebraic_s = sum(t * c.algebraic_fraction for c, t in zip(calls, seconds, strict=True))
+    flops = float(sum(c.flops for c in calls))
+    algebraic_flops = sum(c.flops * c.algebraic_fraction for c in calls)
+    return Floor(gemm_s, algebraic_s, flops, algebraic_flops)
+
+
+class GemmReplay:
+    """The reference's nn.Linear calls replayed back to back in the model's order (module doc).
+
+    ``GemmReplay(calls, device, precision)``: operands are made once, one set per distinct shape (A
+    (M, K) per (M, K); W (N, K) and a bias per (K, N); the output (M, N) per (M, N), written in place so
+    that no allocation is timed; random, in the floor's dtype, ``gemm_dtype``).
+    Calling the object replays every call once (a ``measure.time_interleaved`` step) and keeps that
+    replay's Floor in ``samples``; ``floor()`` is the median over the samples taken since
+    ``clear()``. Each call is timed on its own: ``time.perf_counter`` on CPU, a pair of CUDA events per
+    call on a GPU (no synchronisation between calls). ``replay_times`` replaces the timing (tests):
+    calls -> seconds per call.
+    """
+
+    def __init__(
+        self,
+        calls: list[GemmCall],
+        device: torch.device | str,
+        precision: str = "fp32",
+        replay_times: Callable[[list[GemmCall]], list[float]] | None = None,
+    ) -> None:
+        self.calls = [c for c in calls if c.m > 0]
+        self.device = torch.device(device)
+        self.precision = precision
+        self.samples: list[Floor] = []
+        self._replay_times = replay_times
+        self._a: dict[tuple[int, int], torch.Tensor] = {}
+        self._wb: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._out: dict[tuple[int, int], torch.Tensor] = {}
+        if replay_times is None:
+            dtype = gemm_dtype(precision, self.device)
+            gen = torch.Generator(device="cpu").manual_seed(0)
+
+            def rand(*shape: int) -> torch.Tensor:
+                return torch.randn(*shape, generator=gen).to(device=self.device, dtype=dtype)
+
+            for c in self.calls:
+                if (c.m, c.k) not in self._a:
+                    self._a[(c.m, c.k)] = rand(c.m, c.k)
+                if (c.k, c.n) not in self._wb:
+                    self._wb[(c.k, c.n)] = (rand(c.n, c.k), rand(c.n))
+                if (c.m, c.n) not in self._out:
+                    self._out[(c.m, c.n)] = torch.empty(c.m, c.n, dtype=dtype, device=self.device)
+
+    def _operands(self, c: GemmCall) -> tuple[torch.Tensor, ...]:
+        w, b = self._wb[(c.k, c.n)]
+        return b, self._a[(c.m, c.k)], w.t(), self._out[(c.m, c.n)]
+
+    def _times_cpu(self) -> list[float]:
+        seconds = []
+        for c in self.calls:
+            b, a, wt, out = self._operands(c)
+            start = time.perf_counter()
+            torch.addmm(b, a, wt, out=out)
+            seconds.append(time.perf_counter() - start)
+        return seconds
+
+    def _times_cuda(self) -> list[float]:
+        events = []
+        for c in self.calls:
+            b, a, wt, out = self._operands(c)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.addmm(b, a, wt, out=out)
+            end.record()
+            events.append((start, end))
+        torch.cuda.synchronize(self.device)
+        return [s.elapsed_time(e) * 1e-3 for s, e in events]
+
+    def __call__(self) -> Floor:
+        if self._replay_times is not None:
+            seconds = self._replay_times(self.calls)
+        else:
+            with matmul_precision(self.precision), torch.no_grad():
+                synchronize(self.device)
+                seconds = self._times_cuda() if self.device.type == "cuda" else self._times_cpu()
+        floor = _floor_of_times(self.calls, seconds)
+        self.samples.append(floor)
+        return floor
+
+    def clear(self) -> None:
+        """Forget the samples taken so far (warm-up replays)."""
+        self.samples.clear()
+
+    def floor(self, last: int | None = None) -> Floor | None:
+        """The median replay (median of each field) over the samples since ``clear()``, or over the
+        ``last`` ones (the timed rounds after warm-up replays); None before any."""
+        samples = self.samples[-last:] if last else self.samples
+        if not samples:
+            return None
+        return Floor(
+            statistics.median(f.gemm_s for f in samples),
+            statistics.median(f.algebraic_s for f in samples),
+            samples[0].flops,
+            samples[0].algebraic_flops,
+        )

@@ -38,7 +38,14 @@ from ..model import SphericalChannelNetwork
 from . import measure
 from .env import environment
 from .errors import finite, first_line, free_device_memory, status_of, time_limit, timed_out
-from .floor import TRAINING_FACTOR, Floor, device_peak_flops, gemm_floor, record_gemm_calls
+from .floor import (
+    TRAINING_FACTOR,
+    Floor,
+    GemmReplay,
+    device_peak_flops,
+    isolated_floor,
+    record_gemm_calls,
+)
 from .models import Models, grads_of, new_model
 from .paths import COMPILE, PathSpec, backend_mismatch, make_step, path_spec
 from .records import make_record
@@ -198,28 +205,37 @@ def run_point(cfg: PointConfig, emit: Callable[[dict], None] | None = None) -> l
     if u_note:
         print(f"scn-bench: {u_note}", file=sys.stderr)
     models = Models(cfg.preset, ref, device)
-    floors: dict[str, Floor | None] = {}
+    isolated: dict[str, Floor | None] = {}
 
-    def floor_of(precision: str, mode: str) -> Floor | None:
-        if precision not in floors:
+    def isolated_of(precision: str, mode: str) -> Floor | None:
+        """The isolated floor (floor.py), measured once per precision; for comparison only."""
+        if precision not in isolated:
             try:
-                log(f"GEMM floor ({precision})")
-                floors[precision] = gemm_floor(calls, device, precision, repeats=cfg.gemm_repeats)
+                log(f"isolated GEMM floor ({precision})")
+                isolated[precision] = isolated_floor(
+                    calls, device, precision, repeats=cfg.gemm_repeats
+                )
             except Exception as exc:
-                print(f"scn-bench: GEMM floor ({precision}): {first_line(exc)}", file=sys.stderr)
+                print(
+                    f"scn-bench: isolated floor ({precision}): {first_line(exc)}", file=sys.stderr
+                )
                 free_device_memory(device)
-                floors[precision] = None
-        f = floors[precision]
+                isolated[precision] = None
+        f = isolated[precision]
         return None if f is None else (f.scaled(TRAINING_FACTOR) if mode == "training" else f)
 
     # 2. and 3., per mode
     for mode in cfg.modes:
-        _run_mode(cfg, mode, todo[mode], models, data, base, e64, u, floor_of, fields_of, out)
+        _run_mode(
+            cfg, mode, todo[mode], models, data, base, e64, u, calls, isolated_of, fields_of, out
+        )
         free_device_memory(device)
     return records
 
 
-def _run_mode(cfg, mode, specs, models, data, base, e64, u, floor_of, fields_of, out) -> None:
+def _run_mode(
+    cfg, mode, specs, models, data, base, e64, u, calls, isolated_of, fields_of, out
+) -> None:
     device = torch.device(cfg.device)
     ok: dict[PathSpec, tuple[_Guarded, dict[str, Any]]] = {}
     ref_grads: dict[str, torch.Tensor | None] | None = None
@@ -268,9 +284,26 @@ def _run_mode(cfg, mode, specs, models, data, base, e64, u, floor_of, fields_of,
 
     steps = {s: g for s, (g, _) in ok.items()}
     log(f"{mode}: timing {[s.name + ' ' + s.precision for s in steps]}")
-    # The checked step above was each path's first warm-up call.
+    replays = _floor_replays(calls, device, {s.precision for s in steps})
+    # The checked step above was each path's first warm-up call; each floor replay ran once too.
     warmup = max(0, cfg.warmup - 1)
-    times = measure.time_interleaved(steps, device, cfg.repeats, warmup)
+    times = measure.time_interleaved(
+        {**steps, **{f"GEMM floor ({p})": g for p, (g, _) in replays.items()}},
+        device,
+        cfg.repeats,
+        warmup,
+    )
+
+    floors = {
+        p: replay.floor(last=cfg.repeats) if guarded.error is None else None
+        for p, (guarded, replay) in replays.items()
+    }
+    del replays  # their operands are not held during the memory steps
+
+    def floor_of(precision: str) -> Floor | None:
+        f = floors.get(precision)
+        return None if f is None else (f.scaled(TRAINING_FACTOR) if mode == "training" else f)
+
     log(f"{mode}: memory")
     # Activation memory is taken above the weights and gradients held before the step, so its
     # training step keeps the gradients allocated (zeroed in place) rather than dropping them.
@@ -292,7 +325,7 @@ def _run_mode(cfg, mode, specs, models, data, base, e64, u, floor_of, fields_of,
             out(**{**f, "status": g.error[0], "reason": g.error[1]})
             continue
         med = measure.median(times[s])
-        fl = floor_of(s.precision, mode)
+        fl, iso = floor_of(s.precision), isolated_of(s.precision, mode)
         out(
             **f,
             status="ok",
@@ -307,10 +340,36 @@ def _run_mode(cfg, mode, specs, models, data, base, e64, u, floor_of, fields_of,
             gemm_flops=fl.flops if fl else None,
             algebraic_gemm_flops=fl.algebraic_flops if fl else None,
             gemm_flops_per_s=fl.flops_per_s if fl else None,
+            isolated_floor_s=iso.algebraic_s if iso else None,
+            time_over_isolated_floor=(med / iso.algebraic_s)
+            if iso and iso.algebraic_s > 0
+            else None,
             device_peak_flops_per_s=device_peak_flops(f["device"], s.precision)
             if device.type == "cuda"
             else None,
         )
+
+
+def _floor_replays(
+    calls: list, device: torch.device, precisions: set[str]
+) -> dict[str, tuple[_Guarded, GemmReplay]]:
+    """Per precision, the reference's GEMM replay (floor.py) as a guarded step, run once (warm-up,
+    not kept). A replay that cannot be built or fails leaves that precision without a floor."""
+    out: dict[str, tuple[_Guarded, GemmReplay]] = {}
+    for p in sorted(precisions):
+        try:
+            replay = GemmReplay(calls, device, p)
+        except Exception as exc:
+            print(f"scn-bench: GEMM floor ({p}): {first_line(exc)}", file=sys.stderr)
+            free_device_memory(device)
+            continue
+        guarded = _Guarded(replay, device)
+        guarded()
+        replay.clear()
+        if guarded.error is not None:
+            print(f"scn-bench: GEMM floor ({p}): {guarded.error[1]}", file=sys.stderr)
+        out[p] = (guarded, replay)
+    return out
 
 
 def _first_step(cfg: PointConfig, s: PathSpec, mode: str, models: Models, data: AtomsBatch):

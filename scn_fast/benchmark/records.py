@@ -10,10 +10,13 @@ Fields (None where they do not apply, e.g. timings of a path that is not ``ok``)
 * outcome: ``status`` (ok | wrong | failed | oom), ``reason`` (why, when not ok).
 * time: ``median_s`` (median of ``times_s``, interleaved repeats), ``speedup_vs_reference`` (median of
   the float32 reference in the same run and mode / this median).
-* floors: ``gemm_floor_s`` (the reference's nn.Linear GEMMs timed at their shapes, x3 for training),
-  ``floor_s`` (the algebraic floor), ``time_over_floor`` (median / floor_s), ``time_over_gemm_floor``,
-  ``gemm_flops`` and ``algebraic_gemm_flops`` (FLOPs behind the two floors), ``gemm_flops_per_s`` (the
-  GEMM rate measured at the model's shapes), ``device_peak_flops_per_s`` (GPU table, else None).
+* floors (floor.py): ``gemm_floor_s`` (the reference's nn.Linear GEMMs replayed back to back in the
+  model's order, interleaved with the timed steps, median; x3 for training), ``floor_s`` (the
+  algebraic floor), ``time_over_floor`` (median / floor_s), ``time_over_gemm_floor``, ``gemm_flops``
+  and ``algebraic_gemm_flops`` (FLOPs behind the two floors), ``gemm_flops_per_s`` (the GEMM rate of
+  the replay), ``device_peak_flops_per_s`` (GPU table, else None); for comparison with records before
+  session 6, ``isolated_floor_s`` (the algebraic floor from each shape timed in a loop of its own,
+  measured once per point) and ``time_over_isolated_floor``.
 * memory: ``peak_mem_bytes`` (activation memory of one step, DESIGN.md section 6).
 * correctness: ``energy_err_rel``, ``max_force_err_rel``, ``force_cosine``, ``max_grad_err_rel``,
   ``force_err_limit``, ``error_baseline`` ("float32 reference"; for the float32 reference itself
@@ -53,6 +56,8 @@ RECORD_FIELDS = (
     "gemm_flops",
     "algebraic_gemm_flops",
     "gemm_flops_per_s",
+    "isolated_floor_s",
+    "time_over_isolated_floor",
     "device_peak_flops_per_s",
     "peak_mem_bytes",
     "energy_err_rel",
