@@ -118,6 +118,57 @@ void dsilu_colsum(const Tensor& d, const Tensor& a, Tensor colsum) {
   colsum.add_(partial.sum(0));
 }
 
+// h = silu(a) and g = silu'(a); a, h, g hold the same number of values (contiguous). One pass (one
+// exponential per value) on CPU.
+void silu_grad(const Tensor& a, const Tensor& h, const Tensor& g, int64_t cols) {
+  const int64_t rows = cols ? a.numel() / cols : 0;
+  if (rows == 0) return;
+  if (!a.is_cpu()) {
+    Tensor hv = h.view_as(a), gv = g.view_as(a);
+    at::silu_out(hv, a);
+    at::silu_backward_out(gv, at::ones_like(a), a);
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "scn_fast_ext::silu_grad", [&] {
+    const scalar_t* ap = a.data_ptr<scalar_t>();
+    scalar_t* hp = h.data_ptr<scalar_t>();
+    scalar_t* gp = g.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / cols), [&](int64_t r0, int64_t r1) {
+      cpu::silu_grad_rows(ap + r0 * cols, hp + r0 * cols, gp + r0 * cols, r1 - r0, cols);
+    });
+  });
+}
+
+// d *= g in place and colsum += column sums of the result (as dsilu_colsum, with the derivative g
+// already known).
+void mul_colsum(const Tensor& d, const Tensor& g, Tensor colsum) {
+  const int64_t cols = colsum.numel();
+  const int64_t rows = cols ? d.numel() / cols : 0;
+  if (rows == 0) return;
+  if (!d.is_cpu()) {
+    Tensor dv = d.view({rows, cols});
+    dv.mul_(g.view({rows, cols}));
+    colsum.add_(dv.sum(0));
+    return;
+  }
+  const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
+  Tensor partial = at::zeros({chunks, cols}, d.options());
+  AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "scn_fast_ext::mul_colsum", [&] {
+    scalar_t* dp = d.data_ptr<scalar_t>();
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    scalar_t* sp = partial.data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, kGrainElements / (kChunkRows * cols));
+    at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
+      for (int64_t ch = c0; ch < c1; ++ch) {
+        const int64_t r0 = ch * kChunkRows;
+        cpu::mul_colsum_rows(dp + r0 * cols, gp + r0 * cols, sp + ch * cols,
+                             std::min(kChunkRows, rows - r0), cols);
+      }
+    });
+  });
+  colsum.add_(partial.sum(0));
+}
+
 // A reusable flat scratch buffer; view(shape) returns its prefix with that shape.
 struct Scratch {
   Tensor flat;
@@ -354,7 +405,8 @@ std::vector<Tensor> backward_impl(const Tensor& grad_out, const Tensor& x_down, 
   Scratch X(z.S * nt * 2 * z.C, opt), Q(z.b * z.S * nt * z.H1, opt),
       A1(saved ? 0 : z.G * nt * z.H1, opt), H1(z.G * nt * z.H1, opt),
       A2(saved ? 0 : z.G * nt * z.H2, opt), H2(z.G * nt * z.H2, opt), U(z.S * nt * z.H2, opt),
-      dO(z.S * nt * z.C3, opt), dU(z.S * nt * z.H2, opt), dX(z.S * nt * 2 * z.C, opt);
+      dO(z.S * nt * z.C3, opt), dU(z.S * nt * z.H2, opt), dX(z.S * nt * 2 * z.C, opt),
+      G1(saved ? z.G * nt * z.H1 : 0, opt), G2(saved ? z.G * nt * z.H2 : 0, opt);
   for (int64_t z0 = 0; z0 < z.N; z0 += nt) {
     const int64_t n = std::min(nt, z.N - z0);
     const int64_t rows = z.G * n;
@@ -363,13 +415,15 @@ std::vector<Tensor> backward_impl(const Tensor& grad_out, const Tensor& x_down, 
     auto q = Q.view({z.b, z.S * n, z.H1});
     auto h1 = H1.view({z.G, n * z.H1});
     auto h2 = H2.view({rows, z.H2});
-    Tensor a1, a2, h1g;
-    if (saved) {  // ---- the tile's activations from its saved pre-activations
+    Tensor a1, a2, h1g, g1, g2;
+    if (saved) {  // ---- the tile's activations and their derivatives from the saved pre-activations
       a1 = saved_tile(a1_all, z0, n, z.H1, z);
       a2 = saved_tile(a2_all, z0, n, z.H2, z).view({rows, z.H2});
-      at::silu_out(h1, a1);
+      g1 = G1.view({z.G, n * z.H1});
+      g2 = G2.view({rows, z.H2});
+      silu_grad(a1, h1, g1, z.H1);
       h1g = gemm.op(h1.view({rows, z.H1}));
-      at::silu_out(h2, a2);
+      silu_grad(a2, h2, g2, z.H2);
     } else {  // ---- recompute the tile's forward
       a1 = A1.view({z.G, n * z.H1});
       tile_first_layer(x, q, h1, a1, to_grid, W1r, b1, n, z, gemm);
@@ -392,14 +446,20 @@ std::vector<Tensor> backward_impl(const Tensor& grad_out, const Tensor& x_down, 
     auto dh2 = h2;  // reuse H2's buffer: H2 is no longer needed
     auto dh2_g = dh2.view({z.G, n * z.H2});
     at::mm_out(dh2_g, from_grid.t(), du.view({z.S, n * z.H2}));
-    dsilu_colsum(dh2, a2, db2);  // dA2, in place; db2 += its column sums
+    if (saved)
+      mul_colsum(dh2, g2, db2);  // dA2, in place; db2 += its column sums
+    else
+      dsilu_colsum(dh2, a2, db2);
     const Tensor dh2g = gemm.op(dh2);
     gemm.addmm(dw2, dh2g.t(), h1g);
     // ---- H1 = silu(A1), A1 = to_grid Q + b1  (dH1 into H1's buffer, free now)
     auto dh1 = h1;
     auto dh1_r = dh1.view({rows, z.H1});
     gemm.mm(dh1_r, dh2g, w2g);
-    dsilu_colsum(dh1, a1, db1);  // dA1, in place; db1 += its column sums
+    if (saved)
+      mul_colsum(dh1, g1, db1);  // dA1, in place; db1 += its column sums
+    else
+      dsilu_colsum(dh1, a1, db1);
     auto dq = q;  // reuse Q's buffer: dQ (b*S, n*H1)
     auto dq2 = dq.view({z.b * z.S, n * z.H1});
     at::mm_out(dq2, to_grid.t(), dh1);

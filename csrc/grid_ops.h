@@ -1,16 +1,18 @@
 // Fused elementwise row kernels of the grid MLP and output heads (csrc/grid_ops.cpp), CPU only:
 //
-//   bias_silu: a = y + bias (per column), pre = a (optional; may alias y), out = silu(a) = a / (1 + e^-a)
-//              (out may alias y)
-//   dsilu:     d *= silu'(a) = s (1 + a (1 - s)), s = 1 / (1 + e^-a); colsum[c] += d[r, c]
+//   bias_silu:  a = y + bias (per column), pre = a (optional; may alias y), out = silu(a) = a / (1 + e^-a)
+//               (out may alias y)
+//   dsilu:      d *= silu'(a) = s (1 + a (1 - s)), s = 1 / (1 + e^-a); colsum[c] += d[r, c]
+//   silu_grad:  h = silu(a), g = silu'(a) (one exponential for both: a backward that needs the
+//               activation for a weight gradient and its derivative later)
+//   mul_colsum: d *= g; colsum[c] += d[r, c]
 //
 // over `rows` rows of `cols` contiguous values. One pass over memory each, where ATen would take two
-// or three (add bias, silu; silu_backward, sum). The exponential is the hot part (~1 ns per element
-// with ATen's AVX2 kernels, as much as a K=100 GEMM spends per output element), so the float32 path
-// has an AVX2+FMA clone with a Cephes-style exp (range reduction by ln 2, degree-5 polynomial,
-// ~2 ulp on the clamped range) selected at run time (cpu/cpu_isa.h); inputs are clamped to
-// [-87, 87], which changes silu and silu' by less than 1e-35. float64 (and CPUs without AVX2) use
-// std::exp.
+// or three (add bias, silu; silu_backward, sum). The exponential is the hot part, so the float32 path
+// is written once for the vector policies (grid_rows.inc) and compiled for AVX-512 and for AVX2+FMA,
+// with a Cephes-style exp (cpu/simd_math.inc: range reduction by ln 2, degree-5 polynomial, ~2 ulp on
+// the clamped range), the width picked at run time (cpu/cpu_isa.h); inputs are clamped to [-87, 87],
+// which changes silu and silu' by less than 1e-35. float64 (and CPUs without AVX2) use std::exp.
 #pragma once
 
 #include <cmath>
@@ -22,105 +24,105 @@
 
 namespace scn_fast::grid::cpu {
 
+// The scalar forms, from column c0 of one row (the vector kernels' tails) ...
+template <typename T>
+inline void bias_silu_tail(const T* y, const T* bias, T* pre, T* out, int64_t cols, int64_t c0) {
+  for (int64_t c = c0; c < cols; ++c) {
+    const T a = y[c] + bias[c];
+    if (pre) pre[c] = a;
+    out[c] = a / (T(1) + std::exp(-a));
+  }
+}
+
+template <typename T>
+inline void dsilu_tail(T* d, const T* a, T* colsum, int64_t cols, int64_t c0) {
+  for (int64_t c = c0; c < cols; ++c) {
+    const T s = T(1) / (T(1) + std::exp(-a[c]));
+    const T v = d[c] * (s * (T(1) + a[c] * (T(1) - s)));
+    d[c] = v;
+    colsum[c] += v;
+  }
+}
+
+template <typename T>
+inline void silu_grad_tail(const T* a, T* h, T* g, int64_t cols, int64_t c0) {
+  for (int64_t c = c0; c < cols; ++c) {
+    const T s = T(1) / (T(1) + std::exp(-a[c]));
+    h[c] = a[c] * s;
+    g[c] = s * (T(1) + a[c] * (T(1) - s));
+  }
+}
+
+template <typename T>
+inline void mul_colsum_tail(T* d, const T* g, T* colsum, int64_t cols, int64_t c0) {
+  for (int64_t c = c0; c < cols; ++c) {
+    d[c] *= g[c];
+    colsum[c] += d[c];
+  }
+}
+
+}  // namespace scn_fast::grid::cpu
+
 #if SCN_HAS_AVX2_CLONE
-using scn_fast::cpu::sigmoid_avx2;
+// The vector row kernels, one text compiled for AVX2 (8 lanes) and for AVX-512 (16 lanes).
+SCN_BEGIN_TARGET_AVX2
+namespace scn_fast::grid::cpu::avx2 {
+using scn_fast::cpu::avx2::sigmoid;
+using scn_fast::cpu::avx2::V;
+#include "grid_rows.inc"
+}  // namespace scn_fast::grid::cpu::avx2
+SCN_END_TARGET
+
+SCN_BEGIN_TARGET_AVX512
+namespace scn_fast::grid::cpu::avx512 {
+using scn_fast::cpu::avx512::sigmoid;
+using scn_fast::cpu::avx512::V;
+#include "grid_rows.inc"
+}  // namespace scn_fast::grid::cpu::avx512
+SCN_END_TARGET
 #endif
 
-template <typename T>
-inline void bias_silu_rows_base(const T* y, const T* bias, T* pre, T* out, int64_t rows,
-                                int64_t cols) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* yr = y + r * cols;
-    T* pr = pre ? pre + r * cols : nullptr;
-    T* orow = out + r * cols;
-    for (int64_t c = 0; c < cols; ++c) {
-      const T a = yr[c] + bias[c];
-      if (pr) pr[c] = a;
-      orow[c] = a / (T(1) + std::exp(-a));
-    }
-  }
-}
+namespace scn_fast::grid::cpu {
 
-template <typename T>
-inline void dsilu_rows_base(T* d, const T* a, T* colsum, int64_t rows, int64_t cols) {
-  for (int64_t r = 0; r < rows; ++r) {
-    T* dr = d + r * cols;
-    const T* ar = a + r * cols;
-    for (int64_t c = 0; c < cols; ++c) {
-      const T s = T(1) / (T(1) + std::exp(-ar[c]));
-      const T v = dr[c] * (s * (T(1) + ar[c] * (T(1) - s)));
-      dr[c] = v;
-      colsum[c] += v;
-    }
-  }
-}
-
+// Each kernel: the widest vector clone the CPU runs for float32, else the scalar form per row.
 #if SCN_HAS_AVX2_CLONE
-
-SCN_TARGET_AVX2 inline void bias_silu_rows_avx2(const float* y, const float* bias, float* pre,
-                                                float* out, int64_t rows, int64_t cols) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* yr = y + r * cols;
-    float* pr = pre ? pre + r * cols : nullptr;
-    float* orow = out + r * cols;
-    int64_t c = 0;
-    for (; c + 8 <= cols; c += 8) {
-      const __m256 a = _mm256_add_ps(_mm256_loadu_ps(yr + c), _mm256_loadu_ps(bias + c));
-      if (pr) _mm256_storeu_ps(pr + c, a);
-      _mm256_storeu_ps(orow + c, _mm256_mul_ps(a, sigmoid_avx2(a)));
-    }
-    for (; c < cols; ++c) {
-      const float a = yr[c] + bias[c];
-      if (pr) pr[c] = a;
-      orow[c] = a / (1.0f + std::exp(-a));
-    }
+#define SCN_GRID_ROWS_DISPATCH(name, ...)                                          \
+  if constexpr (std::is_same_v<T, float>) {                                        \
+    if (scn_fast::cpu::cpu_has_avx512()) return avx512::name##_rows(__VA_ARGS__);  \
+    if (scn_fast::cpu::cpu_has_avx2_fma()) return avx2::name##_rows(__VA_ARGS__);  \
   }
-}
-
-SCN_TARGET_AVX2 inline void dsilu_rows_avx2(float* d, const float* a, float* colsum, int64_t rows,
-                                            int64_t cols) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  for (int64_t r = 0; r < rows; ++r) {
-    float* dr = d + r * cols;
-    const float* ar = a + r * cols;
-    int64_t c = 0;
-    for (; c + 8 <= cols; c += 8) {
-      const __m256 av = _mm256_loadu_ps(ar + c);
-      const __m256 s = sigmoid_avx2(av);
-      const __m256 g = _mm256_mul_ps(s, _mm256_fmadd_ps(av, _mm256_sub_ps(one, s), one));
-      const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(dr + c), g);
-      _mm256_storeu_ps(dr + c, v);
-      _mm256_storeu_ps(colsum + c, _mm256_add_ps(_mm256_loadu_ps(colsum + c), v));
-    }
-    for (; c < cols; ++c) {
-      const float s = 1.0f / (1.0f + std::exp(-ar[c]));
-      const float v = dr[c] * (s * (1.0f + ar[c] * (1.0f - s)));
-      dr[c] = v;
-      colsum[c] += v;
-    }
-  }
-}
-
-#endif  // SCN_HAS_AVX2_CLONE
+#else
+#define SCN_GRID_ROWS_DISPATCH(name, ...)
+#endif
 
 template <typename T>
 inline void bias_silu_rows(const T* y, const T* bias, T* pre, T* out, int64_t rows, int64_t cols) {
-#if SCN_HAS_AVX2_CLONE
-  if constexpr (std::is_same_v<T, float>) {
-    if (scn_fast::cpu::cpu_has_avx2_fma()) return bias_silu_rows_avx2(y, bias, pre, out, rows, cols);
-  }
-#endif
-  bias_silu_rows_base(y, bias, pre, out, rows, cols);
+  SCN_GRID_ROWS_DISPATCH(bias_silu, y, bias, pre, out, rows, cols)
+  for (int64_t r = 0; r < rows; ++r)
+    bias_silu_tail(y + r * cols, bias, pre ? pre + r * cols : nullptr, out + r * cols, cols,
+                   int64_t{0});
 }
 
 template <typename T>
 inline void dsilu_rows(T* d, const T* a, T* colsum, int64_t rows, int64_t cols) {
-#if SCN_HAS_AVX2_CLONE
-  if constexpr (std::is_same_v<T, float>) {
-    if (scn_fast::cpu::cpu_has_avx2_fma()) return dsilu_rows_avx2(d, a, colsum, rows, cols);
-  }
-#endif
-  dsilu_rows_base(d, a, colsum, rows, cols);
+  SCN_GRID_ROWS_DISPATCH(dsilu, d, a, colsum, rows, cols)
+  for (int64_t r = 0; r < rows; ++r) dsilu_tail(d + r * cols, a + r * cols, colsum, cols, int64_t{0});
 }
+
+template <typename T>
+inline void silu_grad_rows(const T* a, T* h, T* g, int64_t rows, int64_t cols) {
+  SCN_GRID_ROWS_DISPATCH(silu_grad, a, h, g, rows, cols)
+  for (int64_t r = 0; r < rows; ++r)
+    silu_grad_tail(a + r * cols, h + r * cols, g + r * cols, cols, int64_t{0});
+}
+
+template <typename T>
+inline void mul_colsum_rows(T* d, const T* g, T* colsum, int64_t rows, int64_t cols) {
+  SCN_GRID_ROWS_DISPATCH(mul_colsum, d, g, colsum, rows, cols)
+  for (int64_t r = 0; r < rows; ++r)
+    mul_colsum_tail(d + r * cols, g + r * cols, colsum, cols, int64_t{0});
+}
+
+#undef SCN_GRID_ROWS_DISPATCH
 
 }  // namespace scn_fast::grid::cpu
