@@ -37,8 +37,8 @@
 //   -> dy (E, 2R, C): dy[:, r] = dy0[:, a[r]] where b[r] < 0 (an m = 0 row), else
 //   dpair[:, a[r]] + sign[r] * dpair[:, b[r]] (its y1 part and its y1' part): the split's adjoint.
 //
-// CPU: one pass each, at::parallel_for over edges, float32 with an AVX2+FMA clone (cpu/vec_math.h),
-// float64 scalar; column sums of dbias per fixed chunk of edges, then over chunks (deterministic,
+// CPU: one pass each, at::parallel_for over edges, float32 with AVX-512 and AVX2+FMA clones
+// (cpu/vec_math.h), float64 scalar; column sums of dbias per fixed chunk of edges, then over chunks (deterministic,
 // independent of the thread count). Other devices: the same math in ATen ops (registered for
 // CompositeExplicitAutograd; autograd is done by the Python op layer). float32 and float64.
 #include <ATen/ATen.h>
@@ -179,109 +179,6 @@ inline void gate_backward_row(const T* dm, const T* a, const T* b, const T* g, T
   }
 }
 
-#if SCN_HAS_AVX2_CLONE
-using scn_fast::cpu::sigmoid_avx2;
-
-SCN_TARGET_AVX2 void gate_forward_rows_avx2(const float* a, const float* b, const float* g,
-                                            float* m, int64_t e0, int64_t e1, int64_t Tb,
-                                            int64_t H) {
-  const int64_t T = Tb == 0 ? 1 : 4;
-  for (int64_t e = e0; e < e1; ++e) {
-    const float* ae = a + e * H;
-    const float* be = b + e * Tb * H;
-    const float* ge = g + e * H;
-    float* me = m + e * T * H;
-    int64_t h = 0;
-    for (; h + 8 <= H; h += 8) {
-      const __m256 av = _mm256_loadu_ps(ae + h), gv = _mm256_loadu_ps(ge + h);
-      if (Tb == 0) {
-        _mm256_storeu_ps(me + h, _mm256_mul_ps(_mm256_mul_ps(av, sigmoid_avx2(av)), gv));
-        continue;
-      }
-      const __m256 b0 = _mm256_loadu_ps(be + h), b1 = _mm256_loadu_ps(be + H + h);
-      const __m256 p[4] = {_mm256_add_ps(av, b0), _mm256_add_ps(av, b1), _mm256_sub_ps(av, b0),
-                           _mm256_sub_ps(av, b1)};
-      for (int t = 0; t < 4; ++t)
-        _mm256_storeu_ps(me + t * H + h,
-                         _mm256_mul_ps(_mm256_mul_ps(p[t], sigmoid_avx2(p[t])), gv));
-    }
-    gate_forward_row(ae, be, ge, me, Tb, H, h);
-  }
-}
-
-SCN_TARGET_AVX2 void gate_backward_rows_avx2(const float* dm, const float* a, const float* b,
-                                             const float* g, float* da, float* db, float* dg,
-                                             int64_t e0, int64_t e1, int64_t Tb, int64_t H) {
-  const int64_t T = Tb == 0 ? 1 : 4;
-  const __m256 one = _mm256_set1_ps(1.0f);
-  for (int64_t e = e0; e < e1; ++e) {
-    const float* dme = dm + e * T * H;
-    const float* ae = a + e * H;
-    const float* be = b + e * Tb * H;
-    const float* ge = g + e * H;
-    float* dae = da + e * H;
-    float* dbe = db + e * Tb * H;
-    float* dge = dg + e * H;
-    int64_t h = 0;
-    for (; h + 8 <= H; h += 8) {
-      const __m256 av = _mm256_loadu_ps(ae + h), gv = _mm256_loadu_ps(ge + h);
-      if (Tb == 0) {
-        const __m256 s = sigmoid_avx2(av), d = _mm256_loadu_ps(dme + h);
-        _mm256_storeu_ps(dge + h, _mm256_mul_ps(d, _mm256_mul_ps(av, s)));
-        const __m256 ds = _mm256_mul_ps(s, _mm256_fmadd_ps(av, _mm256_sub_ps(one, s), one));
-        _mm256_storeu_ps(dae + h, _mm256_mul_ps(_mm256_mul_ps(d, gv), ds));
-        continue;
-      }
-      const __m256 b0 = _mm256_loadu_ps(be + h), b1 = _mm256_loadu_ps(be + H + h);
-      const __m256 p[4] = {_mm256_add_ps(av, b0), _mm256_add_ps(av, b1), _mm256_sub_ps(av, b0),
-                           _mm256_sub_ps(av, b1)};
-      __m256 dp[4];
-      __m256 dgv = _mm256_setzero_ps();
-      for (int t = 0; t < 4; ++t) {
-        const __m256 s = sigmoid_avx2(p[t]);
-        const __m256 d = _mm256_loadu_ps(dme + t * H + h);
-        dgv = _mm256_add_ps(dgv, _mm256_mul_ps(d, _mm256_mul_ps(p[t], s)));
-        const __m256 ds = _mm256_mul_ps(s, _mm256_fmadd_ps(p[t], _mm256_sub_ps(one, s), one));
-        dp[t] = _mm256_mul_ps(_mm256_mul_ps(d, gv), ds);
-      }
-      _mm256_storeu_ps(dge + h, dgv);
-      _mm256_storeu_ps(dae + h,
-                       _mm256_add_ps(_mm256_add_ps(dp[0], dp[1]), _mm256_add_ps(dp[2], dp[3])));
-      _mm256_storeu_ps(dbe + h, _mm256_sub_ps(dp[0], dp[2]));
-      _mm256_storeu_ps(dbe + H + h, _mm256_sub_ps(dp[1], dp[3]));
-    }
-    gate_backward_row(dme, ae, be, ge, dae, dbe, dge, Tb, H, h);
-  }
-}
-#endif
-
-template <typename T>
-void gate_forward_rows(const T* a, const T* b, const T* g, T* m, int64_t e0, int64_t e1,
-                       int64_t Tb, int64_t H) {
-#if SCN_HAS_AVX2_CLONE
-  if constexpr (std::is_same_v<T, float>) {
-    if (scn_fast::cpu::cpu_has_avx2_fma()) return gate_forward_rows_avx2(a, b, g, m, e0, e1, Tb, H);
-  }
-#endif
-  const int64_t T4 = Tb == 0 ? 1 : 4;
-  for (int64_t e = e0; e < e1; ++e)
-    gate_forward_row(a + e * H, b + e * Tb * H, g + e * H, m + e * T4 * H, Tb, H, 0);
-}
-
-template <typename T>
-void gate_backward_rows(const T* dm, const T* a, const T* b, const T* g, T* da, T* db, T* dg,
-                        int64_t e0, int64_t e1, int64_t Tb, int64_t H) {
-#if SCN_HAS_AVX2_CLONE
-  if constexpr (std::is_same_v<T, float>) {
-    if (scn_fast::cpu::cpu_has_avx2_fma())
-      return gate_backward_rows_avx2(dm, a, b, g, da, db, dg, e0, e1, Tb, H);
-  }
-#endif
-  const int64_t T4 = Tb == 0 ? 1 : 4;
-  for (int64_t e = e0; e < e1; ++e)
-    gate_backward_row(dm + e * T4 * H, a + e * H, b + e * Tb * H, g + e * H, da + e * H,
-                      db + e * Tb * H, dg + e * H, Tb, H, 0);
-}
 
 // ------------------------------------------------------------------------------------ CPU: combine
 // Z: z's (and dz's) storage type, T: the compute type of bias, coef, m, dm (float for Z = float or
@@ -325,12 +222,14 @@ inline void combine_backward_tail(const T* dme, const Z* ze, const T* bias, cons
 }
 
 #if SCN_HAS_AVX2_CLONE
-// The vector channel loops, one text compiled for AVX2 (8 lanes) and for AVX-512 (16 lanes).
+// The vector channel loops of tap_combine and tap_gate, one text compiled for AVX2 (8 lanes) and for
+// AVX-512 (16 lanes).
 SCN_BEGIN_TARGET_AVX2
 namespace avx2 {
 using scn_fast::cpu::avx2::sigmoid;
 using scn_fast::cpu::avx2::V;
 #include "message_combine.inc"
+#include "message_gate.inc"
 }  // namespace avx2
 SCN_END_TARGET
 
@@ -339,9 +238,43 @@ namespace avx512 {
 using scn_fast::cpu::avx512::sigmoid;
 using scn_fast::cpu::avx512::V;
 #include "message_combine.inc"
+#include "message_gate.inc"
 }  // namespace avx512
 SCN_END_TARGET
 #endif
+
+template <typename T>
+void gate_forward_rows(const T* a, const T* b, const T* g, T* m, int64_t e0, int64_t e1,
+                       int64_t Tb, int64_t H) {
+#if SCN_HAS_AVX2_CLONE
+  if constexpr (std::is_same_v<T, float>) {
+    if (scn_fast::cpu::cpu_has_avx512())
+      return avx512::gate_forward_edges(a, b, g, m, e0, e1, Tb, H);
+    if (scn_fast::cpu::cpu_has_avx2_fma()) return avx2::gate_forward_edges(a, b, g, m, e0, e1, Tb, H);
+  }
+#endif
+  const int64_t T4 = Tb == 0 ? 1 : 4;
+  for (int64_t e = e0; e < e1; ++e)
+    gate_forward_row(a + e * H, b + e * Tb * H, g + e * H, m + e * T4 * H, Tb, H, 0);
+}
+
+template <typename T>
+void gate_backward_rows(const T* dm, const T* a, const T* b, const T* g, T* da, T* db, T* dg,
+                        int64_t e0, int64_t e1, int64_t Tb, int64_t H) {
+#if SCN_HAS_AVX2_CLONE
+  if constexpr (std::is_same_v<T, float>) {
+    if (scn_fast::cpu::cpu_has_avx512())
+      return avx512::gate_backward_edges(dm, a, b, g, da, db, dg, e0, e1, Tb, H);
+    if (scn_fast::cpu::cpu_has_avx2_fma())
+      return avx2::gate_backward_edges(dm, a, b, g, da, db, dg, e0, e1, Tb, H);
+  }
+#endif
+  const int64_t T4 = Tb == 0 ? 1 : 4;
+  for (int64_t e = e0; e < e1; ++e)
+    gate_backward_row(dm + e * T4 * H, a + e * H, b + e * Tb * H, g + e * H, da + e * H,
+                      db + e * Tb * H, dg + e * H, Tb, H, 0);
+}
+
 
 template <typename Z, typename T>
 void combine_forward_edges(const Z* z, const T* bias, const int64_t* src, const T* coef, T* m,
