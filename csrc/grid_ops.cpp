@@ -52,6 +52,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/block_pool.h"
 #include "grid_ops.h"
 
 namespace scn_fast::grid {
@@ -354,8 +355,8 @@ std::vector<Tensor> grid_mlp_forward_saving(const Tensor& x_down, const Tensor& 
                                             const Tensor& b2, const Tensor& w3, const Tensor& b3,
                                             int64_t tile_atoms, bool bf16_gemms) {
   const auto z = check_grid(x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3, tile_atoms);
-  auto a1_all = at::empty({z.N * z.G * z.H1}, x_down.options());
-  auto a2_all = at::empty({z.N * z.G * z.H2}, x_down.options());
+  auto a1_all = scn_fast::cpu::block_pool::empty({z.N * z.G * z.H1}, x_down.options());
+  auto a2_all = scn_fast::cpu::block_pool::empty({z.N * z.G * z.H2}, x_down.options());
   auto out = forward_impl(x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3, tile_atoms,
                           bf16_gemms, a1_all, a2_all);
   return {out, a1_all, a2_all};

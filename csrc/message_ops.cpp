@@ -51,10 +51,12 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/block_pool.h"
 #include "cpu/cpu_isa.h"
 #include "cpu/vec_math.h"
 
 namespace scn_fast::message {
+namespace pool = scn_fast::cpu::block_pool;
 namespace {
 
 using at::Tensor;
@@ -337,7 +339,7 @@ Tensor tap_gate_forward(const Tensor& a, const Tensor& b, const Tensor& gate) {
   const GateSizes s = check_gate(a, b, gate);
   const int64_t T = s.Tb == 0 ? 1 : 4;
   if (!a.is_cpu()) return at::silu(gate_pre(a, b)) * gate.unsqueeze(1);
-  Tensor m = at::empty({s.E, T, s.H}, a.options());
+  Tensor m = pool::empty({s.E, T, s.H}, a.options());
   if (m.numel() == 0) return m;
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "scn_fast_ext::tap_gate_forward", [&] {
     const scalar_t *ap = a.const_data_ptr<scalar_t>(), *bp = b.const_data_ptr<scalar_t>(),
@@ -365,7 +367,7 @@ std::vector<Tensor> tap_gate_backward(const Tensor& dm, const Tensor& a, const T
     auto d = dpre.view({s.E, 2, 2, s.H});
     return {d.sum({1, 2}), d.select(1, 0) - d.select(1, 1), dgate};
   }
-  Tensor da = at::empty_like(a), db = at::empty_like(b), dg = at::empty_like(gate);
+  Tensor da = pool::empty_like(a), db = pool::empty_like(b), dg = pool::empty_like(gate);
   if (s.E * s.H == 0) return {da, db, dg};
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "scn_fast_ext::tap_gate_backward", [&] {
     const scalar_t *dmp = dm.const_data_ptr<scalar_t>(), *ap = a.const_data_ptr<scalar_t>(),
@@ -390,7 +392,7 @@ Tensor tap_combine_forward(const Tensor& z, const Tensor& bias, const Tensor& sr
       m.addcmul_(act.index_select(1, src.select(1, j)), coef.select(1, j).view({1, s.R, 1}));
     return m;
   }
-  Tensor m = at::empty({s.E, s.R, s.C}, bias.options());
+  Tensor m = pool::empty({s.E, s.R, s.C}, bias.options());
   if (m.numel() == 0) return m;
   dispatch_combine(z, [&](auto zt, auto tt) {
     using Z = decltype(zt);
@@ -422,7 +424,7 @@ std::vector<Tensor> tap_combine_backward(const Tensor& dm, const Tensor& z, cons
     dz = at::silu_backward(dz, x);
     return {dz.to(z.scalar_type()), dz.view({s.E, s.Q / s.R, s.R, s.C}).sum({0, 1})};
   }
-  Tensor dz = at::empty_like(z);
+  Tensor dz = pool::empty_like(z);
   const int64_t chunks = (s.E + kSumChunkEdges - 1) / kSumChunkEdges;
   Tensor partial = at::zeros({std::max<int64_t>(chunks, 1), s.R, s.C}, bias.options());
   if (s.E > 0 && s.C > 0) {
@@ -684,7 +686,7 @@ Tensor tap_assemble(const Tensor& dy0, const Tensor& dpair, const Tensor& a, con
   for (int64_t r = 0; r < R2; ++r)
     TORCH_CHECK(ap[r] >= 0 && ap[r] < (bp[r] < 0 ? n0 : np),
                 "scn_fast_ext: tap_assemble a[", r, "] = ", ap[r], " is out of range");
-  Tensor dy = at::empty({E, R2, C}, dy0.options());
+  Tensor dy = pool::empty({E, R2, C}, dy0.options());
   if (E == 0) return dy;
   AT_DISPATCH_FLOATING_TYPES(dy0.scalar_type(), "scn_fast_ext::tap_assemble", [&] {
     const scalar_t* s0 = dy0.const_data_ptr<scalar_t>();
@@ -712,6 +714,21 @@ Tensor tap_assemble(const Tensor& dy0, const Tensor& dpair, const Tensor& a, con
 
 // Caps the ISA of the CPU clones (2 = AVX-512, 1 = AVX2, 0 = baseline) and returns the previous
 // cap: the tests run every clone on one machine.
+// cached_empty(size, dtype) -> a float CPU tensor from the block cache (cpu/block_pool.h), for the
+//   large per-step tensors the Python op layer creates (weight gradients); release_cpu_cache() frees
+//   the cached blocks and returns their bytes; cpu_cache_bytes() -> bytes cached now.
+Tensor cached_empty(at::IntArrayRef size, at::ScalarType dtype) {
+  return pool::empty(size, at::TensorOptions().dtype(dtype).device(at::kCPU));
+}
+
+int64_t release_cpu_cache() { return static_cast<int64_t>(pool::pool().release()); }
+
+int64_t cpu_cache_bytes() {
+  pool::Pool& p = pool::pool();
+  std::lock_guard<std::mutex> g(p.mu);
+  return static_cast<int64_t>(p.cached);
+}
+
 int64_t set_isa_cap(int64_t cap) {
   TORCH_CHECK(cap >= 0 && cap <= 2, "scn_fast_ext: ISA cap must be 0, 1 or 2, got ", cap);
   return scn_fast::cpu::isa_cap.exchange(static_cast<int>(cap));
@@ -729,6 +746,9 @@ TORCH_LIBRARY_FRAGMENT(scn_fast_ext, m) {
       "Tensor[]");
   m.def("gather_rows_out(Tensor src, Tensor rows, Tensor(a!) out) -> ()");
   m.def("_set_isa_cap(int cap) -> int");
+  m.def("cached_empty(int[] size, ScalarType dtype) -> Tensor");
+  m.def("release_cpu_cache() -> int");
+  m.def("cpu_cache_bytes() -> int");
   m.def(
       "tap_split(Tensor y3, Tensor rows0, Tensor pair_rows, Tensor pair_signs, Tensor(a!) y0, "
       "Tensor(b!) pair) -> ()");
@@ -747,6 +767,9 @@ TORCH_LIBRARY_FRAGMENT(scn_fast_ext, m) {
 
 TORCH_LIBRARY_IMPL(scn_fast_ext, CatchAll, m) {
   m.impl("_set_isa_cap", &scn_fast::message::set_isa_cap);
+  m.impl("cached_empty", &scn_fast::message::cached_empty);
+  m.impl("release_cpu_cache", &scn_fast::message::release_cpu_cache);
+  m.impl("cpu_cache_bytes", &scn_fast::message::cpu_cache_bytes);
 }
 
 TORCH_LIBRARY_IMPL(scn_fast_ext, CompositeExplicitAutograd, m) {

@@ -6,6 +6,7 @@ state_dict, same outputs), with fused kernels selected by a dispatcher (``use_fu
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import AtomsBatch
+from .extension import cpu_cache_bytes, release_cpu_cache
 from .model import GraphData, SphericalChannelNetwork
 from .presets import PRESETS, preset
 
@@ -14,8 +15,10 @@ __all__ = [
     "AtomsBatch",
     "GraphData",
     "SphericalChannelNetwork",
+    "cpu_cache_bytes",
     "load_checkpoint",
     "preset",
+    "release_cpu_cache",
     "save_checkpoint",
 ]
 __version__ = "0.1.0"

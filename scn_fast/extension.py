@@ -4,6 +4,8 @@ Ops (scn_fast/ops/SPEC.md):
 
 * ``gather_rotate(x, wig, idx, lmax, mmax) -> y``
 * ``rotate_scatter(m, wig, perm, ptr, lmax, mmax, num_nodes) -> out``
+* ``cached_empty(size, dtype)``, ``release_cpu_cache()``, ``cpu_cache_bytes()``: the CPU block cache
+  (``release_cpu_cache()`` / ``cpu_cache_bytes()`` below)
 
 ``load_extension()`` compiles the sources with ``torch.utils.cpp_extension.load`` (ninja) the first time
 it is called in a process and returns the ``torch.ops.scn_fast_ext`` namespace. The CPU twin is always
@@ -164,3 +166,21 @@ def extension_status() -> tuple[bool, str | None]:
 def cuda_twin_expected() -> bool:
     """Whether a build in this environment includes the CUDA twin (CUDA torch and a CUDA toolkit)."""
     return _cuda_toolkit_available()
+
+
+def release_cpu_cache() -> int:
+    """Free the extension's cached CPU blocks (``csrc/cpu/block_pool.h``: the large tensors its CPU
+    ops create, kept after use for the next request of the same size, as PyTorch's CUDA caching
+    allocator keeps GPU blocks) and return the bytes freed; 0 when the extension is not loaded (this
+    never builds it). The cache holds at most ``SCN_FAST_CPU_CACHE_BYTES`` bytes (default 4 GiB;
+    0 turns it off)."""
+    with _lock:
+        ops = _state.ops
+    return int(ops.release_cpu_cache()) if ops is not None else 0
+
+
+def cpu_cache_bytes() -> int:
+    """Bytes the extension's CPU block cache holds now (0 when the extension is not loaded)."""
+    with _lock:
+        ops = _state.ops
+    return int(ops.cpu_cache_bytes()) if ops is not None else 0

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "../edge_ops.h"
+#include "block_pool.h"
 #include "cpu_isa.h"
 #include "edge_blocks.h"
 
@@ -249,7 +250,8 @@ at::Tensor gather_rotate_cpu(const at::Tensor& x, const at::Tensor& wig, const a
                              int64_t lmax, int64_t mmax) {
   const GatherRotateSizes s = check_gather_rotate(x, wig, idx, lmax, mmax);
   check_idx_values(idx, s.num_nodes);
-  at::Tensor y = at::empty({s.num_edges, s.num_sides, s.rows, s.channels}, x.options());
+  at::Tensor y =
+      block_pool::empty({s.num_edges, s.num_sides, s.rows, s.channels}, x.options());
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gather_rotate_cpu",
                                   [&] {

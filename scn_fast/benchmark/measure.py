@@ -11,7 +11,8 @@ timed one (returning freed heap to the OS before it makes the step re-fault its 
 
 * GPU: ``torch.cuda.reset_peak_memory_stats()``, then ``max_memory_allocated() - memory_allocated()``
   (the latter read before the step).
-* CPU: freed heap is returned to the OS (``malloc_trim``), the process's peak-RSS mark is reset by
+* CPU: freed heap and the extension's cached blocks are returned to the OS (``malloc_trim``,
+  ``scn_fast.release_cpu_cache``), the process's peak-RSS mark is reset by
   writing ``5`` to ``/proc/self/clear_refs``, then ``VmHWM`` after the step minus ``VmRSS`` before it
   (from ``/proc/self/status``). Returns None where ``/proc`` does not allow this.
 """
@@ -116,9 +117,13 @@ def reset_peak_rss() -> bool:
 
 
 def release_free_heap() -> None:
-    """Collect garbage and return freed heap pages to the OS (glibc ``malloc_trim``), so that RSS
-    before a step holds live data only."""
+    """Collect garbage, free the extension's cached CPU blocks (``scn_fast.release_cpu_cache``) and
+    return freed heap pages to the OS (glibc ``malloc_trim``), so that RSS before a step holds live
+    data only."""
+    from ..extension import release_cpu_cache
+
     gc.collect()
+    release_cpu_cache()
     name = ctypes.util.find_library("c")
     if name:
         with contextlib.suppress(OSError, AttributeError):

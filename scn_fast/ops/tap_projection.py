@@ -246,6 +246,16 @@ def _ext():
     return load_extension()
 
 
+def _result_buffer(shape: tuple[int, ...], like: torch.Tensor, backend: str) -> torch.Tensor:
+    """An uninitialised tensor for a large result that leaves the op (a weight gradient, dy): from
+    the extension's CPU block cache when the extension runs the op on CPU (a freed block comes back
+    for the next step instead of being page-faulted in again, ``scn_fast.release_cpu_cache``), else
+    ``like.new_empty``."""
+    if backend == "extension" and like.device.type == "cpu" and like.dtype.is_floating_point:
+        return _ext().cached_empty(list(shape), like.dtype)
+    return like.new_empty(shape)
+
+
 def _gather_rows(src: torch.Tensor, idx: torch.Tensor, out: torch.Tensor, backend: str) -> None:
     """out[:, j] = src[:, idx[j]] (3-D, rows along dim 1) in out's dtype: the extension's one-pass
     gather-and-cast when it runs the op, else ATen's index_select (and a cast)."""
@@ -413,7 +423,7 @@ def _project_backward_ab(
     rows = tap_rows(lmax, mmax, num_taps, y.device)
     db = db.reshape(2 * e, h)  # [dB0, dB1] interleaved by edge
     if not tap_ordered and _row_blocked(y, precision, native):
-        dy = y.new_empty((e, 2 * r, c))
+        dy = _result_buffer((e, 2 * r, c), y, backend)
         y3, w3, da_s, db_s = gemm_inputs(
             (y.reshape(e, 2 * r, c), weight.reshape(h, 2 * r, c), da, db), precision, native
         )
@@ -425,7 +435,7 @@ def _project_backward_ab(
             )
             _assemble_dy(dy, dpair.view(e, 2 * rows.n1, c), rows)
             return dy.view_as(y), dw, da.sum(0)
-        dw = weight.new_empty((h, 2 * r, c))
+        dw = _result_buffer((h, 2 * r, c), weight, backend)
 
         def mm(a, b, out):
             gemm_mm(a, b, precision, native, out=out)
@@ -451,7 +461,7 @@ def _project_backward_ab(
     gemm_mm(db_s, w1, precision, native, out=dpair.view(2 * e, -1))
     dy = _assemble(dy0, dpair.view(e, 2 * rows.n1, c), rows, backend).view(e, 2, r, c)
     if tap_ordered:  # the weight gradient in tap order, written in place by the two GEMMs
-        dw = weight.new_empty((h, 2 * r * c))
+        dw = _result_buffer((h, 2 * r * c), weight, backend)
         cut = rows.n0 * c
         gemm_mm(da_s.t(), y0, precision, native, out=dw[:, :cut])
         gemm_mm(db_s.t(), pair, precision, native, out=dw[:, cut:])
@@ -461,7 +471,7 @@ def _project_backward_ab(
     dwp = workspace("tap_dweight", (h, 2 * r, c), da_s.dtype, weight.device)
     gemm_mm(da_s.t(), y0, precision, native, out=dwp[:, : rows.n0].reshape(h, -1))
     gemm_mm(db_s.t(), pair, precision, native, out=dwp[:, rows.n0 :].reshape(h, -1))
-    dw = weight.new_empty((h, 2 * r, c))
+    dw = _result_buffer((h, 2 * r, c), weight, backend)
     _gather_rows(dwp, rows.w_inv, dw, backend)
     return dy, dw.view(h, -1), da.sum(0)
 
