@@ -224,9 +224,9 @@ def _split_input(
     if backend == "extension" and dtype == y.dtype and dtype in (torch.float32, torch.float64):
         pair = workspace("tap_pair", (e, 2 * rows.n1, c), dtype, y.device)
         _ext().tap_split(y3.contiguous(), rows.y0_rows, rows.pair_rows, rows.pair_signs, y0, pair)
-        return y0.view(e, -1), pair.view(2 * e, -1)
+        return y0.view(e, rows.n0 * c), pair.view(2 * e, rows.n1 * c)
     _gather_rows(y3, rows.y0_rows, y0, backend)
-    return y0.view(e, -1), _pair_rows(y3, rows, dtype, backend).view(2 * e, -1)
+    return y0.view(e, rows.n0 * c), _pair_rows(y3, rows, dtype, backend).view(2 * e, rows.n1 * c)
 
 
 def _native_bf16(t: torch.Tensor, precision: str, native: bool) -> bool:
@@ -331,7 +331,7 @@ def _project(
     e, _, r, c = y.shape
     h = weight.shape[0]
     if tap_symmetry(lmax, mmax, num_taps).num_taps == 1:
-        ys, ws = gemm_inputs((y.reshape(e, -1), weight), precision, native)
+        ys, ws = gemm_inputs((y.reshape(e, 2 * r * c), weight), precision, native)
         return _Projection(gemm_mm(ys, ws.t(), precision, native).add_(bias), None)
     rows = tap_rows(lmax, mmax, num_taps, y.device)
     if not tap_ordered and _row_blocked(y, precision, native):
@@ -341,20 +341,21 @@ def _project(
         pair = _pair_rows(y3, rows, y3.dtype, backend).view(2 * e, rows.n1, c)
         if backend == "extension":
             a, b = _ext().tap_blocked_forward(y3, pair, w3, bias, rows.flat0, rows.flat1)
-            return _Projection(a, b.view(e, 2, -1))
+            return _Projection(a, b.view(e, 2, h))
         a = b = None
         for _, k, n in rows.runs0:
-            lhs, rhs = y3[:, k : k + n].reshape(e, -1), w3[:, k : k + n].reshape(h, -1).t()
+            lhs, rhs = y3[:, k : k + n].reshape(e, n * c), w3[:, k : k + n].reshape(h, -1).t()
             a = torch.addmm(bias, lhs, rhs) if a is None else a.addmm_(lhs, rhs)
         for j, k, n in rows.runs1:
-            lhs, rhs = pair[:, j : j + n].reshape(2 * e, -1), w3[:, k : k + n].reshape(h, -1).t()
+            lhs = pair[:, j : j + n].reshape(2 * e, n * c)
+            rhs = w3[:, k : k + n].reshape(h, -1).t()
             b = torch.mm(lhs, rhs) if b is None else b.addmm_(lhs, rhs)
-        return _Projection(a, b.view(e, 2, -1))
+        return _Projection(a, b.view(e, 2, h))
     split = _split_input(y, rows, _gathered_dtype(y, precision, native), backend)
     y0, pair = gemm_inputs(split, precision, native)
     w0, w1 = _weight_operands(weight, rows, c, precision, native, backend, tap_ordered)
     a = gemm_mm(y0, w0.t(), precision, native).add_(bias)
-    b = gemm_mm(pair, w1.t(), precision, native).view(e, 2, -1)
+    b = gemm_mm(pair, w1.t(), precision, native).view(e, 2, h)
     return _Projection(a, b)
 
 
@@ -363,7 +364,7 @@ def _assemble_dy(dy: torch.Tensor, dpair: torch.Tensor, rows: TapRows) -> torch.
     own part plus y1''s with tap 1's signs and swap undone."""
     e, _, c = dy.shape
     dpair = _signs_of_tap1(dpair, rows)
-    swapped = dpair[:, rows.n1 :].view(e, -1, 2, c).flip(2).view(e, rows.n1, c)
+    swapped = dpair[:, rows.n1 :].view(e, rows.n1 // 2, 2, c).flip(2).view(e, rows.n1, c)
     return dy.index_copy_(1, rows.pair_rows[: rows.n1], dpair[:, : rows.n1].add_(swapped))
 
 
@@ -375,7 +376,7 @@ def _project_backward(
     sym = tap_symmetry(lmax, mmax, num_taps)
     if sym.num_taps == 1:
         d = dpre.reshape(e, h)
-        ys, ws, ds = gemm_inputs((y.reshape(e, -1), weight, d), precision, native)
+        ys, ws, ds = gemm_inputs((y.reshape(e, y[0].numel()), weight, d), precision, native)
         dy = gemm_mm(ds, ws, precision, native).view_as(y)
         dw = gemm_mm(ds.t(), ys, precision, native)
         return dy, dw, d.sum(0)
@@ -442,12 +443,12 @@ def _project_backward_ab(
 
         for _, k, n in rows.runs0:
             wk, dwk = w3[:, k : k + n].reshape(h, -1), dw[:, k : k + n].reshape(h, -1)
-            mm(da_s, wk, dy[:, k : k + n].reshape(e, -1))
-            mm(da_s.t(), y3[:, k : k + n].reshape(e, -1), dwk)
+            mm(da_s, wk, dy[:, k : k + n].reshape(e, n * c))
+            mm(da_s.t(), y3[:, k : k + n].reshape(e, n * c), dwk)
         for j, k, n in rows.runs1:
             wk, dwk = w3[:, k : k + n].reshape(h, -1), dw[:, k : k + n].reshape(h, -1)
-            mm(db_s, wk, dpair[:, j : j + n].reshape(2 * e, -1))
-            mm(db_s.t(), pair[:, j : j + n].reshape(2 * e, -1), dwk)
+            mm(db_s, wk, dpair[:, j : j + n].reshape(2 * e, n * c))
+            mm(db_s.t(), pair[:, j : j + n].reshape(2 * e, n * c), dwk)
         _assemble_dy(dy, dpair.view(e, 2 * rows.n1, c), rows)
         return dy.view_as(y), dw.view(h, -1), da.sum(0)
     split = _split_input(y, rows, _gathered_dtype(y, precision, native), backend)
@@ -457,8 +458,8 @@ def _project_backward_ab(
     # (scratch: read once by the assembly)
     dy0 = workspace("tap_dy0", (e, rows.n0, c), y.dtype, y.device)
     dpair = workspace("tap_dpair", (2 * e, rows.n1, c), y.dtype, y.device)
-    gemm_mm(da_s, w0, precision, native, out=dy0.view(e, -1))
-    gemm_mm(db_s, w1, precision, native, out=dpair.view(2 * e, -1))
+    gemm_mm(da_s, w0, precision, native, out=dy0.view(e, rows.n0 * c))
+    gemm_mm(db_s, w1, precision, native, out=dpair.view(2 * e, rows.n1 * c))
     dy = _assemble(dy0, dpair.view(e, 2 * rows.n1, c), rows, backend).view(e, 2, r, c)
     if tap_ordered:  # the weight gradient in tap order, written in place by the two GEMMs
         dw = _result_buffer((h, 2 * r * c), weight, backend)
@@ -582,7 +583,7 @@ def _gate_backward_composite(dm, a, b, gate):
     dpre = torch.ops.aten.silu_backward(dm * gate.unsqueeze(1), pre)
     if b.shape[1] == 0:
         return dpre.squeeze(1), torch.empty_like(b), dgate
-    d4 = dpre.view(a.shape[0], 2, 2, -1)
+    d4 = dpre.view(a.shape[0], 2, 2, a.shape[1])
     return d4.sum((1, 2)), torch.sub(d4[:, 0], d4[:, 1]), dgate
 
 
