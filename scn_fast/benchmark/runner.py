@@ -220,6 +220,8 @@ def estimate_seconds(plan: Plan) -> float:
                 step = {m: max(0.03, t / 60) for m, t in step.items()}
             total += build + 3 * step["inference"]  # start-up, baseline, float64, floors
             total += sum(runs * step[m] * per_path for m in c.modes)
+            # the GEMM floor's replays: one per round and precision, ~0.45x a reference inference
+            total += len(c.modes) * (runs - 1) * len(plan.precisions) * 0.45 * step["inference"]
         if plan.compile:
             total += build + len(c.modes) * min(_COMPILE_S.get(dev, 900.0), c.compile_timeout_s)
     return total
