@@ -106,4 +106,9 @@ TORCH_LIBRARY(scn_fast_ext, m) {
   m.def(
       "rotate_scatter(Tensor m, Tensor wig, Tensor perm, Tensor ptr, int lmax, int mmax, "
       "int num_nodes) -> Tensor");
+  // CPU only: gather_rotate's rows written into the tap projection's operands y0 and pair
+  // (cpu/edge_ops_cpu.cpp).
+  m.def(
+      "gather_rotate_split(Tensor x, Tensor wig, Tensor idx, int lmax, int mmax, Tensor a, "
+      "Tensor b, Tensor sign, Tensor(a!) y0, Tensor(b!) pair) -> ()");
 }

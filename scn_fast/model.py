@@ -38,10 +38,16 @@ from .ops import (
     gated_tap_projection,
     scatter_aggregation,
 )
+from .ops.edge_rotation import edge_rotation_split
 from .ops.grid_projection import grid_constants, grid_projection
 from .ops.output_heads import heads_constants, output_heads
 from .ops.tap_combine import combine_tables, identical_taps, tap_combine
-from .ops.tap_projection import has_tap_order
+from .ops.tap_projection import (
+    gated_tap_projection_split,
+    has_tap_order,
+    split_operands_apply,
+    tap_rows,
+)
 from .ops.workspace import workspace
 from .precision import (
     Linear,
@@ -53,6 +59,11 @@ from .precision import (
 )
 from .smearing import make_distance_expansion
 from .tap_order import TapOrderedLinear
+
+# The fused message path on CPU with the C++ extension rotates straight into fc1_edge_proj's split
+# operands (``edge_rotation_split``, ``gated_tap_projection_split``); False takes the general path
+# (rotation, then the projection's own split). Tests compare the two.
+SPLIT_ROTATION = True
 
 logger = logging.getLogger(__name__)
 
@@ -338,21 +349,34 @@ class MessageBlock(nn.Module):
         x_edge (E, K), wig (E, K_w) compact rotations -> (N, S_L, C')."""
         res, c, h = self.res, self.sphere_channels_reduce, self.hidden_channels
         gate = self.act(self.fc1_dist(x_edge))
-        y = edge_rotation(x, wig, csr_both, res.lmax, res.mmax, rotate_backend)
         proj = self.fc1_edge_proj
-        m = gated_tap_projection(
-            y,
-            proj.weight,
-            proj.bias,
-            gate,
-            res.lmax,
-            res.mmax,
-            res.taps_arg,
-            proj.precision,
-            proj.precision_native,
-            scatter_backend,
-            weight_order="tap" if isinstance(proj, TapOrderedLinear) else "upstream",
-        )
+        if (
+            SPLIT_ROTATION
+            and rotate_backend == "extension"
+            and scatter_backend == "extension"
+            and isinstance(proj, TapOrderedLinear)
+            and split_operands_apply(x, proj.weight, res.mmax, res.num_taps, proj.precision)
+            and not torch.compiler.is_compiling()  # its tap tables are built eagerly
+        ):
+            # the rotation writes fc1_edge_proj's two GEMM operands itself (no split pass over y)
+            rows = tap_rows(res.lmax, res.mmax, res.taps_arg, x.device)
+            y0, pair = edge_rotation_split(x, wig, csr_both, res.lmax, res.mmax, rows)
+            m = gated_tap_projection_split(y0, pair, proj.weight, proj.bias, gate, scatter_backend)
+        else:
+            y = edge_rotation(x, wig, csr_both, res.lmax, res.mmax, rotate_backend)
+            m = gated_tap_projection(
+                y,
+                proj.weight,
+                proj.bias,
+                gate,
+                res.lmax,
+                res.mmax,
+                res.taps_arg,
+                proj.precision,
+                proj.precision_native,
+                scatter_backend,
+                weight_order="tap" if isinstance(proj, TapOrderedLinear) else "upstream",
+            )
         # Without autograd nothing keeps fc1_edge's output or fc2_edge's: SiLU runs in place and
         # (float32 GEMMs, eager) fc2_edge writes into a reused buffer that tap_combine reads at once,
         # rather than into fresh memory per block (measured: ~1% of an inference step at 14 atoms).

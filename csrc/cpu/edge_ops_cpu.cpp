@@ -95,6 +95,59 @@ void gather_rotate_typed(const at::Tensor& x, const at::Tensor& wig, const at::T
                    [&](int64_t e0, int64_t e1) { run(g, e0, e1); });
 }
 
+// ---------------------------------------------------------------------------------------------------
+// gather_rotate_split: gather_rotate's rows written straight into the tap projection's two GEMM
+// operands (scn_fast/ops/tap_projection.py): row q = p * R + r of an edge's (P * R) rotated rows goes
+// to y0[e, a[q]] when b[q] < 0 (an m = 0 row), else to pair[e, a[q]] and, times sign[q], to
+// pair[e, b[q]] (y1 and tap 1's y1'). The rows are rotated into a per-task scratch of one edge and
+// copied out from there (in cache), instead of a second pass over y in memory (tap_split).
+
+template <typename T>
+struct SplitArgs {
+  const int64_t* a;
+  const int64_t* b;
+  const T* sign;  // (P * R,) in T
+  T* y0;          // (E, n0, C)
+  T* pair;        // (E, np, C)
+  int64_t n0, np;
+};
+
+template <typename T, typename W>
+SCN_ALWAYS_INLINE void gather_split_body(const GatherArgs<T, W>& g, const SplitArgs<T>& s,
+                                         int64_t e0, int64_t e1, T* scratch) {
+  const int64_t C = g.C, Q = g.P * g.R;
+  for (int64_t e = e0; e < e1; ++e) {
+    const W* we = g.wig + e * g.K;
+    for (int64_t p = 0; p < g.P; ++p)
+      gather_side(g, g.x + g.idx[e * g.P + p] * g.S_x * C, we, scratch + p * g.R * C);
+    T* y0e = s.y0 + e * s.n0 * C;
+    T* pe = s.pair + e * s.np * C;
+    for (int64_t q = 0; q < Q; ++q) {
+      const T* src = scratch + q * C;
+      if (s.b[q] < 0) {
+        std::copy(src, src + C, y0e + s.a[q] * C);
+        continue;
+      }
+      std::copy(src, src + C, pe + s.a[q] * C);
+      T* neg = pe + s.b[q] * C;
+      const T k = s.sign[q];
+      for (int64_t c = 0; c < C; ++c) neg[c] = k * src[c];
+    }
+  }
+}
+
+template <typename T, typename W>
+void gather_split_baseline(const GatherArgs<T, W>& g, const SplitArgs<T>& s, int64_t e0,
+                           int64_t e1, T* scratch) {
+  gather_split_body(g, s, e0, e1, scratch);
+}
+
+template <typename T, typename W>
+SCN_TARGET_AVX2 void gather_split_avx2(const GatherArgs<T, W>& g, const SplitArgs<T>& s,
+                                       int64_t e0, int64_t e1, T* scratch) {
+  gather_split_body(g, s, e0, e1, scratch);
+}
+
 // idx values must name rows of x (checked here, once, before the parallel loop).
 void check_idx_values(const at::Tensor& idx, int64_t num_nodes) {
   const int64_t* p = idx.const_data_ptr<int64_t>();
@@ -264,6 +317,55 @@ at::Tensor gather_rotate_cpu(const at::Tensor& x, const at::Tensor& wig, const a
   return y;
 }
 
+void gather_rotate_split_cpu(const at::Tensor& x, const at::Tensor& wig, const at::Tensor& idx,
+                             int64_t lmax, int64_t mmax, const at::Tensor& a, const at::Tensor& b,
+                             const at::Tensor& sign, at::Tensor y0, at::Tensor pair) {
+  const GatherRotateSizes s = check_gather_rotate(x, wig, idx, lmax, mmax);
+  check_idx_values(idx, s.num_nodes);
+  const int64_t Q = s.num_sides * s.rows;
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "scn_fast_ext.gather_rotate_split: x must be float32 or float64, got ",
+              x.scalar_type());
+  TORCH_CHECK(wig.scalar_type() == x.scalar_type(),
+              "scn_fast_ext.gather_rotate_split: wig must have x's dtype");
+  for (const at::Tensor* t : {&a, &b})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->numel() == Q &&
+                    t->is_contiguous() && t->is_cpu(),
+                "scn_fast_ext.gather_rotate_split: a and b must be contiguous int64 (P * R,) = (",
+                Q, ",) CPU tensors, got ", t->sizes());
+  TORCH_CHECK(sign.scalar_type() == at::kDouble && sign.numel() == Q && sign.is_contiguous(),
+              "scn_fast_ext.gather_rotate_split: sign must be contiguous float64 (P * R,)");
+  for (const at::Tensor* t : {&y0, &pair})
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == s.num_edges && t->size(2) == s.channels &&
+                    t->is_contiguous() && t->scalar_type() == x.scalar_type() && t->is_cpu(),
+                "scn_fast_ext.gather_rotate_split: y0 and pair must be contiguous (E, rows, C) = (",
+                s.num_edges, ", ., ", s.channels, ") tensors of x's dtype, got ", t->sizes());
+  const int64_t n0 = y0.size(1), np = pair.size(1);
+  const int64_t* ap = a.const_data_ptr<int64_t>();
+  const int64_t* bp = b.const_data_ptr<int64_t>();
+  for (int64_t q = 0; q < Q; ++q)
+    TORCH_CHECK(ap[q] >= 0 && ap[q] < (bp[q] < 0 ? n0 : np) && bp[q] < np,
+                "scn_fast_ext.gather_rotate_split: a[", q, "] = ", ap[q], " or b[", q, "] = ", bp[q],
+                " is out of range");
+  if (s.num_edges == 0 || s.channels == 0) return;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gather_rotate_split_cpu", [&] {
+    using T = scalar_t;
+    const GatherArgs<T, T> g{x.const_data_ptr<T>(), wig.const_data_ptr<T>(),
+                             idx.const_data_ptr<int64_t>(), nullptr, s.num_sides, s.x_coeffs,
+                             s.channels, s.rows, s.entries, lmax, mmax};
+    const std::vector<T> signs(sign.const_data_ptr<double>(), sign.const_data_ptr<double>() + Q);
+    const SplitArgs<T> sp{ap, bp, signs.data(), y0.mutable_data_ptr<T>(),
+                          pair.mutable_data_ptr<T>(), n0, np};
+    const auto run = cpu_has_avx2_fma() ? gather_split_avx2<T, T> : gather_split_baseline<T, T>;
+    const int64_t per_edge = std::max<int64_t>(1, s.num_sides * s.entries * s.channels);
+    at::parallel_for(0, s.num_edges, std::max<int64_t>(1, kGrainFlops / per_edge),
+                     [&](int64_t e0, int64_t e1) {
+                       std::vector<T> scratch(static_cast<size_t>(Q * s.channels));
+                       run(g, sp, e0, e1, scratch.data());
+                     });
+  });
+}
+
 at::Tensor rotate_scatter_cpu(const at::Tensor& m, const at::Tensor& wig, const at::Tensor& perm,
                               const at::Tensor& ptr, int64_t lmax, int64_t mmax,
                               int64_t num_nodes) {
@@ -288,4 +390,5 @@ at::Tensor rotate_scatter_cpu(const at::Tensor& m, const at::Tensor& wig, const 
 TORCH_LIBRARY_IMPL(scn_fast_ext, CPU, m) {
   m.impl("gather_rotate", &scn_fast::cpu::gather_rotate_cpu);
   m.impl("rotate_scatter", &scn_fast::cpu::rotate_scatter_cpu);
+  m.impl("gather_rotate_split", &scn_fast::cpu::gather_rotate_split_cpu);
 }

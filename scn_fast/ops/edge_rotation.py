@@ -61,3 +61,84 @@ def edge_rotation(
 ) -> torch.Tensor:
     """Rotated endpoint features y (E, P, R, C) of x (N, S_x, C) for the edges of ``csr``."""
     return _edge_rotation(x, wig, csr.idx, csr.perm, csr.ptr, lmax, mmax, backend)
+
+
+# ----------------------------------------------------------------------------- split form
+@torch.library.custom_op("scn_fast::edge_rotation_split", mutates_args=())
+def _edge_rotation_split(
+    x: torch.Tensor,
+    wig: torch.Tensor,
+    idx: torch.Tensor,
+    perm: torch.Tensor,
+    ptr: torch.Tensor,
+    lmax: int,
+    mmax: int,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    sign: torch.Tensor,
+    n0: int,
+    n_pair: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..extension import load_extension
+
+    ext = load_extension()
+    e, c = idx.shape[0], x.shape[2]
+    y0 = ext.cached_empty([e, n0, c], x.dtype)
+    pair = ext.cached_empty([e, n_pair, c], x.dtype)
+    ext.gather_rotate_split(x.contiguous(), wig.contiguous(), idx, lmax, mmax, a, b, sign, y0, pair)
+    return y0, pair
+
+
+@_edge_rotation_split.register_fake
+def _(x, wig, idx, perm, ptr, lmax, mmax, a, b, sign, n0, n_pair):
+    e, c = idx.shape[0], x.shape[2]
+    return x.new_empty((e, n0, c)), x.new_empty((e, n_pair, c))
+
+
+def _split_setup_context(ctx, inputs, output):
+    x, wig, idx, perm, ptr, lmax, mmax, a, b, sign, _n0, _n_pair = inputs
+    ctx.save_for_backward(wig, idx, perm, ptr, a, b, sign)
+    ctx.meta = (lmax, mmax, x.shape[0], x.shape[1])
+
+
+def _split_backward(ctx, dy0, dpair):
+    from ..extension import load_extension
+    from .scatter_aggregation import _scatter_aggregation
+
+    wig, idx, perm, ptr, a, b, sign = ctx.saved_tensors
+    lmax, mmax, n, s_x = ctx.meta
+    e, p = idx.shape
+    dy = load_extension().tap_assemble(dy0.contiguous(), dpair.contiguous(), a, b, sign)
+    dy = dy.view(e, p, a.numel() // p, dy.shape[2])
+    dx = _scatter_aggregation(dy, wig, idx, perm, ptr, lmax, mmax, n, "extension")
+    if s_x > dx.shape[1]:
+        dx = torch.nn.functional.pad(dx, (0, 0, 0, s_x - dx.shape[1]))
+    return (dx,) + (None,) * 11
+
+
+_edge_rotation_split.register_autograd(_split_backward, setup_context=_split_setup_context)
+
+
+def edge_rotation_split(
+    x: torch.Tensor, wig: torch.Tensor, csr: EdgeCSR, lmax: int, mmax: int, rows
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`edge_rotation` written straight into the tap projection's two GEMM operands (the C++
+    extension on CPU, float32/float64 only): y0 (E, n0, C), the m = 0 rows of both sides, and pair
+    (E, 2 n1, C), their m = +-1 rows then tap 1's arrangement of them (``rows``: the resolution's
+    ``tap_projection.TapRows``; its assemble tables say where each rotated row goes). The same
+    numbers as ``edge_rotation`` followed by the projection's split, without the split's pass over
+    y; the backward assembles dy from (dy0, dpair) and runs ``edge_rotation``'s backward."""
+    return _edge_rotation_split(
+        x,
+        wig,
+        csr.idx,
+        csr.perm,
+        csr.ptr,
+        lmax,
+        mmax,
+        rows.assemble_a,
+        rows.assemble_b,
+        rows.assemble_sign,
+        rows.n0,
+        2 * rows.n1,
+    )

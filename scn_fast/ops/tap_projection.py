@@ -720,3 +720,120 @@ def gated_tap_projection(
     tap_ordered = _tap_ordered(weight_order, lmax, mmax, num_taps)
     meta = (lmax, mmax, num_taps, precision, native, backend, tap_ordered)
     return _gated(y, weight, bias, gate, *meta)[0]
+
+
+# ----------------------------------------------------------------------------- split operands
+@torch.library.custom_op("scn_fast::gated_tap_projection_split", mutates_args=())
+def _gated_split(
+    y0: torch.Tensor,
+    pair: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    gate: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(silu(pre) * gate, A, B) from the split operands (module doc): A = y0 W0^T + b, B = [y1; y1']
+    W1^T, W0 and W1 the tap-ordered weight's two column blocks. float32/float64 GEMMs as given."""
+    e, n0, c = y0.shape
+    h, cut = weight.shape[0], n0 * c
+    a = torch.mm(y0.view(e, cut), weight[:, :cut].t()).add_(bias)
+    b = torch.mm(pair.view(2 * e, pair.shape[1] // 2 * c), weight[:, cut:].t()).view(e, 2, h)
+    forward, _ = _gate_impl(backend, a.dtype)
+    return forward(a, b, gate.contiguous()), a, b
+
+
+@_gated_split.register_fake
+def _(y0, pair, weight, bias, gate, backend):
+    e, h = y0.shape[0], weight.shape[0]
+    return y0.new_empty((e, 4, h)), y0.new_empty((e, h)), y0.new_empty((e, 2, h))
+
+
+def _gated_split_setup(ctx, inputs, output):
+    y0, pair, weight, _bias, gate, backend = inputs
+    _, a, b = output
+    ctx.save_for_backward(y0, pair, weight, gate, a, b)
+    ctx.backend = backend
+    ctx.set_materialize_grads(False)
+
+
+@torch.library.custom_op("scn_fast::gated_tap_projection_split_backward", mutates_args=())
+def _gated_split_backward_op(
+    dout: torch.Tensor,
+    y0: torch.Tensor,
+    pair: torch.Tensor,
+    weight: torch.Tensor,
+    gate: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dy0, dpair, dweight, dbias, dgate): dy0 = dA W0, dpair = [dB0; dB1] W1 (not assembled: the
+    split rotation's backward does that), dweight = [dA^T y0 | dB^T [y1; y1']] written in place."""
+    e, n0, c = y0.shape
+    h, cut = weight.shape[0], n0 * c
+    n_pair = pair.shape[1]
+    _, backward = _gate_impl(backend, a.dtype)
+    da, db, dgate = backward(dout.contiguous(), a, b, gate.contiguous())
+    db = db.reshape(2 * e, h)
+    dy0 = torch.mm(da, weight[:, :cut]).view(e, n0, c)
+    dpair = torch.mm(db, weight[:, cut:]).view(e, n_pair, c)
+    dw = _result_buffer((h, weight.shape[1]), weight, backend)
+    torch.mm(da.t(), y0.view(e, cut), out=dw[:, :cut])
+    torch.mm(db.t(), pair.view(2 * e, n_pair // 2 * c), out=dw[:, cut:])
+    return dy0, dpair, dw, da.sum(0), dgate
+
+
+@_gated_split_backward_op.register_fake
+def _(dout, y0, pair, weight, gate, a, b, backend):
+    h = weight.shape[0]
+    return (
+        torch.empty_like(y0),
+        torch.empty_like(pair),
+        torch.empty_like(weight),
+        weight.new_empty(h),
+        torch.empty_like(gate),
+    )
+
+
+def _gated_split_backward(ctx, dout, _da, _db):
+    if dout is None:
+        return (None,) * 6
+    y0, pair, weight, gate, a, b = ctx.saved_tensors
+    dy0, dpair, dw, dbias, dgate = _gated_split_backward_op(
+        dout, y0, pair, weight, gate, a, b, ctx.backend
+    )
+    return dy0, dpair, dw, dbias, dgate, None
+
+
+_gated_split.register_autograd(_gated_split_backward, setup_context=_gated_split_setup)
+
+
+def split_operands_apply(
+    y: torch.Tensor, weight: torch.Tensor, mmax: int, taps: int, precision: str
+) -> bool:
+    """Whether :func:`gated_tap_projection_split` can take this call: mmax = 1 with 4 taps (``taps``:
+    the resolution's tap count, the tap symmetry's case), float32/float64 operands whose GEMMs run as
+    given (precision "fp32", or float64), on CPU (where the extension's split rotation writes the
+    operands)."""
+    return (
+        y.device.type == "cpu"
+        and y.dtype in (torch.float32, torch.float64)
+        and weight.dtype == y.dtype
+        and (precision == "fp32" or y.dtype == torch.float64)
+        and mmax == 1
+        and taps == 4
+    )
+
+
+def gated_tap_projection_split(
+    y0: torch.Tensor,
+    pair: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    gate: torch.Tensor,
+    backend: str = "extension",
+) -> torch.Tensor:
+    """:func:`gated_tap_projection` (4 taps, weight in tap order) from the split operands that
+    ``edge_rotation_split`` writes: y0 (E, n0, C), pair (E, 2 n1, C), gate (E, H) -> (E, 4, H). The
+    backward returns (dy0, dpair) unassembled, for the split rotation's backward."""
+    return _gated_split(y0, pair, weight, bias, gate, backend)[0]
