@@ -57,6 +57,8 @@ def test_split_rotation_writes_the_projection_operands(ext, lmax, dtype):
         ext.gather_rotate_split(x, wig, csr.idx, lmax, 1, *tables[:2], tables[2].float(), y0, pair)
     with pytest.raises(RuntimeError, match="float32 or float64"):
         ext.gather_rotate_split(x.bfloat16(), wig.float(), csr.idx, lmax, 1, *tables, y0, pair)
+    with pytest.raises(ValueError, match="float32/float64"):
+        edge_rotation_split(x.bfloat16(), wig.float(), csr, lmax, 1, rows)
 
 
 @pytest.mark.parametrize("lmax", [2, 4])

@@ -128,6 +128,11 @@ def edge_rotation_split(
     ``tap_projection.TapRows``; its assemble tables say where each rotated row goes). The same
     numbers as ``edge_rotation`` followed by the projection's split, without the split's pass over
     y; the backward assembles dy from (dy0, dpair) and runs ``edge_rotation``'s backward."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(
+            "edge_rotation_split runs the C++ extension's CPU twin on float32/float64 features; "
+            f"got {x.dtype} on {x.device} (use edge_rotation there)"
+        )
     return _edge_rotation_split(
         x,
         wig,
