@@ -319,3 +319,16 @@ def test_training_step_drops_gradients_for_timing_and_keeps_them_for_memory():
 
     with pytest.raises(ValueError, match="zero_grads"):
         make_step(model, params, "training", x, zero_grads="keep")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none is visible")
+def test_gemm_replay_times_cuda_calls_with_events():
+    model = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 32))
+    with record_gemm_calls(model) as calls:
+        model(torch.zeros(256, 64))
+    replay = GemmReplay(calls, "cuda", "fp32")
+    for _ in range(3):
+        replay()
+    f = replay.floor()
+    assert 0 < f.gemm_s < 1.0 and f.algebraic_s == f.gemm_s
+    assert all(s.gemm_s > 0 for s in replay.samples)
