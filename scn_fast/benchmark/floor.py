@@ -16,9 +16,9 @@ section 3 makes the rest of that GEMM redundant, exactly. Otherwise equal to the
 
 Isolated floor (``isolated_floor``, kept for comparison with older records): each distinct shape timed
 in a loop of its own (the same GEMM again and again) and summed over the calls. It comes out lower than
-the replay (measured on a 2-core Xeon, scn-t4-b2 at 14 atoms: by 9-14%): a GEMM repeated back to back
-finds its operands, output buffer and the library's state where the previous call left them, which no
-call in the model does, so no path that runs the model's GEMMs can reach it.
+the replay (on a 2-core Xeon, scn-t4-b2 at 14 atoms, timed side by side: by 8-14%): a GEMM repeated back
+to back finds its operands, output buffer and the library's state where the previous call left them,
+which no call in the model does, so no path that runs the model's GEMMs can reach it.
 """
 
 from __future__ import annotations
