@@ -88,35 +88,52 @@ void bias_silu(const Tensor& y, const Tensor& bias, const Tensor& pre, const Ten
   });
 }
 
-// d *= silu'(a) in place and colsum += column sums of the result; d, a hold rows x cols values,
-// colsum (cols,). The sums are per fixed chunk of kChunkRows rows, then over the chunks: the result
-// does not depend on the thread count.
-void dsilu_colsum(const Tensor& d, const Tensor& a, Tensor colsum) {
+// d *= f in place and colsum += column sums of the result; d and x hold rows x cols values, colsum
+// (cols,); f = silu'(x) (Factor::kSiluOf: x the pre-activation) or f = x (Factor::kGiven: x the
+// derivative silu_grad kept). The sums are per fixed chunk of kChunkRows rows, then over the chunks:
+// the result does not depend on the thread count.
+enum class Factor { kSiluOf, kGiven };
+
+void scale_colsum(const Tensor& d, const Tensor& x, Tensor colsum, Factor factor) {
   const int64_t cols = colsum.numel();
   const int64_t rows = cols ? d.numel() / cols : 0;
   if (rows == 0) return;
   if (!d.is_cpu()) {
     Tensor dv = d.view({rows, cols});
-    at::silu_backward_out(dv, dv, a.view({rows, cols}));
+    const Tensor xv = x.view({rows, cols});
+    if (factor == Factor::kSiluOf)
+      at::silu_backward_out(dv, dv, xv);
+    else
+      dv.mul_(xv);
     colsum.add_(dv.sum(0));
     return;
   }
   const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
   Tensor partial = at::zeros({chunks, cols}, d.options());
-  AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "scn_fast_ext::dsilu_colsum", [&] {
+  AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "scn_fast_ext::scale_colsum", [&] {
     scalar_t* dp = d.data_ptr<scalar_t>();
-    const scalar_t* ap = a.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* sp = partial.data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, kGrainElements / (kChunkRows * cols));
     at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
       for (int64_t ch = c0; ch < c1; ++ch) {
-        const int64_t r0 = ch * kChunkRows;
-        cpu::dsilu_rows(dp + r0 * cols, ap + r0 * cols, sp + ch * cols,
-                        std::min(kChunkRows, rows - r0), cols);
+        const int64_t r0 = ch * kChunkRows, n = std::min(kChunkRows, rows - r0);
+        if (factor == Factor::kSiluOf)
+          cpu::dsilu_rows(dp + r0 * cols, xp + r0 * cols, sp + ch * cols, n, cols);
+        else
+          cpu::mul_colsum_rows(dp + r0 * cols, xp + r0 * cols, sp + ch * cols, n, cols);
       }
     });
   });
   colsum.add_(partial.sum(0));
+}
+
+void dsilu_colsum(const Tensor& d, const Tensor& a, Tensor colsum) {
+  scale_colsum(d, a, colsum, Factor::kSiluOf);
+}
+
+void mul_colsum(const Tensor& d, const Tensor& g, Tensor colsum) {
+  scale_colsum(d, g, colsum, Factor::kGiven);
 }
 
 // h = silu(a) and g = silu'(a); a, h, g hold the same number of values (contiguous). One pass (one
@@ -138,36 +155,6 @@ void silu_grad(const Tensor& a, const Tensor& h, const Tensor& g, int64_t cols) 
       cpu::silu_grad_rows(ap + r0 * cols, hp + r0 * cols, gp + r0 * cols, r1 - r0, cols);
     });
   });
-}
-
-// d *= g in place and colsum += column sums of the result (as dsilu_colsum, with the derivative g
-// already known).
-void mul_colsum(const Tensor& d, const Tensor& g, Tensor colsum) {
-  const int64_t cols = colsum.numel();
-  const int64_t rows = cols ? d.numel() / cols : 0;
-  if (rows == 0) return;
-  if (!d.is_cpu()) {
-    Tensor dv = d.view({rows, cols});
-    dv.mul_(g.view({rows, cols}));
-    colsum.add_(dv.sum(0));
-    return;
-  }
-  const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
-  Tensor partial = at::zeros({chunks, cols}, d.options());
-  AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "scn_fast_ext::mul_colsum", [&] {
-    scalar_t* dp = d.data_ptr<scalar_t>();
-    const scalar_t* gp = g.data_ptr<scalar_t>();
-    scalar_t* sp = partial.data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, kGrainElements / (kChunkRows * cols));
-    at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
-      for (int64_t ch = c0; ch < c1; ++ch) {
-        const int64_t r0 = ch * kChunkRows;
-        cpu::mul_colsum_rows(dp + r0 * cols, gp + r0 * cols, sp + ch * cols,
-                             std::min(kChunkRows, rows - r0), cols);
-      }
-    });
-  });
-  colsum.add_(partial.sum(0));
 }
 
 // A reusable flat scratch buffer; view(shape) returns its prefix with that shape.
