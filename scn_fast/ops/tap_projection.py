@@ -404,6 +404,16 @@ def _assemble(dy0: torch.Tensor, dpair: torch.Tensor, rows: TapRows, backend: st
     return _assemble_dy(dy, dpair, rows)
 
 
+def _tap_ordered_weight_grad(da, db, y0, pair, weight, precision, native, backend) -> torch.Tensor:
+    """The tap-ordered weight's gradient [dA^T y0 | dB^T [y1; y1']] (H, 2RC), written in place by its
+    two GEMMs: da (E, H), db (2E, H), y0 (E, n0 C), pair (2E, n1 C) as GEMM operands."""
+    dw = _result_buffer(tuple(weight.shape), weight, backend)
+    cut = y0.shape[1]
+    gemm_mm(da.t(), y0, precision, native, out=dw[:, :cut])
+    gemm_mm(db.t(), pair, precision, native, out=dw[:, cut:])
+    return dw
+
+
 def _project_backward_ab(
     da,
     db,
@@ -461,11 +471,8 @@ def _project_backward_ab(
     gemm_mm(da_s, w0, precision, native, out=dy0.view(e, rows.n0 * c))
     gemm_mm(db_s, w1, precision, native, out=dpair.view(2 * e, rows.n1 * c))
     dy = _assemble(dy0, dpair.view(e, 2 * rows.n1, c), rows, backend).view(e, 2, r, c)
-    if tap_ordered:  # the weight gradient in tap order, written in place by the two GEMMs
-        dw = _result_buffer((h, 2 * r * c), weight, backend)
-        cut = rows.n0 * c
-        gemm_mm(da_s.t(), y0, precision, native, out=dw[:, :cut])
-        gemm_mm(db_s.t(), pair, precision, native, out=dw[:, cut:])
+    if tap_ordered:
+        dw = _tap_ordered_weight_grad(da_s, db_s, y0, pair, weight, precision, native, backend)
         return dy, dw, da.sum(0)
     # dweight: both GEMMs write into the [W0 | W1] buffer (bf16 for native bf16 GEMMs, whose
     # results are bf16), gathered back to upstream's order and float32 in one pass.
@@ -777,9 +784,8 @@ def _gated_split_backward_op(
     db = db.reshape(2 * e, h)
     dy0 = torch.mm(da, weight[:, :cut]).view(e, n0, c)
     dpair = torch.mm(db, weight[:, cut:]).view(e, n_pair, c)
-    dw = _result_buffer((h, weight.shape[1]), weight, backend)
-    torch.mm(da.t(), y0.view(e, cut), out=dw[:, :cut])
-    torch.mm(db.t(), pair.view(2 * e, n_pair // 2 * c), out=dw[:, cut:])
+    y0_2d, pair_2d = y0.view(e, cut), pair.view(2 * e, n_pair // 2 * c)
+    dw = _tap_ordered_weight_grad(da, db, y0_2d, pair_2d, weight, "fp32", True, backend)
     return dy0, dpair, dw, da.sum(0), dgate
 
 
