@@ -170,7 +170,7 @@ def cuda_twin_expected() -> bool:
 
 def release_cpu_cache() -> int:
     """Free the extension's cached CPU blocks (``csrc/cpu/block_pool.h``: the large tensors its CPU
-    ops create, kept after use for the next request of the same size, as PyTorch's CUDA caching
+    ops create, kept after use for the next request of the same size class, as PyTorch's CUDA caching
     allocator keeps GPU blocks) and return the bytes freed; 0 when the extension is not loaded (this
     never builds it). The cache holds at most ``SCN_FAST_CPU_CACHE_BYTES`` bytes (default 4 GiB;
     0 turns it off)."""

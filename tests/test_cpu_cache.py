@@ -49,6 +49,25 @@ def test_a_freed_block_serves_the_next_request_of_its_size(ext):
     assert scn_fast.release_cpu_cache() == 6 << 20 and scn_fast.cpu_cache_bytes() == 0
 
 
+def test_sizes_that_move_a_little_share_a_size_class(ext):
+    """Blocks come in classes 2^k (1 + j/8): requests a few percent apart (edge counts in MD) reuse
+    the same block; the cache counts the class's bytes; a request past the class takes a new one."""
+    t = ext.cached_empty([1_500_000 // 4], torch.float32)  # 1.5 MB: class 12 x 2^17 = 1572864
+    ptr = t.data_ptr()
+    del t
+    assert scn_fast.cpu_cache_bytes() == 1572864
+    for n in (1_450_000, 1_560_000, 1_572_864, 1_441_800):  # all in class 12 x 2^17
+        u = ext.cached_empty([n // 4], torch.float32)
+        assert u.data_ptr() == ptr, n
+        u.fill_(1.0)  # the whole request is writable
+        del u
+    assert scn_fast.cpu_cache_bytes() == 1572864
+    v = ext.cached_empty([1_600_000 // 4], torch.float32)  # the next class (13 x 2^17)
+    assert v.data_ptr() != ptr
+    del v
+    assert scn_fast.cpu_cache_bytes() == 1572864 + 13 * 2**17
+
+
 def test_a_kept_weight_gradient_is_never_overwritten(ext):
     """fc1_edge_proj's weight gradient comes from the cache (3.4 MB here): a gradient the caller
     still holds keeps its block; once dropped, the block serves the next step, with right values."""

@@ -1,12 +1,14 @@
 // A cache of the CPU twin's large blocks (weight gradients, saved activations, per-call gradients
-// that go straight into a GEMM): a freed block is kept and handed to the next request of exactly its
-// size instead of going back to the C library, which returns big blocks to the kernel, so that the
+// that go straight into a GEMM): a freed block is kept and handed to the next request of its size
+// class instead of going back to the C library, which returns big blocks to the kernel, so that the
 // next step page-faults the same memory in again (measured on a 2-core Xeon VM at scn-t4-b2: ~1 us
 // per 4 KiB page, ~3% of a training step). The same idea as PyTorch's CUDA caching allocator, for
 // the tensors this extension creates only.
 //
-//   empty(sizes, options): a CPU tensor of at least kMinBytes from the cache (else a plain at::empty);
-//     its storage returns the block to the cache when the last reference goes.
+//   empty(sizes, options): a CPU tensor of at least kMinBytes from the cache (else a plain at::empty).
+//     Blocks come in size classes, 2^k (1 + j/8) bytes (at most 12.5% over the request), so that sizes
+//     that move a little from step to step, as edge counts do in MD, keep reusing the same blocks; its
+//     storage returns the block to the cache when the last reference goes.
 //   release(): frees every cached block (scn_fast.release_cpu_cache()); returns the bytes freed.
 //   The cache keeps at most limit() bytes of idle blocks (SCN_FAST_CPU_CACHE_BYTES, default 4 GiB;
 //   0 turns caching off); a request the C library cannot serve releases the cache and retries.
@@ -20,22 +22,33 @@
 #include <new>
 #include <mutex>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace scn_fast::cpu::block_pool {
 
 inline constexpr int64_t kMinBytes = int64_t{1} << 20;
 
+// The size class of a request of n bytes: n rounded up to a multiple of 2^k / 8, 2^k < n <= 2^(k+1).
+inline size_t size_class(size_t n) {
+  size_t p2 = 4096;  // 2^(k+1), the first power of two >= n
+  while (p2 < n) p2 <<= 1;
+  const size_t step = p2 / 16;
+  return (n + step - 1) / step * step;
+}
+
 struct Pool {
   std::mutex mu;
-  std::unordered_map<size_t, std::vector<void*>> idle;
+  std::unordered_map<size_t, std::vector<void*>> idle;  // idle blocks by size class
   size_t cached = 0;
   size_t limit = [] {
     const char* env = std::getenv("SCN_FAST_CPU_CACHE_BYTES");
     return env ? static_cast<size_t>(std::strtoull(env, nullptr, 10)) : (size_t{4} << 30);
   }();
 
-  void* take(size_t n) {
+  // A block for a request of that many bytes: (pointer, its size: the request's size class).
+  std::pair<void*, size_t> take(size_t request) {
+    const size_t n = size_class(request);
     {
       std::lock_guard<std::mutex> g(mu);
       auto it = idle.find(n);
@@ -43,7 +56,7 @@ struct Pool {
         void* p = it->second.back();
         it->second.pop_back();
         cached -= n;
-        return p;
+        return {p, n};
       }
     }
     void* p = allocate(n);
@@ -53,7 +66,7 @@ struct Pool {
     }
     TORCH_CHECK_WITH(OutOfMemoryError, p != nullptr,
                      "scn_fast_ext: can't allocate memory: you tried to allocate ", n, " bytes");
-    return p;
+    return {p, n};
   }
 
   // 64-byte aligned, as ATen's CPU allocator aligns.
@@ -102,9 +115,8 @@ inline at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options)
   Pool& pl = pool();
   if (!options.device().is_cpu() || nbytes < kMinBytes || pl.limit == 0)
     return at::empty(sizes, options);
-  const size_t n = static_cast<size_t>(nbytes);
-  void* p = pl.take(n);
-  return at::from_blob(p, sizes, [n](void* q) { pool().give(q, n); }, options);
+  const auto [p, size] = pl.take(static_cast<size_t>(nbytes));
+  return at::from_blob(p, sizes, [size = size](void* q) { pool().give(q, size); }, options);
 }
 
 inline at::Tensor empty_like(const at::Tensor& t) {
