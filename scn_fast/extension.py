@@ -168,19 +168,24 @@ def cuda_twin_expected() -> bool:
     return _cuda_toolkit_available()
 
 
+def loaded_extension():
+    """The ``torch.ops.scn_fast_ext`` namespace if the extension is loaded in this process, else None
+    (never builds it)."""
+    with _lock:
+        return _state.ops
+
+
 def release_cpu_cache() -> int:
     """Free the extension's cached CPU blocks (``csrc/cpu/block_pool.h``: the large tensors its CPU
     ops create, kept after use for the next request of the same size class, as PyTorch's CUDA caching
     allocator keeps GPU blocks) and return the bytes freed; 0 when the extension is not loaded (this
     never builds it). The cache holds at most ``SCN_FAST_CPU_CACHE_BYTES`` bytes (default 4 GiB;
     0 turns it off)."""
-    with _lock:
-        ops = _state.ops
+    ops = loaded_extension()
     return int(ops.release_cpu_cache()) if ops is not None else 0
 
 
 def cpu_cache_bytes() -> int:
     """Bytes the extension's CPU block cache holds now (0 when the extension is not loaded)."""
-    with _lock:
-        ops = _state.ops
+    ops = loaded_extension()
     return int(ops.cpu_cache_bytes()) if ops is not None else 0
