@@ -19,7 +19,6 @@
 
 #include <cstdint>
 #include <cstdlib>
-#include <new>
 #include <mutex>
 #include <unordered_map>
 #include <utility>

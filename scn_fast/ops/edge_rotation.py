@@ -42,15 +42,20 @@ def _setup_context(ctx, inputs, output):
     ctx.meta = (lmax, mmax, backend, x.shape[0], x.shape[1])
 
 
-def _backward(ctx, dy):
+def _dx(dy, wig, idx, perm, ptr, lmax, mmax, n, s_x, backend) -> torch.Tensor:
+    """dx (n, s_x, C) of the rotation from dy (E, P, R, C): the transposed rotation summed into the
+    nodes (``scatter_aggregation``), zero past the (L+1)^2 coefficients the rotation reads."""
     from .scatter_aggregation import _scatter_aggregation
 
-    wig, idx, perm, ptr = ctx.saved_tensors
-    lmax, mmax, backend, n, s_x = ctx.meta
     dx = _scatter_aggregation(dy.contiguous(), wig, idx, perm, ptr, lmax, mmax, n, backend)
     if s_x > dx.shape[1]:
         dx = torch.nn.functional.pad(dx, (0, 0, 0, s_x - dx.shape[1]))
-    return dx, None, None, None, None, None, None, None
+    return dx
+
+
+def _backward(ctx, dy):
+    lmax, mmax, backend, n, s_x = ctx.meta
+    return _dx(dy, *ctx.saved_tensors, lmax, mmax, n, s_x, backend), *(None,) * 7
 
 
 _edge_rotation.register_autograd(_backward, setup_context=_setup_context)
@@ -103,17 +108,13 @@ def _split_setup_context(ctx, inputs, output):
 
 def _split_backward(ctx, dy0, dpair):
     from ..extension import load_extension
-    from .scatter_aggregation import _scatter_aggregation
 
     wig, idx, perm, ptr, a, b, sign = ctx.saved_tensors
     lmax, mmax, n, s_x = ctx.meta
     e, p = idx.shape
     dy = load_extension().tap_assemble(dy0.contiguous(), dpair.contiguous(), a, b, sign)
     dy = dy.view(e, p, a.numel() // p, dy.shape[2])
-    dx = _scatter_aggregation(dy, wig, idx, perm, ptr, lmax, mmax, n, "extension")
-    if s_x > dx.shape[1]:
-        dx = torch.nn.functional.pad(dx, (0, 0, 0, s_x - dx.shape[1]))
-    return (dx,) + (None,) * 11
+    return _dx(dy, wig, idx, perm, ptr, lmax, mmax, n, s_x, "extension"), *(None,) * 11
 
 
 _edge_rotation_split.register_autograd(_split_backward, setup_context=_split_setup_context)
