@@ -1,4 +1,4 @@
-"""Shared fixtures: golden files (upstream's own outputs, copied from shared/golden) and tolerances."""
+"""Shared fixtures: golden files (upstream's own outputs, tests/golden) and tolerances."""
 
 from __future__ import annotations
 
