@@ -1,5 +1,5 @@
 """``torch.compile(model)`` (default Inductor backend, CPU): compiled vs eager on the same path within
-the compile row of the tolerance table (DESIGN.md section 8; deterministic frames), in inference
+the compile row of the tolerance table (docs/tolerances.md; deterministic frames), in inference
 (``torch.no_grad``) and training (parameter gradients of an energy + force loss); no graph break
 inside the interaction blocks, heads or fused ops; one graph for every atom and edge count.
 
