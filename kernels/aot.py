@@ -303,8 +303,12 @@ def compile_config(cfg: LaunchConfig, arch: int, resources: bool = False) -> dic
     return res
 
 
-def _compile_job(job: tuple) -> dict:
-    meta, cfg, arch, resources = job
+# The work of compile_main, set before the workers fork (they inherit it; kernels do not pickle).
+_WORK: list[tuple] = []
+
+
+def _compile_job(index: int) -> dict:
+    meta, cfg, arch, resources = _WORK[index]
     return {**meta, **compile_config(cfg, arch, resources)}
 
 
@@ -338,20 +342,20 @@ def compile_main(
     if any(is_interpreted(cfg.kernel) for _, cfgs in cases for cfg in cfgs):
         print(f"{title}: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
         return 2
-    work = [
+    _WORK[:] = [
         ({**meta, "_case_keys": list(meta)}, cfg, arch, resources)
         for meta, cfgs in cases
         for cfg in cfgs
         for arch in archs
     ]
     start = time.perf_counter()
-    jobs = max(1, min(jobs or os.cpu_count() or 1, len(work) or 1))
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(_WORK) or 1))
     if jobs > 1:
-        # fork: the workers inherit the imported modules; nothing has compiled or spawned threads yet.
+        # fork: the workers inherit the imported modules and the work list.
         with cf.ProcessPoolExecutor(jobs, mp_context=mp.get_context("fork")) as pool:
-            results = list(pool.map(_compile_job, work))
+            results = list(pool.map(_compile_job, range(len(_WORK))))
     else:
-        results = [_compile_job(w) for w in work]
+        results = [_compile_job(i) for i in range(len(_WORK))]
     for r in results:
         print(_fmt(r))
         r.pop("_case_keys", None)

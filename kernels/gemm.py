@@ -70,7 +70,7 @@ def _mm_kernel(
     HAS_A2: tl.constexpr, BIAS: tl.constexpr, EPI: tl.constexpr, STORE_PRE: tl.constexpr,
     ACCUMULATE: tl.constexpr, COLSUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
 ):  # fmt: skip
     """C = epilogue(A @ B [+ A2 @ B2]) for one (BLOCK_M, BLOCK_N) tile.
 
@@ -107,11 +107,11 @@ def _mm_kernel(
         b_mask = mask_k[:, None] & mask_n[None, :]
         a = tl.load(a_ptr + a_off, mask=a_mask, other=0.0)
         b = tl.load(b_ptr + b_off, mask=b_mask, other=0.0)
-        acc = _dot(a, b, acc, PRECISION)
+        acc = _dot(a, b, acc, PRECISION, EMULATE_BF16)
         if HAS_A2:
             a2 = tl.load(a2_ptr + a_off, mask=a_mask, other=0.0)
             b2 = tl.load(b2_ptr + b_off, mask=b_mask, other=0.0)
-            acc = _dot(a2, b2, acc, PRECISION)
+            acc = _dot(a2, b2, acc, PRECISION, EMULATE_BF16)
 
     mask = mask_m[:, None] & mask_n[None, :]
     if BIAS == 1:
@@ -143,10 +143,27 @@ def _mm_kernel(
 
 
 @triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr):
+def _round_bf16(x):
+    """x rounded to the nearest bfloat16 (ties to even), as float32 bits (finite x)."""
+    bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
     """acc + a @ b in the requested precision (module doc)."""
     if PRECISION == "bf16":
-        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+        if EMULATE_BF16:
+            # Triton's interpreter truncates float32 -> bf16 and mis-multiplies bf16 dots: the
+            # same numbers (bf16-rounded operands; their products are exact in float32; float32
+            # accumulation) through a float32 dot.
+            return tl.dot(_round_bf16(a), _round_bf16(b), acc, input_precision="ieee")
+        return tl.dot(
+            a.to(tl.bfloat16, fp_downcast_rounding="rtne"),
+            b.to(tl.bfloat16, fp_downcast_rounding="rtne"),
+            acc,
+        )
     elif PRECISION == "tf32":
         return tl.dot(a, b, acc, input_precision="tf32")
     else:
@@ -336,6 +353,7 @@ def mm(
         "GROUP_M": _GROUP_M,
         "ACC_DTYPE": _TL_ACC[out.dtype],
         "PRECISION": precision,
+        "EMULATE_BF16": precision == "bf16" and is_interpreted(),
     }
     label = (
         "mm["
