@@ -23,9 +23,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from scn_fast.kernels import gemm, grid_mlp, sphere_heads  # noqa: E402
+from scn_fast.kernels import gemm, grid_mlp, sphere_heads
 
-from .conftest import TOL, rel_max_error  # noqa: E402
+from .conftest import TOL, rel_max_error
 
 needs_interpreter = pytest.mark.skipif(
     not gemm.is_interpreted(), reason="CPU tensors need Triton's interpreter"

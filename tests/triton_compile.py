@@ -40,7 +40,6 @@ FAMILIES = ("edge", "tap", "gemm")
 def edge_cases() -> list[tuple[dict, list]]:
     """(problem, configs) of the edge kernels for every entry of :data:`CASES`."""
     import torch
-
     from scn_fast.kernels import edge_rotation as er
 
     out = []
