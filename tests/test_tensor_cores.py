@@ -198,3 +198,25 @@ def test_gemm_tensor_cores_sm90_sm80(tmp_path):
     assert big and all(r["tensor_cores"]["wgmma"] > 0 for r in big)
     assert all(r["shared"] <= 227 * 1024 for r in results if r["arch"] == "sm_90")
     assert all(r["shared"] <= 163 * 1024 for r in results if r["arch"] == "sm_80")
+
+
+# ----------------------------------------------------------------------------------------------
+# The extension's grid GEMMs: tf32 is an argument of each call
+# ----------------------------------------------------------------------------------------------
+
+
+def test_extension_grid_ops_take_tf32_per_call():
+    """Every grid / heads op of the extension has ``tf32=False``; on CPU it changes nothing (CPU
+    GEMMs have no tf32) and leaves the process-wide flag as it was (on CUDA it scopes cuBLAS)."""
+    from scn_fast.extension import load_extension
+
+    ext = load_extension()
+    for name in ("grid_mlp_forward", "grid_mlp_backward", "grid_mlp_forward_saving",
+                 "grid_mlp_backward_saved", "sphere_heads_forward", "sphere_heads_backward"):  # fmt: skip
+        schema = getattr(torch.ops.scn_fast_ext, name).default._schema
+        assert schema.arguments[-1].name == "tf32" and schema.arguments[-1].default_value is False
+    args = _grid_problem()
+    old = torch.backends.cuda.matmul.allow_tf32
+    out = ext.grid_mlp_forward(*args, 3)
+    assert torch.equal(ext.grid_mlp_forward(*args, 3, False, True), out)
+    assert torch.backends.cuda.matmul.allow_tf32 == old
