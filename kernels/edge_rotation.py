@@ -297,7 +297,8 @@ def _gather_meta(channels: int) -> dict:
 def _scatter_meta(lmax: int, channels: int) -> dict:
     """Accumulator of rotate_scatter: (S_PAD, BLOCK_C) <= 2048 elements, 8 per thread. L = 6, C = 128:
     64 x 32, 8 warps, 4 channel blocks per node (each re-reads the node's perm/Wigner entries, which
-    are small next to m); 48 registers on sm_90 / 62 on sm_80 against 80 / 146 at 64 x 64."""
+    are small next to m); 62 registers on sm_90 and sm_80 with the perm bounds masks (48 / 62
+    without them), against 80 / 146 at 64 x 64."""
     s_pad = triton.next_power_of_2((lmax + 1) ** 2)
     block_c = min(
         triton.next_power_of_2(max(channels, 1)), _MAX_BLOCK_C, max(1, _SCATTER_TILE // s_pad)
