@@ -29,7 +29,14 @@ import torch
 
 from . import gemm
 from .gemm import EPI_DSILU, EPI_SILU, ColumnSums, mm
-from .tile_loop import Buffers, check_inputs, cublas_scope, projection_precision, weight_dtype
+from .tile_loop import (
+    Buffers,
+    check_inputs,
+    cublas_scope,
+    projection_precision,
+    tiles_of,
+    weight_dtype,
+)
 
 __all__ = ["grid_mlp_backward", "grid_mlp_forward"]
 
@@ -39,11 +46,6 @@ def _grid_sizes(x_down, to_grid, w2, w3):
     g = to_grid.shape[0]
     b = to_grid.shape[1] // s
     return n_atoms, s, c, g, b, 2 * b * c, w2.shape[0], w3.shape[0]
-
-
-def _tiles(n_atoms: int, tile_atoms: int) -> list[tuple[int, int]]:
-    nt = max(1, min(tile_atoms, n_atoms))
-    return [(z0, min(nt, n_atoms - z0)) for z0 in range(0, n_atoms, nt)]
 
 
 def _first_layer(xd, xn, w1_kt, to_grid, b1, buf, n, s, g, b, h1w, prec, pre=None):
@@ -93,7 +95,7 @@ def grid_mlp_forward(
     out = x_down.new_empty((n_atoms, s, c3))
     if n_atoms == 0:
         return out
-    tiles = _tiles(n_atoms, tile_atoms)
+    tiles = tiles_of(n_atoms, tile_atoms)
     nt = tiles[0][1]
     wdt = weight_dtype(precision, x_down.dtype)
     proj = projection_precision(precision)
@@ -159,7 +161,7 @@ def grid_mlp_backward(
     if n_atoms == 0:
         return [dx_down, dx_new, dw1(), torch.zeros_like(b1), dw2, torch.zeros_like(b2), dw3,
                 torch.zeros_like(b3)]  # fmt: skip
-    tiles = _tiles(n_atoms, tile_atoms)
+    tiles = tiles_of(n_atoms, tile_atoms)
     nt = tiles[0][1]
     dtype = x_down.dtype
     wdt = weight_dtype(precision, dtype)

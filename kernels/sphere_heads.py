@@ -23,7 +23,14 @@ import torch
 
 from . import gemm
 from .gemm import EPI_DSILU, EPI_SILU, ColumnSums, mm
-from .tile_loop import Buffers, check_inputs, cublas_scope, projection_precision, weight_dtype
+from .tile_loop import (
+    Buffers,
+    check_inputs,
+    cublas_scope,
+    projection_precision,
+    tiles_of,
+    weight_dtype,
+)
 
 __all__ = ["sphere_heads_backward", "sphere_heads_forward"]
 
@@ -50,11 +57,6 @@ def _check_heads(x, sh, weights, point_weights, precision) -> torch.device:
     return device
 
 
-def _tiles(n_atoms: int, tile_atoms: int) -> list[tuple[int, int]]:
-    nt = max(1, min(tile_atoms, n_atoms))
-    return [(z0, min(nt, n_atoms - z0)) for z0 in range(0, n_atoms, nt)]
-
-
 def sphere_heads_forward(
     x: torch.Tensor,
     sh: torch.Tensor,
@@ -70,7 +72,7 @@ def sphere_heads_forward(
     outs = [x.new_empty((n_atoms, d)) for d in dout]
     if n_atoms == 0:
         return outs
-    tiles = _tiles(n_atoms, tile_atoms)
+    tiles = tiles_of(n_atoms, tile_atoms)
     nt = tiles[0][1]
     wdt = weight_dtype(precision, x.dtype)
     proj = projection_precision(precision)
@@ -146,7 +148,7 @@ def sphere_heads_backward(
     dws = [torch.zeros_like(w) for w in weights]
     if n_atoms == 0:
         return [dx, *dws]
-    tiles = _tiles(n_atoms, tile_atoms)
+    tiles = tiles_of(n_atoms, tile_atoms)
     nt = tiles[0][1]
     dtype = x.dtype
     wdt = weight_dtype(precision, dtype)

@@ -27,7 +27,14 @@ import torch
 
 from . import gemm
 
-__all__ = ["Buffers", "check_inputs", "cublas_scope", "projection_precision", "weight_dtype"]
+__all__ = [
+    "Buffers",
+    "check_inputs",
+    "cublas_scope",
+    "projection_precision",
+    "tiles_of",
+    "weight_dtype",
+]
 
 _FLOATS = (torch.float32, torch.float64)
 
@@ -54,6 +61,12 @@ def check_inputs(tensors: dict[str, torch.Tensor], what: str) -> torch.device:
     if device.type not in ("cpu", "cuda", "meta"):
         raise ValueError(f"no Triton code for device type {device.type!r}")
     return device
+
+
+def tiles_of(n_atoms: int, tile_atoms: int) -> list[tuple[int, int]]:
+    """(first atom, atoms) of each tile: tiles of ``tile_atoms`` atoms (the last one shorter)."""
+    nt = max(1, min(tile_atoms, n_atoms))
+    return [(z0, min(nt, n_atoms - z0)) for z0 in range(0, n_atoms, nt)]
 
 
 def projection_precision(precision: str) -> str:
