@@ -206,7 +206,14 @@ class Tf32Scope {
     if (!like.is_cuda() || like.scalar_type() != at::kFloat) return;
     if (tf32) {
       auto& ctx = at::globalContext();
-      restore_ = ctx.allowTF32CuBLAS();
+      try {
+        restore_ = ctx.allowTF32CuBLAS();
+      } catch (const c10::Error&) {
+        // torch refuses to read the legacy flag when it disagrees with the new setting
+        // (torch.backends.cuda.matmul.fp32_precision set alone): the call then runs in the
+        // process's setting rather than change what it cannot restore.
+        return;
+      }
       ctx.setAllowTF32CuBLAS(true);
       set_ = true;
     } else {

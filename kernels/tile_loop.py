@@ -15,8 +15,8 @@ bf16        bf16 operands, float32 acc.   tf32 (float32 activations)    tf32 on
 In bf16 the weights are converted to bfloat16 once per call; activations are converted in
 registers inside the GEMM. The weight-gradient GEMMs contract over a whole tile's rows (K in the
 tens of thousands, small outputs): cuBLAS's split-K kernels suit them; their precision is set for
-the duration of the call (``torch.backends.cuda.matmul.allow_tf32``, restored afterwards), so the
-global flag never decides it.
+the duration of the call (``torch.backends.cuda.matmul.fp32_precision``, or ``allow_tf32`` on
+older torch, restored afterwards), so the global flag never decides it.
 """
 
 from __future__ import annotations
@@ -82,17 +82,23 @@ def weight_dtype(precision: str, dtype: torch.dtype) -> torch.dtype:
 @contextlib.contextmanager
 def cublas_scope(device: torch.device, precision: str):
     """cuBLAS float32 GEMMs (the weight gradients) in ``precision`` for the block: tf32 on for
-    tf32 and bf16, off for fp32; the previous setting is restored. No-op off CUDA."""
+    tf32 and bf16, off for fp32; the previous setting is restored. No-op off CUDA. Uses
+    ``torch.backends.cuda.matmul.fp32_precision`` where torch has it (reading the legacy
+    ``allow_tf32`` fails once a program has set the new one), else ``allow_tf32``."""
     if device.type != "cuda":
         yield
         return
     flags = torch.backends.cuda.matmul
-    old = flags.allow_tf32
-    flags.allow_tf32 = precision != "fp32"
+    if hasattr(flags, "fp32_precision"):
+        name, value = "fp32_precision", ("ieee" if precision == "fp32" else "tf32")
+    else:
+        name, value = "allow_tf32", precision != "fp32"
+    old = getattr(flags, name)
+    setattr(flags, name, value)
     try:
         yield
     finally:
-        flags.allow_tf32 = old
+        setattr(flags, name, old)
 
 
 class Buffers:

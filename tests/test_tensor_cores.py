@@ -227,3 +227,30 @@ def test_extension_grid_ops_take_tf32_per_call():
     out = ext.grid_mlp_forward(*args, 3)
     assert torch.equal(ext.grid_mlp_forward(*args, 3, False, True), out)
     assert torch.backends.cuda.matmul.allow_tf32 == old
+
+
+@pytest.mark.parametrize("user", [None, "legacy", "new"])
+def test_cublas_scope_sets_and_restores_the_precision(user):
+    """The weight-gradient GEMMs' cuBLAS precision is set for the call and restored, whichever API
+    the program used (flags only: no GPU needed)."""
+    from scn_fast.kernels.tile_loop import cublas_scope
+
+    flags = torch.backends.cuda.matmul
+    new_api = hasattr(flags, "fp32_precision")
+    name = "fp32_precision" if new_api else "allow_tf32"
+    saved = getattr(flags, name)
+    try:
+        if user == "legacy":
+            flags.allow_tf32 = True
+        elif user == "new" and new_api:
+            flags.fp32_precision = "tf32"
+        before = getattr(flags, name)
+        for precision, tf32 in (("fp32", False), ("tf32", True), ("bf16", True)):
+            with cublas_scope(torch.device("cuda"), precision):
+                inside = getattr(flags, name)
+                assert inside == (("tf32" if tf32 else "ieee") if new_api else tf32)
+            assert getattr(flags, name) == before
+        with cublas_scope(torch.device("cpu"), "tf32"):
+            assert getattr(flags, name) == before
+    finally:
+        setattr(flags, name, saved)
