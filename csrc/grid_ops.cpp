@@ -26,6 +26,9 @@
 //   Nothing of size (N*G, .) is allocated: the buffers hold one tile and are reused.
 //   bf16_gemms (float32 inputs): the GEMMs with w1, w2, w3 (and their gradients' GEMMs) take bf16
 //   operands (precision="bf16" on hardware with bf16 units); projections, biases, SiLU stay float32.
+//   tf32 (every grid and heads op): on CUDA, the call's float32 GEMMs run on tf32 tensor cores
+//   (true) or in IEEE float32 (false, the default), whatever the process-wide
+//   torch.backends.cuda.matmul.allow_tf32 says (Tf32Scope); no effect on CPU.
 //
 // grid_mlp_backward(grad_out, same inputs) -> [dx_down, dx_new, dw1, db1, dw2, db2, dw3, db3]
 //   recomputes each tile's forward (nothing saved across tiles) and runs the chain rule backwards
@@ -44,12 +47,14 @@
 // sphere_heads_backward(grads [d out_k], x, sh, weights, point_weights, tile_atoms)
 //   -> [dx, then dw1, db1, dw2, db2, dw3, db3 per head]
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <vector>
 
 #include "cpu/block_pool.h"
@@ -189,6 +194,42 @@ struct Gemm {
     else
       acc.addmm_(a, b);
   }
+};
+
+// The cuBLAS precision of one call's float32 GEMMs: tf32 tensor cores (tf32 = true) or IEEE float32,
+// decided by the argument, never by the process-wide flag. Off: at::NoTF32Guard (thread-local; cuBLAS
+// consults it for every float32 GEMM). On: the global flag is set for the call and restored after it.
+// CUDA float32 only; CPU GEMMs (MKL / oneDNN) are untouched.
+class Tf32Scope {
+ public:
+  Tf32Scope(const Tensor& like, bool tf32) {
+    if (!like.is_cuda() || like.scalar_type() != at::kFloat) return;
+    if (tf32) {
+      auto& ctx = at::globalContext();
+      try {
+        restore_ = ctx.allowTF32CuBLAS();
+      } catch (const c10::Error&) {
+        // torch refuses to read the legacy flag when it disagrees with the new setting
+        // (torch.backends.cuda.matmul.fp32_precision set alone): the call then runs in the
+        // process's setting rather than change what it cannot restore.
+        return;
+      }
+      ctx.setAllowTF32CuBLAS(true);
+      set_ = true;
+    } else {
+      off_.emplace();
+    }
+  }
+  ~Tf32Scope() {
+    if (set_) at::globalContext().setAllowTF32CuBLAS(restore_);
+  }
+  Tf32Scope(const Tf32Scope&) = delete;
+  Tf32Scope& operator=(const Tf32Scope&) = delete;
+
+ private:
+  std::optional<at::NoTF32Guard> off_;
+  bool set_ = false;
+  bool restore_ = false;
 };
 
 void check_float(const Tensor& t, const char* name, const Tensor& like) {
@@ -331,7 +372,8 @@ Tensor forward_impl(const Tensor& x_down, const Tensor& x_new, const Tensor& to_
 Tensor grid_mlp_forward(const Tensor& x_down, const Tensor& x_new, const Tensor& to_grid,
                         const Tensor& from_grid, const Tensor& w1, const Tensor& b1,
                         const Tensor& w2, const Tensor& b2, const Tensor& w3, const Tensor& b3,
-                        int64_t tile_atoms, bool bf16_gemms) {
+                        int64_t tile_atoms, bool bf16_gemms, bool tf32) {
+  const Tf32Scope precision(x_down, tf32);
   return forward_impl(x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3, tile_atoms,
                       bf16_gemms, Tensor(), Tensor());
 }
@@ -340,7 +382,8 @@ std::vector<Tensor> grid_mlp_forward_saving(const Tensor& x_down, const Tensor& 
                                             const Tensor& to_grid, const Tensor& from_grid,
                                             const Tensor& w1, const Tensor& b1, const Tensor& w2,
                                             const Tensor& b2, const Tensor& w3, const Tensor& b3,
-                                            int64_t tile_atoms, bool bf16_gemms) {
+                                            int64_t tile_atoms, bool bf16_gemms, bool tf32) {
+  const Tf32Scope precision(x_down, tf32);
   const auto z = check_grid(x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3, tile_atoms);
   auto a1_all = scn_fast::cpu::block_pool::empty({z.N * z.G * z.H1}, x_down.options());
   auto a2_all = scn_fast::cpu::block_pool::empty({z.N * z.G * z.H2}, x_down.options());
@@ -472,7 +515,9 @@ std::vector<Tensor> grid_mlp_backward(const Tensor& grad_out, const Tensor& x_do
                                       const Tensor& x_new, const Tensor& to_grid,
                                       const Tensor& from_grid, const Tensor& w1, const Tensor& b1,
                                       const Tensor& w2, const Tensor& b2, const Tensor& w3,
-                                      const Tensor& b3, int64_t tile_atoms, bool bf16_gemms) {
+                                      const Tensor& b3, int64_t tile_atoms, bool bf16_gemms,
+                                      bool tf32) {
+  const Tf32Scope precision(x_down, tf32);
   return backward_impl(grad_out, x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3,
                        tile_atoms, bf16_gemms, Tensor(), Tensor());
 }
@@ -483,7 +528,8 @@ std::vector<Tensor> grid_mlp_backward_saved(const Tensor& grad_out, const Tensor
                                             const Tensor& from_grid, const Tensor& w1,
                                             const Tensor& b1, const Tensor& w2, const Tensor& b2,
                                             const Tensor& w3, const Tensor& b3, int64_t tile_atoms,
-                                            bool bf16_gemms) {
+                                            bool bf16_gemms, bool tf32) {
+  const Tf32Scope precision(x_down, tf32);
   return backward_impl(grad_out, x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3,
                        tile_atoms, bf16_gemms, a1, a2);
 }
@@ -553,7 +599,9 @@ HeadsConsts heads_consts(at::TensorList weights, const HeadsSizes& z) {
 }
 
 std::vector<Tensor> sphere_heads_forward(const Tensor& x, const Tensor& sh, at::TensorList weights,
-                                         at::TensorList point_weights, int64_t tile_atoms) {
+                                         at::TensorList point_weights, int64_t tile_atoms,
+                                         bool tf32) {
+  const Tf32Scope precision(x, tf32);
   const auto z = check_heads(x, sh, weights, point_weights, tile_atoms);
   std::vector<Tensor> outs;
   for (int64_t k = 0; k < z.K; ++k) outs.push_back(at::empty({z.N, z.dout[k]}, x.options()));
@@ -599,7 +647,8 @@ std::vector<Tensor> sphere_heads_forward(const Tensor& x, const Tensor& sh, at::
 
 std::vector<Tensor> sphere_heads_backward(at::TensorList grads, const Tensor& x, const Tensor& sh,
                                           at::TensorList weights, at::TensorList point_weights,
-                                          int64_t tile_atoms) {
+                                          int64_t tile_atoms, bool tf32) {
+  const Tf32Scope precision(x, tf32);
   const auto z = check_heads(x, sh, weights, point_weights, tile_atoms);
   TORCH_CHECK(static_cast<int64_t>(grads.size()) == z.K,
               "scn_fast_ext: one gradient per head expected");
@@ -688,25 +737,25 @@ TORCH_LIBRARY_FRAGMENT(scn_fast_ext, m) {
   m.def(
       "grid_mlp_forward(Tensor x_down, Tensor x_new, Tensor to_grid, Tensor from_grid, Tensor w1, "
       "Tensor b1, Tensor w2, Tensor b2, Tensor w3, Tensor b3, int tile_atoms, "
-      "bool bf16_gemms=False) -> Tensor");
+      "bool bf16_gemms=False, bool tf32=False) -> Tensor");
   m.def(
       "grid_mlp_backward(Tensor grad_out, Tensor x_down, Tensor x_new, Tensor to_grid, "
       "Tensor from_grid, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor w3, Tensor b3, "
-      "int tile_atoms, bool bf16_gemms=False) -> Tensor[]");
+      "int tile_atoms, bool bf16_gemms=False, bool tf32=False) -> Tensor[]");
   m.def(
       "grid_mlp_forward_saving(Tensor x_down, Tensor x_new, Tensor to_grid, Tensor from_grid, "
       "Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor w3, Tensor b3, int tile_atoms, "
-      "bool bf16_gemms=False) -> Tensor[]");
+      "bool bf16_gemms=False, bool tf32=False) -> Tensor[]");
   m.def(
       "grid_mlp_backward_saved(Tensor grad_out, Tensor x_down, Tensor x_new, Tensor a1, Tensor a2, "
       "Tensor to_grid, Tensor from_grid, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor w3, "
-      "Tensor b3, int tile_atoms, bool bf16_gemms=False) -> Tensor[]");
+      "Tensor b3, int tile_atoms, bool bf16_gemms=False, bool tf32=False) -> Tensor[]");
   m.def(
       "sphere_heads_forward(Tensor x, Tensor sh, Tensor[] weights, Tensor[] point_weights, "
-      "int tile_atoms) -> Tensor[]");
+      "int tile_atoms, bool tf32=False) -> Tensor[]");
   m.def(
       "sphere_heads_backward(Tensor[] grads, Tensor x, Tensor sh, Tensor[] weights, "
-      "Tensor[] point_weights, int tile_atoms) -> Tensor[]");
+      "Tensor[] point_weights, int tile_atoms, bool tf32=False) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(scn_fast_ext, CompositeExplicitAutograd, m) {

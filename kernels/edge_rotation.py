@@ -38,22 +38,26 @@ Design:
   bit-identical run to run, no atomics.
 * Accumulation in float32 (float64 for float64 inputs); the result is rounded once to the output
   dtype. All element offsets that can exceed 2^31 are computed in int64.
+* Indices are not validated on the host (that would synchronise with the device); the kernels
+  never read out of bounds instead, like the CUDA twin: a gather index outside [0, N) gives a row of
+  NaN (loud, not silently wrong), a ``perm`` value outside [0, E) is skipped, and a ``ptr`` segment
+  is clamped to [0, E).
 
 CPU tensors are accepted only when the kernels are interpreted: ``TRITON_INTERPRET=1`` must be set
 before *triton* is first imported (Triton decides at ``@triton.jit`` time, also for its own
 ``tl.*`` helpers; note that importing ``torch._dynamo`` imports triton). :func:`is_interpreted` says
-which way this module was built. :func:`launch_configs` returns the
-exact (signature, constexprs, attrs, num_warps) the launchers use, for ahead-of-time compile checks.
+which way this module was built. :func:`launch_configs` returns the exact specialisations the
+launchers use (traced on meta tensors, ``kernels/aot.py``), for ahead-of-time compile checks.
 """
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass, field
-
 import torch
 import triton
 import triton.language as tl
+
+from . import aot
+from .aot import LaunchConfig
 
 __all__ = [
     "LaunchConfig",
@@ -76,6 +80,7 @@ def _gather_rotate_kernel(
     idx_ptr,  # (E, P) int64 contiguous, viewed as (E*P,) pair rows r = e*P + p
     y_ptr,  # (E, P, R, C) contiguous, viewed as (E*P, R, C)
     n_rows,  # E * P
+    num_nodes,  # N: idx values outside [0, N) give NaN rows
     C,  # channels
     x_node_stride,  # S_x * C
     LMAX: tl.constexpr,
@@ -87,7 +92,8 @@ def _gather_rotate_kernel(
     BLOCK_C: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
-    """y[r, row_off_l + a, c] = sum_b wig[r // P, off_l + a*(2l+1) + b] * x[idx[r], l*l + b, c]."""
+    """y[r, row_off_l + a, c] = sum_b wig[r // P, off_l + a*(2l+1) + b] * x[idx[r], l*l + b, c];
+    NaN for the rows r whose idx[r] is outside [0, N)."""
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -97,6 +103,8 @@ def _gather_rotate_kernel(
     rows64 = rows.to(tl.int64)
 
     node = tl.load(idx_ptr + rows64, mask=row_ok, other=0)  # int64 node of each pair row
+    node_ok = (node >= 0) & (node < num_nodes)
+    node = tl.where(node_ok, node, 0)  # a valid address; the row becomes NaN at the store
     x_tile = x_ptr + (node * x_node_stride)[:, None] + cols[None, :]  # coefficient 0 of x[node]
     w_row = wig_ptr + (rows64 // P) * K  # compact Wigner row of each pair's edge
     y_tile = y_ptr + (rows64 * (R * C))[:, None] + cols[None, :]  # row 0 of y[r]
@@ -105,20 +113,20 @@ def _gather_rotate_kernel(
         if l == 0 or MMAX == 0:
             # One kept row (m = 0): row_off_l = l, off_l = l*l for M = 0; both 0 for l = 0.
             _rotate_degree_1row(
-                x_tile, w_row, y_tile, C, row_ok, mask, l, l * (1 - MMAX), l * l * (1 - MMAX),
+                x_tile, w_row, y_tile, C, row_ok, node_ok, mask, l, l * (1 - MMAX), l * l * (1 - MMAX),
                 BLOCK_R, BLOCK_C, ACC_DTYPE,
             )  # fmt: skip
         else:
             # M = 1, l >= 1: three kept rows (m = -1, 0, 1); row_off_l = 3l - 2, off_l = 3l^2 - 2.
             _rotate_degree_3rows(
-                x_tile, w_row, y_tile, C, row_ok, mask, l, 3 * l - 2, 3 * l * l - 2,
+                x_tile, w_row, y_tile, C, row_ok, node_ok, mask, l, 3 * l - 2, 3 * l * l - 2,
                 BLOCK_R, BLOCK_C, ACC_DTYPE,
             )  # fmt: skip
 
 
 @triton.jit
 def _rotate_degree_1row(
-    x_tile, w_row, y_tile, C, row_ok, mask,
+    x_tile, w_row, y_tile, C, row_ok, node_ok, mask,
     L: tl.constexpr, ROW: tl.constexpr, OFF: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):  # fmt: skip
@@ -128,12 +136,13 @@ def _rotate_degree_1row(
         xv = tl.load(x_tile + (L * L + b) * C, mask=mask, other=0.0).to(ACC_DTYPE)
         w = tl.load(w_row + (OFF + b), mask=row_ok, other=0.0).to(ACC_DTYPE)
         acc += w[:, None] * xv
+    acc = tl.where(node_ok[:, None], acc, float("nan"))
     tl.store(y_tile + ROW * C, acc.to(y_tile.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rotate_degree_3rows(
-    x_tile, w_row, y_tile, C, row_ok, mask,
+    x_tile, w_row, y_tile, C, row_ok, node_ok, mask,
     L: tl.constexpr, ROW: tl.constexpr, OFF: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):  # fmt: skip
@@ -152,6 +161,10 @@ def _rotate_degree_3rows(
         acc1 += w1[:, None] * xv
         acc2 += w2[:, None] * xv
     out_ty = y_tile.dtype.element_ty
+    ok = node_ok[:, None]
+    acc0 = tl.where(ok, acc0, float("nan"))
+    acc1 = tl.where(ok, acc1, float("nan"))
+    acc2 = tl.where(ok, acc2, float("nan"))
     tl.store(y_tile + ROW * C, acc0.to(out_ty), mask=mask)
     tl.store(y_tile + (ROW + 1) * C, acc1.to(out_ty), mask=mask)
     tl.store(y_tile + (ROW + 2) * C, acc2.to(out_ty), mask=mask)
@@ -176,7 +189,8 @@ def _rotate_scatter_kernel(
     BLOCK_C: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
 ):
-    """out[n, s, c] = sum_p sum_k sum_a wig[e, off_l + a*(2l+1) + b] * m[e, p, row_off_l + a, c]."""
+    """out[n, s, c] = sum_p sum_k sum_a wig[e, off_l + a*(2l+1) + b] * m[e, p, row_off_l + a, c];
+    perm values outside [0, E) are skipped, segments clamped to [0, E)."""
     n = tl.program_id(0)
     pid_c = tl.program_id(1)
     S: tl.constexpr = (LMAX + 1) * (LMAX + 1)
@@ -214,22 +228,24 @@ def _rotate_scatter_kernel(
     acc = tl.zeros([S_PAD, BLOCK_C], dtype=ACC_DTYPE)
     for p in tl.static_range(P):
         seg = ptr_ptr + p * (num_nodes + 1) + n
-        start = tl.load(seg)
-        end = tl.load(seg + 1)
+        start = tl.maximum(tl.load(seg), 0)
+        end = tl.minimum(tl.load(seg + 1), num_edges)
         for k in range(start, end):
             e = tl.load(perm_ptr + p * num_edges + k)  # int64 edge id
+            e_ok = (e >= 0) & (e < num_edges)
+            e = tl.where(e_ok, e, 0)  # a valid address; its Wigner entries are zeroed below
             w_e = wig_ptr + e * K  # its compact Wigner row
             m_e = m_ptr + (e * P + p) * (R * C)  # its message m[e, p]
             w = tl.load(w_e + w_off0, mask=s_ok, other=0.0).to(ACC_DTYPE)
             mv = tl.load(m_e + m_off0, mask=mask0, other=0.0).to(ACC_DTYPE)
-            acc += w[:, None] * mv
+            acc += tl.where(e_ok, w, 0.0)[:, None] * mv
             if MMAX == 1:
                 w = tl.load(w_e + w_off1, mask=s_ok12, other=0.0).to(ACC_DTYPE)
                 mv = tl.load(m_e + m_off1, mask=mask12, other=0.0).to(ACC_DTYPE)
-                acc += w[:, None] * mv
+                acc += tl.where(e_ok, w, 0.0)[:, None] * mv
                 w = tl.load(w_e + w_off2, mask=s_ok12, other=0.0).to(ACC_DTYPE)
                 mv = tl.load(m_e + m_off2, mask=mask12, other=0.0).to(ACC_DTYPE)
-                acc += w[:, None] * mv
+                acc += tl.where(e_ok, w, 0.0)[:, None] * mv
 
     out_tile = out_ptr + n.to(tl.int64) * (S * C) + s[:, None] * C + cols[None, :]
     tl.store(out_tile, acc.to(out_ptr.dtype.element_ty), mask=s_ok[:, None] & c_ok[None, :])
@@ -246,20 +262,10 @@ _TL_DTYPE = {
     torch.bfloat16: tl.bfloat16,
     torch.float16: tl.float16,
 }
-_PTR_SIG = {
-    torch.float32: "*fp32",
-    torch.float64: "*fp64",
-    torch.bfloat16: "*bf16",
-    torch.float16: "*fp16",
-    torch.int64: "*i64",
-}
 _MAX_BLOCK_C = 128
 _GATHER_ROWS_PER_THREAD = 2  # (edge, side) rows of a gather_rotate tile held by one thread
 _SCATTER_TILE = 2048  # elements of the (S_PAD, BLOCK_C) accumulator of rotate_scatter (8 warps)
 _ELEMS_PER_THREAD = 8  # of the scatter accumulator
-# Launch options besides num_warps. FMA contraction is pinned on (Triton 3.9 warns that its default
-# flips to off in 3.10): a*b + c rounded once is both faster and more accurate.
-_OPTIONS = {"enable_fp_fusion": True}
 
 
 def compact_sizes(lmax: int, mmax: int) -> tuple[int, int]:
@@ -291,17 +297,13 @@ def _gather_meta(channels: int) -> dict:
 def _scatter_meta(lmax: int, channels: int) -> dict:
     """Accumulator of rotate_scatter: (S_PAD, BLOCK_C) <= 2048 elements, 8 per thread. L = 6, C = 128:
     64 x 32, 8 warps, 4 channel blocks per node (each re-reads the node's perm/Wigner entries, which
-    are small next to m); 48 registers on sm_90 / 62 on sm_80 against 80 / 146 at 64 x 64."""
+    are small next to m); 62 registers on sm_90 and sm_80 with the perm bounds masks (48 / 62
+    without them), against 80 / 146 at 64 x 64."""
     s_pad = triton.next_power_of_2((lmax + 1) ** 2)
     block_c = min(
         triton.next_power_of_2(max(channels, 1)), _MAX_BLOCK_C, max(1, _SCATTER_TILE // s_pad)
     )
     return {"S_PAD": s_pad, "BLOCK_C": block_c, "num_warps": _warps(s_pad * block_c)}
-
-
-def _on(device: torch.device):
-    """Launch on ``device`` (Triton launches on the current CUDA device)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -310,7 +312,7 @@ def _acc_dtype(dtype: torch.dtype):
 
 def is_interpreted() -> bool:
     """True when this module's kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    return not isinstance(_gather_rotate_kernel, triton.runtime.JITFunction)
+    return aot.is_interpreted(_gather_rotate_kernel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,7 +347,7 @@ def _check_device(tensors: dict) -> torch.device:
         where = ", ".join(f"{k} on {t.device}" for k, t in tensors.items())
         raise ValueError(f"all inputs must be on one device, got {where}")
     device = devices.pop()
-    if device.type == "cuda":
+    if device.type in ("cuda", "meta"):  # meta: the launch is described (kernels/aot.py)
         return device
     if device.type == "cpu" and is_interpreted():
         return device
@@ -376,8 +378,9 @@ def gather_rotate(x: torch.Tensor, wig: torch.Tensor, idx: torch.Tensor, lmax: i
         x: (N, S_x, C) contiguous, S_x >= (lmax+1)^2 (extra coefficients are ignored); float32,
             float64, bfloat16 or float16.
         wig: (E, K) contiguous compact Wigner rows, float32 or x's dtype.
-        idx: (E, P) int64 contiguous node index of each edge side (P >= 1); values must lie in
-            [0, N) (not checked: that would synchronise with the device).
+        idx: (E, P) int64 contiguous node index of each edge side (P >= 1); values outside
+            [0, N) are not checked on the host (that would synchronise with the device): their
+            rows of y are NaN.
         lmax, mmax: the resolution (mmax in {0, 1}).
 
     Returns:
@@ -405,13 +408,14 @@ def gather_rotate(x: torch.Tensor, wig: torch.Tensor, idx: torch.Tensor, lmax: i
     meta = _gather_meta(channels)
     n_rows = num_edges * sides
     grid = (triton.cdiv(n_rows, meta["BLOCK_R"]), triton.cdiv(channels, meta["BLOCK_C"]))
-    with _on(device):
-        _gather_rotate_kernel[grid](
-            x, wig, idx, y, n_rows, channels, s_x * channels,
-            LMAX=lmax, MMAX=mmax, P=sides, K=entries, R=rows,
-            BLOCK_R=meta["BLOCK_R"], BLOCK_C=meta["BLOCK_C"], ACC_DTYPE=_acc_dtype(x.dtype),
-            num_warps=meta["num_warps"], **_OPTIONS,
-        )  # fmt: skip
+    aot.launch(
+        "gather_rotate", _gather_rotate_kernel, grid,
+        {"x_ptr": x, "wig_ptr": wig, "idx_ptr": idx, "y_ptr": y, "n_rows": n_rows,
+         "num_nodes": x.shape[0], "C": channels, "x_node_stride": s_x * channels},
+        {"LMAX": lmax, "MMAX": mmax, "P": sides, "K": entries, "R": rows,
+         "BLOCK_R": meta["BLOCK_R"], "BLOCK_C": meta["BLOCK_C"], "ACC_DTYPE": _acc_dtype(x.dtype)},
+        device=device, num_warps=meta["num_warps"],
+    )  # fmt: skip
     return y
 
 
@@ -430,9 +434,10 @@ def rotate_scatter(
         m: (E, P, R, C) contiguous edge messages in the compact layout; float32, float64, bfloat16
             or float16.
         wig: (E, K) contiguous compact Wigner rows, float32 or m's dtype.
-        perm: (P, E) int64 contiguous; per side p, the edges sorted by destination node.
+        perm: (P, E) int64 contiguous; per side p, the edges sorted by destination node (a value
+            outside [0, E) is skipped, not read).
         ptr: (P, num_nodes + 1) int64 contiguous CSR offsets into perm[p] (ptr[p, 0] = 0,
-            ptr[p, num_nodes] = E); not checked on the device.
+            ptr[p, num_nodes] = E); not checked on the host; segments are clamped to [0, E).
         lmax, mmax: the resolution (mmax in {0, 1}).
         num_nodes: N.
 
@@ -473,83 +478,20 @@ def rotate_scatter(
         return out
     meta = _scatter_meta(lmax, channels)
     grid = (num_nodes, triton.cdiv(channels, meta["BLOCK_C"]))
-    with _on(device):
-        _rotate_scatter_kernel[grid](
-            m, wig, perm, ptr, out, num_nodes, num_edges, channels,
-            LMAX=lmax, MMAX=mmax, P=sides, K=entries, R=rows,
-            S_PAD=meta["S_PAD"], BLOCK_C=meta["BLOCK_C"], ACC_DTYPE=_acc_dtype(m.dtype),
-            num_warps=meta["num_warps"], **_OPTIONS,
-        )  # fmt: skip
+    aot.launch(
+        "rotate_scatter", _rotate_scatter_kernel, grid,
+        {"m_ptr": m, "wig_ptr": wig, "perm_ptr": perm, "ptr_ptr": ptr, "out_ptr": out,
+         "num_nodes": num_nodes, "num_edges": num_edges, "C": channels},
+        {"LMAX": lmax, "MMAX": mmax, "P": sides, "K": entries, "R": rows,
+         "S_PAD": meta["S_PAD"], "BLOCK_C": meta["BLOCK_C"], "ACC_DTYPE": _acc_dtype(m.dtype)},
+        device=device, num_warps=meta["num_warps"],
+    )  # fmt: skip
     return out
 
 
 # ----------------------------------------------------------------------------------------------
 # Ahead-of-time compile descriptions
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LaunchConfig:
-    """One kernel specialisation as the launchers launch it, for ``triton.compile(ASTSource(...))``.
-
-    ``signature`` maps every non-constexpr argument to its Triton type (constexprs map to
-    "constexpr"), ``constexprs`` the constexpr arguments to their values, ``attrs`` the argument
-    attributes the JIT would add (16-byte divisibility of pointers and of integers that are
-    multiples of 16), ``num_warps`` and :attr:`options` the launch options.
-    """
-
-    name: str
-    kernel: object  # the JITFunction (or InterpretedFunction when interpreted)
-    signature: dict
-    constexprs: dict
-    attrs: dict = field(default_factory=dict)
-    num_warps: int = 4
-
-    @property
-    def options(self) -> dict:
-        """Compile options (``triton.compile(..., options=cfg.options)``), as the launch uses them."""
-        return {"num_warps": self.num_warps, **_OPTIONS}
-
-    def ast_source(self):
-        """A ``triton.compiler.ASTSource`` for this config (needs the kernel un-interpreted)."""
-        fn = self.kernel
-        if not isinstance(fn, triton.runtime.JITFunction):
-            raise RuntimeError(
-                "the kernels were decorated under TRITON_INTERPRET=1; compile in a process without it"
-            )
-        return triton.compiler.ASTSource(
-            fn=fn, signature=self.signature, constexprs=self.constexprs, attrs=self.attrs
-        )
-
-
-def _specialize(
-    kernel, args: list[tuple[str, object]], constexprs: dict
-) -> tuple[dict, dict, dict]:
-    """Signature, constexprs and attrs as ``JITFunction.run`` derives them from runtime arguments.
-
-    ``args`` lists (name, value) of the non-constexpr arguments: a torch.dtype stands for a 16-byte
-    aligned pointer of that dtype (fresh torch allocations are), an int for an integer argument.
-    """
-    from triton.backends.compiler import BaseBackend
-
-    values = dict(args)
-    constexprs = dict(constexprs)
-    signature, attrs = {}, {}
-    for i, name in enumerate(kernel.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-            continue
-        value = values[name]
-        if isinstance(value, torch.dtype):
-            signature[name] = _PTR_SIG[value]
-            attrs[(i,)] = BaseBackend.parse_attr("D")
-        elif value == 1:  # the JIT specialises the integer 1 to a constexpr
-            signature[name] = "constexpr"
-            constexprs[name] = 1
-        else:
-            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-            attrs[(i,)] = BaseBackend.parse_attr("D" if value % 16 == 0 else "")
-    return signature, constexprs, attrs
 
 
 def launch_configs(
@@ -563,7 +505,8 @@ def launch_configs(
     num_nodes: int = 2_000,
     node_coeffs: int | None = None,
 ) -> list[LaunchConfig]:
-    """The two kernel specialisations the launchers use for one problem.
+    """The two kernel specialisations the launchers use for one problem, found by running them on
+    meta tensors of its shapes (``kernels/aot.py``).
 
     ``node_coeffs`` is S_x of gather_rotate's x (default (lmax+1)^2). The integer sizes matter only
     through the JIT's specialisation (value 1, multiple of 16), as in a real launch.
@@ -572,36 +515,23 @@ def launch_configs(
     wig_dtype = dtype if wig_dtype is None else wig_dtype
     rows, entries = compact_sizes(lmax, mmax)
     s_x = (lmax + 1) ** 2 if node_coeffs is None else node_coeffs
-    acc = _acc_dtype(dtype)
-
-    g = _gather_meta(channels)
-    g_const = {
-        "LMAX": lmax, "MMAX": mmax, "P": sides, "K": entries, "R": rows,
-        "BLOCK_R": g["BLOCK_R"], "BLOCK_C": g["BLOCK_C"], "ACC_DTYPE": acc,
-    }  # fmt: skip
-    g_args = [
-        ("x_ptr", dtype), ("wig_ptr", wig_dtype), ("idx_ptr", torch.int64), ("y_ptr", dtype),
-        ("n_rows", num_edges * sides), ("C", channels), ("x_node_stride", s_x * channels),
-    ]  # fmt: skip
-    g_sig, g_const, g_attrs = _specialize(_gather_rotate_kernel, g_args, g_const)
-
-    sc = _scatter_meta(lmax, channels)
-    s_const = {
-        "LMAX": lmax, "MMAX": mmax, "P": sides, "K": entries, "R": rows,
-        "S_PAD": sc["S_PAD"], "BLOCK_C": sc["BLOCK_C"], "ACC_DTYPE": acc,
-    }  # fmt: skip
-    s_args = [
-        ("m_ptr", dtype), ("wig_ptr", wig_dtype), ("perm_ptr", torch.int64),
-        ("ptr_ptr", torch.int64), ("out_ptr", dtype),
-        ("num_nodes", num_nodes), ("num_edges", num_edges), ("C", channels),
-    ]  # fmt: skip
-    s_sig, s_const, s_attrs = _specialize(_rotate_scatter_kernel, s_args, s_const)
-
-    return [
-        LaunchConfig(
-            "gather_rotate", _gather_rotate_kernel, g_sig, g_const, g_attrs, g["num_warps"]
-        ),
-        LaunchConfig(
-            "rotate_scatter", _rotate_scatter_kernel, s_sig, s_const, s_attrs, sc["num_warps"]
-        ),
-    ]
+    meta = torch.device("meta")
+    wig = torch.empty((num_edges, entries), dtype=wig_dtype, device=meta)
+    with aot.trace() as launches:
+        gather_rotate(
+            torch.empty((num_nodes, s_x, channels), dtype=dtype, device=meta),
+            wig,
+            torch.empty((num_edges, sides), dtype=torch.int64, device=meta),
+            lmax,
+            mmax,
+        )
+        rotate_scatter(
+            torch.empty((num_edges, sides, rows, channels), dtype=dtype, device=meta),
+            wig,
+            torch.empty((sides, num_edges), dtype=torch.int64, device=meta),
+            torch.empty((sides, num_nodes + 1), dtype=torch.int64, device=meta),
+            lmax,
+            mmax,
+            num_nodes,
+        )
+    return aot.configs_of(launches)

@@ -9,20 +9,21 @@ the math is documented there and in ``scn_fast/ops/tap_projection.py`` / ``scn_f
 * ``tap_combine_backward(dm, z, bias, src, coef) -> (dz, dbias)``.
 
 One program per BLOCK flat output elements, float32 or float64 (accumulated in the input's type).
-CPU tensors only under ``TRITON_INTERPRET=1`` (:func:`is_interpreted`); :func:`launch_configs` and
-:func:`compile_main` compile the launched specialisations for sm_80 / sm_90 without a GPU.
+CPU tensors only under ``TRITON_INTERPRET=1`` (:func:`is_interpreted`); :func:`launch_configs` finds
+the launched specialisations by running the launchers on meta tensors (``kernels/aot.py``) and
+:func:`compile_main` compiles them for sm_80 / sm_90 without a GPU.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 
 import torch
 import triton
 import triton.language as tl
 
-from .edge_rotation import _OPTIONS, LaunchConfig, _on, _specialize
+from . import aot
+from .aot import LaunchConfig
 
 __all__ = [
     "compile_main",
@@ -152,7 +153,7 @@ def _tap_combine_bwd_kernel(
 
 def is_interpreted() -> bool:
     """True when the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    return not isinstance(_tap_gate_fwd_kernel, triton.runtime.JITFunction)
+    return aot.is_interpreted(_tap_gate_fwd_kernel)
 
 
 def _check(name: str, t: torch.Tensor, shape: tuple, like: torch.Tensor) -> None:
@@ -166,6 +167,8 @@ def _check(name: str, t: torch.Tensor, shape: tuple, like: torch.Tensor) -> None
         raise ValueError(f"{name} must be contiguous")
     if t.device.type == "cpu" and not is_interpreted():
         raise ValueError("CPU tensors need TRITON_INTERPRET=1 (set before triton is imported)")
+    if t.device.type not in ("cpu", "cuda", "meta"):  # meta: the launch is described (aot.py)
+        raise ValueError(f"no Triton code for device type {t.device.type!r}")
 
 
 def _gate_sizes(a, b, gate) -> tuple[int, int, int]:
@@ -185,10 +188,11 @@ def tap_gate_forward(a: torch.Tensor, b: torch.Tensor, gate: torch.Tensor) -> to
     m = a.new_empty((e, taps, h))
     n = e * h
     if n:
-        with _on(a.device):
-            _tap_gate_fwd_kernel[(triton.cdiv(n, BLOCK),)](
-                a, b, gate, m, n, h, TAPS=taps, BLOCK=BLOCK, num_warps=NUM_WARPS, **_OPTIONS
-            )
+        aot.launch(
+            f"tap_gate_fwd[T={taps}]", _tap_gate_fwd_kernel, (triton.cdiv(n, BLOCK),),
+            {"a_ptr": a, "b_ptr": b, "g_ptr": gate, "m_ptr": m, "n": n, "H": h},
+            {"TAPS": taps, "BLOCK": BLOCK}, device=a.device, num_warps=NUM_WARPS,
+        )  # fmt: skip
     return m
 
 
@@ -198,11 +202,12 @@ def tap_gate_backward(dm, a, b, gate) -> tuple[torch.Tensor, torch.Tensor, torch
     da, db, dg = torch.empty_like(a), torch.empty_like(b), torch.empty_like(gate)
     n = e * h
     if n:
-        with _on(a.device):
-            _tap_gate_bwd_kernel[(triton.cdiv(n, BLOCK),)](
-                dm, a, b, gate, da, db, dg, n, h,
-                TAPS=taps, BLOCK=BLOCK, num_warps=NUM_WARPS, **_OPTIONS,
-            )  # fmt: skip
+        aot.launch(
+            f"tap_gate_bwd[T={taps}]", _tap_gate_bwd_kernel, (triton.cdiv(n, BLOCK),),
+            {"dm_ptr": dm, "a_ptr": a, "b_ptr": b, "g_ptr": gate, "da_ptr": da, "db_ptr": db,
+             "dg_ptr": dg, "n": n, "H": h},
+            {"TAPS": taps, "BLOCK": BLOCK}, device=a.device, num_warps=NUM_WARPS,
+        )  # fmt: skip
     return da, db, dg
 
 
@@ -228,10 +233,12 @@ def tap_combine_forward(z, bias, src, coef) -> torch.Tensor:
     m = z.new_empty((e, r, c))
     n = m.numel()
     if n:
-        with _on(z.device):
-            _tap_combine_fwd_kernel[(triton.cdiv(n, BLOCK),)](
-                z, bias, src, coef, m, n, r, c, J=j, BLOCK=BLOCK, num_warps=NUM_WARPS, **_OPTIONS
-            )
+        aot.launch(
+            f"tap_combine_fwd[J={j}]", _tap_combine_fwd_kernel, (triton.cdiv(n, BLOCK),),
+            {"z_ptr": z, "bias_ptr": bias, "src_ptr": src, "coef_ptr": coef, "m_ptr": m, "n": n,
+             "R": r, "C": c},
+            {"J": j, "BLOCK": BLOCK}, device=z.device, num_warps=NUM_WARPS,
+        )  # fmt: skip
     return m
 
 
@@ -241,22 +248,12 @@ def tap_combine_backward(dm, z, bias, src, coef) -> tuple[torch.Tensor, torch.Te
     dz = torch.empty_like(z)
     n = dm.numel()
     if n:
-        with _on(z.device):
-            _tap_combine_bwd_kernel[(triton.cdiv(n, BLOCK),)](
-                dm,
-                z,
-                bias,
-                src,
-                coef,
-                dz,
-                n,
-                r,
-                c,
-                J=j,
-                BLOCK=BLOCK,
-                num_warps=NUM_WARPS,
-                **_OPTIONS,
-            )
+        aot.launch(
+            f"tap_combine_bwd[J={j}]", _tap_combine_bwd_kernel, (triton.cdiv(n, BLOCK),),
+            {"dm_ptr": dm, "z_ptr": z, "bias_ptr": bias, "src_ptr": src, "coef_ptr": coef,
+             "dz_ptr": dz, "n": n, "R": r, "C": c},
+            {"J": j, "BLOCK": BLOCK}, device=z.device, num_warps=NUM_WARPS,
+        )  # fmt: skip
     return dz, dz.view(e, j, r, c).sum((0, 1))
 
 
@@ -273,54 +270,27 @@ def launch_configs(
     num_edges: int = 50_000,
 ) -> list[LaunchConfig]:
     """The kernel specialisations the launchers use for a message block with ``hidden`` channels in
-    fc1_edge_proj, ``rows`` = R rotated rows and ``channels`` = C (4 taps and 1 tap)."""
-    configs = []
-    for taps in (1, 4):
-        n = num_edges * hidden
-        ptrs = [("a_ptr", dtype), ("b_ptr", dtype), ("g_ptr", dtype)]
-        sig, const, attrs = _specialize(
-            _tap_gate_fwd_kernel, [*ptrs, ("m_ptr", dtype), ("n", n), ("H", hidden)],
-            {"TAPS": taps, "BLOCK": BLOCK},
-        )  # fmt: skip
-        configs.append(
-            LaunchConfig(
-                f"tap_gate_fwd[T={taps}]", _tap_gate_fwd_kernel, sig, const, attrs, NUM_WARPS
+    fc1_edge_proj, ``rows`` = R rotated rows and ``channels`` = C (4 taps and 1 tap), found by
+    running them on meta tensors (``kernels/aot.py``)."""
+
+    def empty(*shape, dt=dtype):
+        return torch.empty(shape, dtype=dt, device="meta")
+
+    with aot.trace() as launches:
+        for taps in (1, 4):
+            a, g = empty(num_edges, hidden), empty(num_edges, hidden)
+            b = empty(num_edges, 0 if taps == 1 else 2, hidden)
+            tap_gate_forward(a, b, g)
+            tap_gate_backward(empty(num_edges, taps, hidden), a, b, g)
+            src = empty(rows, taps, dt=torch.int64)
+            z, bias, coef = (
+                empty(num_edges, rows * taps, channels),
+                empty(rows, channels),
+                empty(rows, taps),
             )
-        )
-        sig, const, attrs = _specialize(
-            _tap_gate_bwd_kernel,
-            [("dm_ptr", dtype), *ptrs, ("da_ptr", dtype), ("db_ptr", dtype), ("dg_ptr", dtype),
-             ("n", n), ("H", hidden)],
-            {"TAPS": taps, "BLOCK": BLOCK},
-        )  # fmt: skip
-        configs.append(
-            LaunchConfig(
-                f"tap_gate_bwd[T={taps}]", _tap_gate_bwd_kernel, sig, const, attrs, NUM_WARPS
-            )
-        )
-        n = num_edges * rows * channels
-        common = [("bias_ptr", dtype), ("src_ptr", torch.int64), ("coef_ptr", dtype)]
-        sizes = [("n", n), ("R", rows), ("C", channels)]
-        sig, const, attrs = _specialize(
-            _tap_combine_fwd_kernel, [("z_ptr", dtype), *common, ("m_ptr", dtype), *sizes],
-            {"J": taps, "BLOCK": BLOCK},
-        )  # fmt: skip
-        configs.append(
-            LaunchConfig(
-                f"tap_combine_fwd[J={taps}]", _tap_combine_fwd_kernel, sig, const, attrs, NUM_WARPS
-            )
-        )
-        sig, const, attrs = _specialize(
-            _tap_combine_bwd_kernel,
-            [("dm_ptr", dtype), ("z_ptr", dtype), *common, ("dz_ptr", dtype), *sizes],
-            {"J": taps, "BLOCK": BLOCK},
-        )  # fmt: skip
-        configs.append(
-            LaunchConfig(
-                f"tap_combine_bwd[J={taps}]", _tap_combine_bwd_kernel, sig, const, attrs, NUM_WARPS
-            )
-        )
-    return configs
+            tap_combine_forward(z, bias, src, coef)
+            tap_combine_backward(empty(num_edges, rows, channels), z, bias, src, coef)
+    return aot.configs_of(launches)
 
 
 # scn-t4-b2's two resolutions (H, R, C) in float32, float64, and an odd small case.
@@ -331,31 +301,23 @@ COMPILE_CASES = [
 ]
 
 
-def compile_main(archs: tuple[int, ...] = (80, 90), json_path: str | None = None) -> int:
+def compile_cases() -> list[tuple[dict, list[LaunchConfig]]]:
+    """(problem, configs) of every :data:`COMPILE_CASES` entry, for :func:`aot.compile_main`."""
+    return [
+        (
+            {"case": f"H={h} R={r} C={c} {str(dt).replace('torch.', '')}"},
+            launch_configs(h, r, c, dt),
+        )
+        for h, r, c, dt in COMPILE_CASES
+    ]
+
+
+def compile_main(
+    archs: tuple[int, ...] = (80, 90), json_path: str | None = None, jobs: int | None = None
+) -> int:
     """Compile every launch config of :data:`COMPILE_CASES` for each arch down to a cubin (run in a
     process without TRITON_INTERPRET). Prints one line per compile; returns 1 if any failed."""
-    from .grid_projection import _compile_one
-
-    if is_interpreted():
-        print("compile_main: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)")
-        return 2
-    results = []
-    for hidden, rows, channels, dtype in COMPILE_CASES:
-        for cfg in launch_configs(hidden, rows, channels, dtype):
-            for arch in archs:
-                res = _compile_one(cfg, arch)
-                res["case"] = f"H={hidden} R={rows} C={channels} {dtype}"
-                print(
-                    f"{res['case']:<28} {res['kernel']:<22} {res['arch']} {res['seconds']}s "
-                    + ("ok" if res["ok"] else "FAILED\n" + res.get("error", "no cubin"))
-                )
-                results.append(res)
-    failed = [r for r in results if not r["ok"]]
-    print(f"tap_elementwise compile: {len(results) - len(failed)}/{len(results)} compiled")
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(results, f, indent=1)
-    return 1 if failed or not results else 0
+    return aot.compile_main(compile_cases(), archs, json_path, jobs, "tap_elementwise compile")
 
 
 if __name__ == "__main__":
