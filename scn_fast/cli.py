@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from .benchmark.cli import add_bench_parser
+from .benchmark.md import add_md_parser
 from .data import read_frames
 from .presets import PRESETS, preset
 
@@ -194,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
     add_train_parser(sub)
     add_bench_parser(sub)
+    add_md_parser(sub)
     return parser
 
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 from ase import units
 from ase.build import fcc111, molecule
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from ase.md.verlet import VelocityVerlet
 
 from scn_fast import AtomsBatch, SphericalChannelNetwork
@@ -151,7 +150,10 @@ def test_bucket_md_64_atom_slab_at_most_3_shapes() -> None:
     assert slab.get_potential_energy() == pytest.approx(plain.get_potential_energy(), abs=1e-5)
     np.testing.assert_allclose(slab.get_forces(), plain.get_forces(), atol=1e-5)
 
-    MaxwellBoltzmannDistribution(slab, temperature_K=1200, rng=np.random.default_rng(0))
+    rng = np.random.default_rng(0)  # Maxwell-Boltzmann momenta at 1200 K
+    slab.set_momenta(
+        rng.normal(size=(64, 3)) * np.sqrt(units.kB * 1200 * slab.get_masses()[:, None])
+    )
     real, seen = set(), set()
 
     def record() -> None:
