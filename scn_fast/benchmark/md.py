@@ -8,7 +8,10 @@ drawn at 300 K, seeded) through ``SCNCalculator``. After ``warmup`` steps, ``ste
   ns/fs), and atoms x steps per second;
 * the per-step split from the calculator's ``timing_totals`` (transfer, graph, model) and what the
   ASE integrator itself adds (the step's wall time minus the calculator's);
-* the distinct (atoms, edges) shapes the model saw (with ``--bucketing``: the padded ones).
+* the distinct (atoms, edges) shapes the model saw (with ``--bucketing``: the padded ones);
+* the process's CPU seconds over the timed steps (all threads): on a shared, loaded machine the
+  wall-clock rate measures the load as much as the model, and CPU time per step is the steadier
+  number.
 
 The weights are random, so the trajectory is not physical; the cost per step is that of a trained
 model of the same preset (the same shapes and operations). Records go to stdout as a table and,
@@ -47,6 +50,7 @@ class MDRecord:
     steps: int
     seconds: float
     steps_per_s: float
+    cpu_seconds: float
     ns_per_day_at_1fs: float
     atom_steps_per_s: float
     per_step_ms: dict[str, float] = field(default_factory=dict)
@@ -105,9 +109,9 @@ def run_md(
     edges = calc.runner.last_real_shape[1]
     calc.runner.reset_totals()
     shapes.clear()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     dyn.run(steps)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     totals = calc.timing_totals
     calls = max(int(totals["calls"]), 1)
     split = {k: 1e3 * totals[k] / calls for k in ("transfer", "graph", "model")}
@@ -115,6 +119,7 @@ def run_md(
     split["ase_and_other"] = 1e3 * seconds / steps - split["calculator"]
     return {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "edges": edges,
         "per_step_ms": {k: round(v, 3) for k, v in split.items()},
         "shapes": sorted([list(s) for s in shapes]),
@@ -167,6 +172,7 @@ def md_benchmark(
             steps=steps,
             seconds=round(res["seconds"], 4),
             steps_per_s=round(rate, 4),
+            cpu_seconds=round(res["cpu_seconds"], 4),
             ns_per_day_at_1fs=round(rate * NS_PER_DAY_PER_STEP_PER_S, 5),
             atom_steps_per_s=round(rate * len(atoms), 2),
             per_step_ms=res["per_step_ms"],
@@ -184,6 +190,7 @@ def format_record(rec: MDRecord) -> str:
     ms = rec.per_step_ms
     return (
         f"{rec.atoms:>5} atoms {rec.edges:>6} edges  {rec.steps_per_s:9.3f} steps/s  "
+        f"({rec.cpu_seconds / rec.steps:.2f} CPU s/step)  "
         f"{rec.ns_per_day_at_1fs:9.5f} ns/day@1fs  {rec.atom_steps_per_s:10.1f} atom-steps/s  "
         f"per step: model {ms['model']:.1f} ms, graph {ms['graph']:.1f} ms, transfer "
         f"{ms['transfer']:.2f} ms, ASE+other {ms['ase_and_other']:.2f} ms; "
