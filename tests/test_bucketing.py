@@ -72,7 +72,9 @@ def test_bucket_round_up_grid() -> None:
 def test_bucket_outputs_and_gradients_equal_unpadded(fused: bool, resolutions: int) -> None:
     """Energy, forces and every parameter gradient of the padded input equal the unpadded ones
     (float64), through the reference and the fused (C++ extension) paths."""
-    overrides = {} if resolutions == 2 else {"num_resolutions": 1, "lmax": 2, "num_bands": 1}
+    overrides = {"cutoff": 6.0}  # still more than 12 neighbours per slab atom: both resolutions
+    if resolutions == 1:
+        overrides |= {"num_resolutions": 1, "lmax": 2, "num_bands": 1}
     model = _model(fused, **overrides)
     data = _batch()
     st = model.read_input(data)
@@ -105,7 +107,7 @@ def test_bucket_outputs_and_gradients_equal_unpadded(fused: bool, resolutions: i
 
 
 def test_bucket_padding_is_inert_and_beyond_the_cutoff() -> None:
-    model = _model(False)
+    model = _model(False, cutoff=6.0)
     data = _batch()
     st = model.read_input(data)
     graph = model.generate_graph(data, st)

@@ -58,6 +58,11 @@ class MDRecord:
     commit: str | None = None
 
 
+def _sig(x: float) -> float:
+    """x to 6 significant digits (records stay readable at any rate)."""
+    return float(f"{x:.6g}")
+
+
 def md_system(natoms: int, seed: int = 0) -> tuple[str, Any]:
     """(name, Atoms): the 14-atom Cu(111)+CO slab (2x2x3) for 14, else ``slab_of_size(natoms)``."""
     from ..systems import cu111_co, slab_of_size
@@ -121,7 +126,7 @@ def run_md(
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
         "edges": edges,
-        "per_step_ms": {k: round(v, 3) for k, v in split.items()},
+        "per_step_ms": {k: _sig(v) for k, v in split.items()},
         "shapes": sorted([list(s) for s in shapes]),
         "calls": calls,
     }
@@ -170,11 +175,11 @@ def md_benchmark(
             threads=torch.get_num_threads(),
             warmup=warmup,
             steps=steps,
-            seconds=round(res["seconds"], 4),
-            steps_per_s=round(rate, 4),
-            cpu_seconds=round(res["cpu_seconds"], 4),
-            ns_per_day_at_1fs=round(rate * NS_PER_DAY_PER_STEP_PER_S, 5),
-            atom_steps_per_s=round(rate * len(atoms), 2),
+            seconds=_sig(res["seconds"]),
+            steps_per_s=_sig(rate),
+            cpu_seconds=_sig(res["cpu_seconds"]),
+            ns_per_day_at_1fs=_sig(rate * NS_PER_DAY_PER_STEP_PER_S),
+            atom_steps_per_s=_sig(rate * len(atoms)),
             per_step_ms=res["per_step_ms"],
             shapes=res["shapes"],
             commit=git_state()[0],
