@@ -67,7 +67,7 @@ class BucketPolicy:
     """
 
     per_octave: int = 32
-    min_atom_step: int = 8
+    min_atom_step: int = 4
     min_edge_step: int = 32
     headroom: float = 0.04
     shrink: float = 0.8
