@@ -11,6 +11,8 @@ preset (default scn-t4-b2, seeded).
 
 ``scn-fast bench``: the benchmark suite, speed, memory and error of every path side by side against
 the reference (scn_fast/benchmark; see ``scn-fast bench --help``).
+
+``scn-fast bench-md``: MD throughput through the ASE calculator (scn_fast/benchmark/md.py).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from scn_fast.bucketing import (
     BucketPolicy,
     Capacity,
     bucketed_forward,
+    fits,
     pad_graph,
     plan_capacity,
     rank_caps,
@@ -169,3 +170,24 @@ def test_bucket_md_64_atom_slab_at_most_3_shapes() -> None:
     assert len(real) > 3, f"the unpadded shapes did not change enough to test anything: {real}"
     assert len(seen) <= 3, f"bucketed shapes {sorted(seen)} (unpadded: {len(real)} distinct)"
     assert sum(calc.runner.bucketer.shapes.values()) == calc.timing_totals["calls"]
+
+
+def test_bucket_capacity_is_sticky_and_replans() -> None:
+    """A capacity is kept while the system fits and has not shrunk below policy.shrink; outgrowing
+    it, shrinking, or running short of inert atoms for the padding plans a new one."""
+    caps = [12, None]
+    b = Bucketer(caps, BucketPolicy())
+    first = b.choose(64, [768, 300])
+    pads = [c - e for c, e in zip(first.edges, [768, 300], strict=True)]
+    assert pads[0] >= 12 and pads[1] >= 0 and first.atoms > 64
+    assert b.choose(64, [768, 310]) == first  # fluctuation inside the headroom
+    assert b.choose(64, [760, 290]) == first
+    grown = b.choose(64, [768, 500])
+    assert grown != first and grown.edges[1] >= 500
+    assert b.choose(20, [240, 100]) != grown  # shrank below 80%: replanned
+    assert b.shapes[first.shape] == 3 and sum(b.shapes.values()) == 5
+    # resolution-0 edges dropping far below the plan need more inert targets than the capacity has
+    c = plan_capacity(64, [768, 300], caps, BucketPolicy())
+    assert fits(c, 64, [768, 300], caps) and not fits(c, 64, [500, 300], caps)
+    # the hub needs 12 padded resolution-0 edges whenever the last resolution is padded
+    assert not fits(Capacity(80, (770, 400)), 64, [768, 300], caps)
