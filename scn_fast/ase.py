@@ -5,21 +5,24 @@
     BFGS(atoms).run(fmax=0.05)
 
 The radius graph is rebuilt from the Atoms' positions, cell and pbc at every calculation, so the
-calculator works in relaxations (``ase.optimize``) and dynamics (``ase.md``).
+calculator works in relaxations (``ase.optimize``) and dynamics (``ase.md``). What does not change
+between calls is kept (scn_fast/ase_step.py); ``calc.timings`` holds the last call's time split
+(transfer, graph, model, total; seconds) and ``calc.timing_totals`` their sums and ``calls``.
+``bucketing=True`` pads atom and edge counts to capacities that stay put along a trajectory, with
+outputs unchanged (scn_fast/bucketing.py), for compiled models and CUDA graphs.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from ase.calculators.calculator import Calculator, all_changes
 
+from .ase_step import StepRunner
+from .bucketing import BucketPolicy
 from .checkpoint import load_checkpoint
-from .data import AtomsBatch
 from .model import SphericalChannelNetwork
 
 
@@ -31,7 +34,8 @@ class SCNCalculator(Calculator):
     the model's device; for a path, CPU). load_kwargs go to ``load_checkpoint`` (``use_ema``,
     ``use_fused``, ``precision``, ...); for a path, ``deterministic_frames`` defaults to True so the
     energy is a function of the positions alone (upstream draws a random frame roll per call), and
-    ``otf_graph`` to True (the calculator builds the graph itself).
+    ``otf_graph`` to True (the calculator builds the graph itself). bucketing: False (default), True
+    or a ``BucketPolicy`` (scn_fast.bucketing).
     """
 
     implemented_properties: ClassVar[list[str]] = ["energy", "free_energy", "forces"]
@@ -41,6 +45,7 @@ class SCNCalculator(Calculator):
         model_or_checkpoint_path: SphericalChannelNetwork | str | os.PathLike,
         *,
         device: str | torch.device | None = None,
+        bucketing: bool | BucketPolicy = False,
         **load_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -64,6 +69,17 @@ class SCNCalculator(Calculator):
         if not model.regress_forces:
             raise ValueError("SCNCalculator needs a model with regress_forces=True")
         self.model = model.eval()
+        self.runner = StepRunner(self.model, bucketing)
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """The last calculation's time split in seconds: transfer, graph, model, total."""
+        return self.runner.timings
+
+    @property
+    def timing_totals(self) -> dict[str, float]:
+        """Sums of ``timings`` over all calculations so far, and ``calls``."""
+        return self.runner.totals
 
     @property
     def device(self) -> torch.device:
@@ -76,14 +92,5 @@ class SCNCalculator(Calculator):
         system_changes: list[str] = all_changes,
     ) -> None:
         super().calculate(atoms, properties, system_changes)
-        data = AtomsBatch.from_ase([self.atoms], dtype=self.model.dtype, device=self.device)
-        with warnings.catch_warnings():
-            # a model loaded with otf_graph=False builds its graph here all the same
-            warnings.filterwarnings("ignore", message="otf_graph=False but data has no edge_index")
-            out = self.model.predict(data)
-        energy = float(out["energy"][0])
-        self.results = {
-            "energy": energy,
-            "free_energy": energy,
-            "forces": out["forces"].detach().to("cpu", torch.float64).numpy().astype(np.float64),
-        }
+        energy, forces = self.runner(self.atoms)
+        self.results = {"energy": energy, "free_energy": energy, "forces": forces}

@@ -11,6 +11,8 @@ preset (default scn-t4-b2, seeded).
 
 ``scn-fast bench``: the benchmark suite, speed, memory and error of every path side by side against
 the reference (scn_fast/benchmark; see ``scn-fast bench --help``).
+
+``scn-fast bench-md``: MD throughput through the ASE calculator (scn_fast/benchmark/md.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from .benchmark.cli import add_bench_parser
+from .benchmark.md import add_md_parser
 from .data import read_frames
 from .presets import PRESETS, preset
 
@@ -194,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_predict)
     add_train_parser(sub)
     add_bench_parser(sub)
+    add_md_parser(sub)
     return parser
 
 

@@ -1,0 +1,88 @@
+"""Time and peak resident memory of one inference call on a Cu(111)+CO slab of about N atoms.
+
+    python bench/memory_probe.py --natoms 100 --preset scn-t4-b2 --fused [--threads 2] [--profile]
+
+Run one size per process: the peak RSS (``ru_maxrss``) of a process only grows. Prints one JSON
+line: atoms, edges per resolution, seconds of the call, RSS before the call (model and inputs
+built), peak RSS, and with ``--profile`` the largest allocations by operator (torch.profiler,
+``profile_memory``; the profiled call is a second, slower one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import torch
+
+from scn_fast import AtomsBatch, SphericalChannelNetwork
+from scn_fast.presets import preset
+from scn_fast.systems import slab_of_size
+
+
+def _rss_gb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--natoms", type=int, required=True)
+    p.add_argument("--preset", default="scn-t4-b2")
+    p.add_argument("--fused", action="store_true")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--profile", action="store_true")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = SphericalChannelNetwork(
+        **preset(args.preset), use_fused=args.fused, deterministic_frames=True
+    ).eval()
+    atoms = slab_of_size(args.natoms)
+    data = AtomsBatch.from_ase([atoms])
+    st = model.read_input(data)
+    graph = model.generate_graph(data, st)
+    ctx = model.edge_context(st, graph)
+    counts = [hi - lo for lo, hi in zip(ctx.bounds[:-1], ctx.bounds[1:], strict=True)]
+    before = _rss_gb()
+    start = time.perf_counter()
+    with torch.no_grad():
+        model(data)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    record = {
+        "preset": args.preset,
+        "path": "fused" if args.fused else "reference",
+        "atoms": len(atoms),
+        "edges_per_resolution": counts,
+        "threads": torch.get_num_threads(),
+        "seconds": round(seconds, 2),
+        "rss_before_gb": round(before, 3),
+        "peak_rss_gb": round(peak, 3),
+        "backends": {k: v["ran"] for k, v in model.explain().items()},
+    }
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with (
+            torch.no_grad(),
+            profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+        ):
+            model(data)
+        rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_memory_usage)
+        record["allocations_gb_by_op"] = {
+            e.key: round(e.self_cpu_memory_usage / 2**30, 3)
+            for e in rows[:15]
+            if e.self_cpu_memory_usage > 0
+        }
+    print(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()
