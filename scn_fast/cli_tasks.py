@@ -95,11 +95,23 @@ def _trajectory_dir(out: str) -> str:
     return f"{stem}_trajectories"
 
 
+def _read_input(path: str) -> list[Any]:
+    """Every structure of ``path`` as ``ase.Atoms``: ASE-readable files directly, the LMDB formats
+    (``*.lmdb``, ``*.aselmdb`` or a folder of them) through ``open_dataset``."""
+    from .data import read_frames
+
+    if os.path.isdir(path) or path.lower().endswith((".lmdb", ".aselmdb")):
+        from .datasets import open_dataset
+
+        dataset = open_dataset(path, "file")
+        return [dataset.atoms(i) for i in range(len(dataset))]
+    return read_frames(path)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     """``scn-fast predict``: see the module docstring."""
     import ase.io
 
-    from .data import read_frames
     from .predict import predict_frames, relax_frames
 
     if args.checkpoint and args.preset:
@@ -112,9 +124,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
             frames = [cu111_co()]
         else:
-            frames = read_frames(args.file)
+            frames = _read_input(args.file)
         model, what = load_inference_model(args)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, ImportError) as exc:
         raise _fail("predict", exc) from None
     name = args.file or "built-in Cu(111)+CO slab"
     print(
@@ -161,7 +173,11 @@ def add_predict_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict", help="energies and forces (or relaxations) of structures (default: a slab)"
     )
-    p.add_argument("file", nargs="?", help="ASE-readable structure file (all frames are used)")
+    p.add_argument(
+        "file",
+        nargs="?",
+        help="structure file: anything ASE reads (all frames), .aselmdb or OC20 .lmdb",
+    )
     p.add_argument("--checkpoint", help="trained checkpoint (EMA weights; results in eV, eV/Å)")
     p.add_argument(
         "--preset",
