@@ -374,6 +374,7 @@ class _Trainer:
         self.dataset = TrainingSet(data, source=data.source)
         self.val_set = TrainingSet(val_data) if val_data is not None else None
         self.best_forces_mae = math.inf
+        self.validated_step = -1
         if cfg.max_atoms_per_batch is None and cfg.batch_size > len(self.dataset):
             raise ValueError(
                 f"--batch-size {cfg.batch_size} exceeds the {len(self.dataset)} structures of "
@@ -428,6 +429,7 @@ class _Trainer:
         self.step = int(ckpt["step"])
         self.losses = [float(x) for x in state.get("losses", [])]
         self.best_forces_mae = float(state.get("best_val_forces_mae", math.inf))
+        self.validated_step = int(state.get("validated_step", -1))
         rng = state.get("rng") or []
         if rng:
             mine = rng[self.info.rank] if len(rng) == self.info.world_size else rng[0]
@@ -454,6 +456,7 @@ class _Trainer:
                 "rng": rng,
                 "losses": list(self.losses),
                 "best_val_forces_mae": self.best_forces_mae,
+                "validated_step": self.validated_step,
                 "args": args,
             },
         }
@@ -506,7 +509,6 @@ class _Trainer:
             self._open_metrics_file(resumed=cfg.resume is not None)
         start = time.perf_counter()
         first_step = self.step
-        validated_at = -1
         while self.step < cfg.steps:
             loss, lr = self._train_step(net)
             self.step += 1
@@ -520,10 +522,9 @@ class _Trainer:
                 print(line, flush=True)
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 self._validate(bar)
-                validated_at = self.step
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save(path)
-        if self.val_set is not None and validated_at != self.step:
+        if self.val_set is not None and self.validated_step != self.step:
             self._validate(bar)
         if bar is not None:
             bar.close()
@@ -547,12 +548,17 @@ class _Trainer:
     # ------------------------------------------------------------------------- validation
 
     def _open_metrics_file(self, resumed: bool) -> None:
-        """Start ``DIR/metrics.csv`` (a fresh run) or keep appending to it (a resumed one)."""
+        """Start ``DIR/metrics.csv`` (a fresh run) or continue it (a resumed one: rows of steps
+        after the checkpoint's, written before an interruption, are dropped)."""
         self.metrics_path = os.path.join(self.cfg.out, METRICS_NAME)
+        header = ["step", "epoch", "train_loss", *METRIC_NAMES, "num_structures"]
+        rows: list[list[str]] = []
         if resumed and os.path.exists(self.metrics_path):
-            return
+            with open(self.metrics_path, newline="") as f:
+                old = list(csv.reader(f))
+            rows = [r for r in old[1:] if r and r[0].isdigit() and int(r[0]) <= self.step]
         with open(self.metrics_path, "w", newline="") as f:
-            csv.writer(f).writerow(["step", "epoch", "train_loss", *METRIC_NAMES, "num_structures"])
+            csv.writer(f).writerows([header, *rows])
 
     @torch.no_grad()
     def _validate(self, bar: Any = None) -> dict[str, float]:
@@ -582,6 +588,7 @@ class _Trainer:
         total = MetricSums()
         total.values = dist_utils.all_reduce_sum(sums.values.to(self.device)).cpu()
         metrics = total.result()
+        self.validated_step = self.step
         if info.is_main:
             line = f"val step {self.step} {format_metrics(metrics)}"
             if bar is not None:
