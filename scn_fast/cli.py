@@ -1,13 +1,17 @@
 """The ``scn-fast`` command line.
 
 ``scn-fast predict [FILE]``: energies and forces of the structures in FILE (any ASE-readable file; all
-frames), or of a built-in Cu(111)+CO slab when FILE is omitted, from a randomly initialised model of a
-preset (default scn-t4-b2, seeded).
+frames), or of a built-in Cu(111)+CO slab when FILE is omitted, from a trained ``--checkpoint`` or a
+randomly initialised model of a preset (default scn-t4-b2, seeded); ``--out`` writes extxyz,
+``--relax`` relaxes (scn_fast/cli_tasks.py).
+
+``scn-fast evaluate --checkpoint CKPT DATA``: S2EF metrics on a labelled dataset (scn_fast/cli_tasks.py).
 
 ``scn-fast train``: train SCN on an ASE file with energies and forces, or on the built-in EMT set
 (``--data emt``), on one process or under ``torchrun`` (scn_fast/train.py; ``scn-fast train --help``).
 
-``scn-fast make-dataset OUT``: write the built-in EMT set to an ASE-writable file (e.g. extxyz).
+``scn-fast make-dataset OUT``: write the built-in EMT set to a file in any dataset format (extxyz,
+traj, ASE db, .aselmdb, OC20 .lmdb).
 
 ``scn-fast bench``: the benchmark suite, speed, memory and error of every path side by side against
 the reference (scn_fast/benchmark; see ``scn-fast bench --help``).
@@ -19,69 +23,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Sequence
-
-import torch
 
 from .benchmark.cli import add_bench_parser
 from .benchmark.md import add_md_parser
-from .data import read_frames
-from .presets import PRESETS, preset
-
-
-def _load_structures(path: str | None) -> list:
-    if path is None:
-        from .systems import cu111_co
-
-        return [cu111_co()]
-    try:
-        return read_frames(path)
-    except (FileNotFoundError, ValueError) as exc:
-        raise SystemExit(f"scn-fast: {exc}") from None
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    from . import AtomsBatch, SphericalChannelNetwork
-
-    structures = _load_structures(args.file)
-    torch.manual_seed(args.seed)
-    model = SphericalChannelNetwork(
-        **preset(args.preset),
-        use_fused=args.use_fused,
-        deterministic_frames=args.deterministic_frames,
-    ).to(args.device)
-    model.eval()
-    data = AtomsBatch.from_ase(structures, device=args.device)
-    name = args.file or "built-in Cu(111)+CO slab"
-    print(
-        f"scn-fast predict: {name}: {len(structures)} structure(s), {int(data.natoms.sum())} atoms; "
-        f"model {args.preset} (random weights, seed {args.seed}, {model.num_params:,} parameters) "
-        f"on {args.device}"
-    )
-    start = time.perf_counter()
-    with torch.no_grad():
-        out = model(data)
-    elapsed = time.perf_counter() - start
-    offset = 0
-    for k, atoms in enumerate(structures):
-        n = len(atoms)
-        print(
-            f"\nstructure {k}: {atoms.get_chemical_formula()}  energy = {out['energy'][k].item():.6f}"
-        )
-        if "forces" in out:
-            print(f"  {'atom':>4} {'Z':>3} {'fx':>12} {'fy':>12} {'fz':>12}")
-            forces = out["forces"][offset : offset + n].cpu()
-            for i, (z, f) in enumerate(zip(atoms.get_atomic_numbers(), forces, strict=True)):
-                print(
-                    f"  {i:>4} {z:>3} {f[0].item():>12.4e} {f[1].item():>12.4e} {f[2].item():>12.4e}"
-                )
-        offset += n
-    print(
-        f"\nforward took {elapsed:.3f} s; backends: "
-        + ", ".join(f"{op}={rec['ran']}" for op, rec in model.explain().items() if rec["ran"])
-    )
-    return 0
+from .cli_tasks import add_evaluate_parser, add_predict_parser, add_train_data_options
+from .presets import PRESETS
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -91,20 +38,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
     try:
         train(cfg)
-    except (ValueError, FileNotFoundError, NotImplementedError, FloatingPointError) as exc:
+    except (
+        ValueError,
+        FileNotFoundError,
+        NotImplementedError,
+        FloatingPointError,
+        ImportError,
+    ) as exc:
         raise SystemExit(f"scn-fast train: {exc}") from exc
     return 0
 
 
 def cmd_make_dataset(args: argparse.Namespace) -> int:
-    import ase.io
-
-    from .datasets import emt_dataset
+    from .datasets import emt_dataset, write_dataset
 
     try:
         structures = emt_dataset(n_structures=args.n, seed=args.seed)
-        ase.io.write(args.out, structures)
-    except ValueError as exc:
+        write_dataset(args.out, structures, lmdb_layout=args.lmdb_layout)
+    except (ValueError, ImportError, FileExistsError) as exc:
         raise SystemExit(f"scn-fast make-dataset: {exc}") from exc
     natoms = [len(a) for a in structures]
     print(
@@ -122,7 +73,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     d = TrainConfig(data="", out="", steps=0)  # defaults
     p = sub.add_parser("train", help="train SCN (fairchem's S2EF recipe; DDP under torchrun)")
     p.add_argument(
-        "--data", required=True, help="ASE-readable file with energies and forces, or 'emt'"
+        "--data",
+        required=True,
+        help="labelled dataset (extxyz, traj, ASE db, .aselmdb, OC20 .lmdb file or folder), or 'emt'",
     )
     model = p.add_mutually_exclusive_group()
     model.add_argument("--preset", help=f"model preset: {sorted(PRESETS)}")
@@ -173,10 +126,20 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--use-fused", action="store_true", help="use fused kernels where available")
     p.add_argument("--precision", default="fp32", help="the model's precision mode (default fp32)")
+    add_train_data_options(p)
     p.set_defaults(func=cmd_train)
 
     m = sub.add_parser("make-dataset", help="write the built-in EMT-labelled slab set to a file")
-    m.add_argument("out", help="output file, format from the extension (e.g. emt.extxyz)")
+    m.add_argument(
+        "out",
+        help="output file, format from the extension (emt.extxyz, .traj, .db, .aselmdb, .lmdb)",
+    )
+    m.add_argument(
+        "--lmdb-layout",
+        choices=("pyg", "legacy", "dict"),
+        default="pyg",
+        help="OC20 .lmdb records: torch_geometric>=2 Data (pyg), 1.x Data (legacy) or plain dicts",
+    )
     m.add_argument(
         "--n", type=int, default=DEFAULT_EMT_SIZE, help=f"structures (default {DEFAULT_EMT_SIZE})"
     )
@@ -187,14 +150,8 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scn-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("predict", help="energies and forces of structures (default: built-in slab)")
-    p.add_argument("file", nargs="?", help="ASE-readable structure file (all frames are used)")
-    p.add_argument("--preset", default="scn-t4-b2", choices=sorted(PRESETS))
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and frames")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--use-fused", action="store_true", help="use fused kernels where available")
-    p.add_argument("--deterministic-frames", action="store_true")
-    p.set_defaults(func=cmd_predict)
+    add_predict_parser(sub)
+    add_evaluate_parser(sub)
     add_train_parser(sub)
     add_bench_parser(sub)
     add_md_parser(sub)

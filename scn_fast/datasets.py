@@ -1,15 +1,22 @@
-"""Training data: the built-in EMT set, reading labelled ASE files, normalizers, batches, data order.
+"""Training data: the built-in EMT set, opening any supported dataset, normalizers, batches, data
+order.
 
 ``emt_dataset`` makes small fcc slabs with an adsorbate, the bottom layer(s) fixed, labelled with
-ASE's EMT calculator. ``load_structures("emt" | "builtin:emt" | FILE)`` returns labelled
-``ase.Atoms``; ``TrainingSet`` holds their tensors (positions, energies, forces, fixed-atom masks)
-and builds batches; ``fit_normalizers`` fits fairchem's target normalizers; ``SampleOrder`` is the
-seeded, resumable order in which structures are drawn.
+ASE's EMT calculator. ``open_dataset(source)`` opens the built-in set or a file / folder in any
+supported format as a lazy ``StructureDataset`` (scn_fast/readers.py, scn_fast/oc20_lmdb.py);
+``TrainingSet`` draws labelled batches from it, reading only the structures a batch needs;
+``fit_normalizers`` fits fairchem's target normalizers; ``SampleOrder`` is the seeded, resumable
+order in which structures are drawn (fixed-size batches, or packs up to an atom budget).
+
+Formats (by path): ``*.lmdb`` file or a folder of them: OC20 S2EF LMDB; ``*.aselmdb`` file or a
+folder of them: ASE-LMDB (``ase-db-backends``); ``*.db`` / ``*.json``: ASE database; ``*.traj``: ASE
+trajectory; anything else ASE reads (extxyz, ...): read whole at open.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +25,32 @@ import torch
 from ase import Atoms
 
 from .data import AtomsBatch, read_frames
+from .oc20_lmdb import OC20LmdbDataset, write_oc20_lmdb
+from .readers import (
+    AseDbDataset,
+    AtomsListDataset,
+    ConcatDataset,
+    Sample,
+    StructureDataset,
+    Subset,
+    TrajectoryDataset,
+    fixed_mask,
+    list_files,
+)
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "LabeledBatch",
+    "Sample",
+    "SampleOrder",
+    "StructureDataset",
+    "TrainingSet",
+    "emt_dataset",
+    "fit_normalizers",
+    "fixed_mask",
+    "open_dataset",
+    "rank_share",
+]
 
 BUILTIN_DATASETS = ("emt", "builtin:emt")
 EMT_METALS = ("Cu", "Pt", "Au", "Ni", "Ag")
@@ -81,41 +114,88 @@ def emt_dataset(n_structures: int = DEFAULT_EMT_SIZE, seed: int = 0) -> list[Ato
 def load_structures(source: str) -> list[Atoms]:
     """Labelled structures from ``source``: ``"emt"`` / ``"builtin:emt"`` (``emt_dataset()``, seed 0)
     or the path of any ASE-readable file (all frames). FileNotFoundError / ValueError when the file
-    is missing or unreadable; labels are checked by ``TrainingSet.from_atoms``."""
+    is missing or unreadable; labels are checked by ``TrainingSet``."""
     if source in BUILTIN_DATASETS:
         return emt_dataset()
-    return read_frames(source, "data file", " (or use --data emt for the built-in EMT set)")
+    return read_frames(source, "data file", _HINT)
 
 
-def fixed_mask(atoms: Atoms) -> np.ndarray:
-    """(n,) bool: atoms held fixed by an ASE ``FixAtoms`` constraint."""
-    from ase.constraints import FixAtoms
-
-    mask = np.zeros(len(atoms), dtype=bool)
-    for constraint in atoms.constraints:
-        if isinstance(constraint, FixAtoms):
-            mask[constraint.get_indices()] = True
-    return mask
+_HINT = " (or use --data emt for the built-in EMT set)"
 
 
-def _labels(atoms: Atoms, k: int, source: str) -> tuple[float, np.ndarray]:
-    results = getattr(atoms.calc, "results", None) or {}
-    missing = [name for name in ("energy", "forces") if results.get(name) is None]
-    if missing:
-        raise ValueError(
-            f"structure {k} of {source} has no {' and no '.join(missing)}: training needs an energy "
-            "and forces on every structure (e.g. extxyz with energy=... in the comment line and a "
-            "forces column, or an ASE db written from atoms with a calculator)"
-        )
-    energy = float(np.asarray(results["energy"]).reshape(-1)[0])
-    forces = np.asarray(results["forces"], dtype=np.float64)
-    if forces.shape != (len(atoms), 3):
-        raise ValueError(
-            f"structure {k} of {source}: forces have shape {forces.shape}, expected ({len(atoms)}, 3)"
-        )
-    if not np.isfinite(energy) or not np.isfinite(forces).all():
-        raise ValueError(f"structure {k} of {source} has a non-finite energy or force")
-    return energy, forces
+def open_dataset(source: str, what: str = "data file") -> StructureDataset:
+    """The structures of ``source`` as a lazy ``StructureDataset``: ``emt`` / ``builtin:emt``, or a
+    path whose format is told by its name (module docstring). FileNotFoundError when it does not
+    exist, ValueError when it cannot be read, ImportError naming the ``scn_fast[lmdb]`` extra when
+    an LMDB format's package is missing."""
+    if source in BUILTIN_DATASETS:
+        return AtomsListDataset(emt_dataset(), source=source)
+    if not os.path.exists(source):
+        raise FileNotFoundError(f"no such {what}: {source}{_HINT}")
+    if os.path.isdir(source):
+        if list_files(source, ".lmdb"):
+            return OC20LmdbDataset(source)
+        files = list_files(source, ".aselmdb")
+        if not files:
+            raise ValueError(f"the folder {source} holds no *.lmdb or *.aselmdb files")
+        parts = [AseDbDataset(f) for f in files]
+        return parts[0] if len(parts) == 1 else ConcatDataset(parts, source=source)
+    name = source.lower()
+    if name.endswith(".lmdb"):
+        return OC20LmdbDataset(source)
+    if name.endswith((".aselmdb", ".db", ".json")):
+        return AseDbDataset(source)
+    if name.endswith(".traj"):
+        return TrajectoryDataset(source)
+    return AtomsListDataset(read_frames(source, what, _HINT), source=source)
+
+
+def write_dataset(path: str, structures: Sequence[Atoms], lmdb_layout: str = "pyg") -> None:
+    """Write labelled ``structures`` to ``path`` in the format its name tells: ``*.lmdb`` an OC20
+    S2EF LMDB (records in ``lmdb_layout``, see ``scn_fast.oc20_lmdb.encode_record``), ``*.aselmdb``
+    / ``*.db`` / ``*.json`` an ASE database, anything else through ``ase.io.write`` (extxyz, traj,
+    ...). Databases are refused when the file exists (ASE would append to it)."""
+    import ase.io
+
+    name = path.lower()
+    if name.endswith(".lmdb"):
+        write_oc20_lmdb(path, structures, layout=lmdb_layout)
+        return
+    if name.endswith((".aselmdb", ".db", ".json")):
+        import ase.db
+
+        if os.path.exists(path):
+            raise FileExistsError(
+                f"{path} exists; remove it first (a database would be appended to)"
+            )
+        if name.endswith(".aselmdb"):
+            from .readers import _require_aselmdb
+
+            _require_aselmdb()
+        with ase.db.connect(path) as db:
+            for atoms in structures:
+                db.write(atoms)
+        return
+    ase.io.write(path, list(structures))
+
+
+def split_dataset(
+    dataset: StructureDataset, fraction: float, seed: int
+) -> tuple[StructureDataset, StructureDataset]:
+    """(train, validation): a seeded random ``fraction`` of the structures held out for validation
+    (at least one; the rest, at least one, for training)."""
+    n = len(dataset)
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in (0, 1), got {fraction}")
+    n_val = max(1, round(fraction * n))
+    if n_val >= n:
+        raise ValueError(f"--val-fraction {fraction} of {n} structure(s) leaves none for training")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    val, train = sorted(perm[:n_val]), sorted(perm[n_val:])
+    return (
+        Subset(dataset, train, source=f"{dataset.source} (training part)"),
+        Subset(dataset, val, source=f"{dataset.source} (validation part)"),
+    )
 
 
 @dataclass
@@ -130,35 +210,79 @@ class LabeledBatch:
     free: torch.Tensor
 
 
-class TrainingSet:
-    """Labelled structures as tensors. Per structure k: positions (n_k, 3), cell (3, 3), pbc (3,),
-    atomic numbers (n_k,), energy, forces (n_k, 3) (float64) and ``fixed`` (n_k,) bool."""
+def samples_to_batch(
+    samples: Sequence[Sample],
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> AtomsBatch:
+    """The structures of ``samples`` as one ``AtomsBatch`` (positions and cells in ``dtype``)."""
+    if not samples:
+        raise ValueError("a batch needs at least one structure")
+    natoms = torch.tensor([len(s) for s in samples], dtype=torch.long)
+    pos = torch.cat([torch.as_tensor(s.positions, dtype=torch.float64) for s in samples])
+    cell = torch.stack([torch.as_tensor(s.cell, dtype=torch.float64) for s in samples])
+    data = AtomsBatch(
+        pos=pos.to(dtype),
+        cell=cell.to(dtype),
+        atomic_numbers=torch.cat([torch.as_tensor(s.numbers, dtype=torch.long) for s in samples]),
+        natoms=natoms,
+        batch=torch.repeat_interleave(torch.arange(len(samples)), natoms),
+        pbc=torch.stack([torch.as_tensor(s.pbc, dtype=torch.bool) for s in samples]),
+    )
+    return data.to(device) if device is not None else data
 
-    def __init__(self, atoms_list: Sequence[Atoms], source: str = "data") -> None:
-        if len(atoms_list) == 0:
-            raise ValueError(f"{source} holds no structures")
-        self.source = source
-        self.pos, self.cell, self.pbc, self.numbers = [], [], [], []
-        self.forces, self.fixed, energies = [], [], []
-        for k, atoms in enumerate(atoms_list):
-            if not isinstance(atoms, Atoms):
-                raise ValueError(
-                    f"structure {k} of {source} is a {type(atoms).__name__}, not Atoms"
-                )
-            energy, forces = _labels(atoms, k, source)
-            energies.append(energy)
-            self.forces.append(torch.as_tensor(forces))
-            self.pos.append(torch.as_tensor(atoms.get_positions(), dtype=torch.float64))
-            self.cell.append(torch.as_tensor(np.asarray(atoms.get_cell()[:]), dtype=torch.float64))
-            self.pbc.append(torch.as_tensor(np.asarray(atoms.get_pbc(), dtype=bool)))
-            self.numbers.append(torch.as_tensor(atoms.get_atomic_numbers(), dtype=torch.long))
-            self.fixed.append(torch.as_tensor(fixed_mask(atoms)))
-        self.energy = torch.tensor(energies, dtype=torch.float64)
-        self.natoms = torch.tensor([len(p) for p in self.pos], dtype=torch.long)
-        self.num_free = torch.tensor([int((~f).sum()) for f in self.fixed], dtype=torch.long)
+
+def labeled_batch(
+    samples: Sequence[Sample],
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> LabeledBatch:
+    """``samples`` (labelled: see ``Sample.check_labels``) as a ``LabeledBatch``."""
+    forces = torch.cat([torch.as_tensor(s.forces, dtype=torch.float64) for s in samples])
+    fixed = torch.cat([torch.as_tensor(s.fixed, dtype=torch.bool) for s in samples])
+    return LabeledBatch(
+        data=samples_to_batch(samples, dtype, device),
+        energy=torch.tensor([s.energy for s in samples], dtype=torch.float64).to(device),
+        forces=forces.to(device),
+        free=(~fixed).to(device),
+    )
+
+
+class TrainingSet:
+    """Labelled structures, read when a batch needs them. ``structures``: a ``StructureDataset``
+    (see ``open_dataset``) or a list of ``ase.Atoms``. The first structure's labels are checked at
+    once (a file without labels fails before training starts), every other one when it is read
+    (ValueError naming the structure, the file and the missing labels)."""
+
+    def __init__(
+        self, structures: StructureDataset | Sequence[Atoms], source: str | None = None
+    ) -> None:
+        if isinstance(structures, StructureDataset):
+            self.dataset = structures
+        else:
+            self.dataset = AtomsListDataset(structures, source=source or "data")
+        self.source = source or self.dataset.source
+        if len(self.dataset) == 0:
+            raise ValueError(f"{self.source} holds no structures")
+        self.sample(0)
 
     def __len__(self) -> int:
-        return len(self.pos)
+        return len(self.dataset)
+
+    def sample(self, index: int) -> Sample:
+        """Structure ``index`` with its labels checked."""
+        sample = self.dataset[index]
+        sample.check_labels(int(index), self.source)
+        return sample
+
+    def natoms(self, index: int) -> int:
+        """Atom count of structure ``index``."""
+        return self.dataset.natoms(index)
+
+    @property
+    def num_free(self) -> torch.Tensor:
+        """(n_structures,) int64 free-atom counts (reads every structure)."""
+        return torch.tensor([int((~self.dataset[i].fixed).sum()) for i in range(len(self))])
 
     def batch(
         self,
@@ -171,29 +295,31 @@ class TrainingSet:
         idx = [int(i) for i in indices]
         if not idx:
             raise ValueError("a batch needs at least one structure")
-        natoms = self.natoms[idx]
-        data = AtomsBatch(
-            pos=torch.cat([self.pos[i] for i in idx]).to(dtype),
-            cell=torch.stack([self.cell[i] for i in idx]).to(dtype),
-            atomic_numbers=torch.cat([self.numbers[i] for i in idx]),
-            natoms=natoms,
-            batch=torch.repeat_interleave(torch.arange(len(idx)), natoms),
-            pbc=torch.stack([self.pbc[i] for i in idx]),
-        )
-        return LabeledBatch(
-            data=data.to(device) if device is not None else data,
-            energy=self.energy[idx].to(device),
-            forces=torch.cat([self.forces[i] for i in idx]).to(device),
-            free=~torch.cat([self.fixed[i] for i in idx]).to(device),
-        )
+        return labeled_batch([self.sample(i) for i in idx], dtype, device)
 
 
-def fit_normalizers(dataset: TrainingSet) -> dict[str, dict[str, float]]:
+# Normalizers are fitted on at most this many structures (a seeded random subset beyond it).
+NORMALIZER_SAMPLES = 10_000
+
+
+def fit_normalizers(
+    dataset: TrainingSet, max_structures: int = NORMALIZER_SAMPLES, seed: int = 0
+) -> dict[str, dict[str, float]]:
     """fairchem's target normalizers fitted on ``dataset``: energy mean and rmsd = standard deviation
     of the energies (``torch.std``, unbiased), forces mean 0 and rmsd = standard deviation of all
     force components (every atom, fixed ones included). A standard deviation that is zero or
     undefined (one structure) becomes 1. Values are rounded to float32, the precision of fairchem's
-    Normalizer buffers and of the checkpoint, so a resumed run uses exactly the same ones."""
+    Normalizer buffers and of the checkpoint, so a resumed run uses exactly the same ones. Sets
+    larger than ``max_structures`` are fitted on a random subset of that size (seeded), so a large
+    LMDB is not read whole."""
+    n = len(dataset)
+    if n <= max_structures:
+        indices = list(range(n))
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        indices = sorted(torch.randperm(n, generator=gen)[:max_structures].tolist())
+    samples = [dataset.sample(i) for i in indices]
+    energies = torch.tensor([s.energy for s in samples], dtype=torch.float64)
 
     def _f32(value: float) -> float:
         return float(torch.tensor(value, dtype=torch.float32))
@@ -202,9 +328,11 @@ def fit_normalizers(dataset: TrainingSet) -> dict[str, dict[str, float]]:
         std = float(values.std()) if values.numel() > 1 else 0.0
         return _f32(std) if np.isfinite(std) and std > 0 else 1.0
 
-    forces = torch.cat([f.reshape(-1) for f in dataset.forces])
+    forces = torch.cat(
+        [torch.as_tensor(s.forces, dtype=torch.float64).reshape(-1) for s in samples]
+    )
     return {
-        "energy": {"mean": _f32(float(dataset.energy.mean())), "rmsd": _std(dataset.energy)},
+        "energy": {"mean": _f32(float(energies.mean())), "rmsd": _std(energies)},
         "forces": {"mean": 0.0, "rmsd": _std(forces)},
     }
 
@@ -213,7 +341,8 @@ class SampleOrder:
     """The order in which structures are drawn: a permutation of the n structures per epoch from a
     ``torch.Generator`` seeded with ``seed``; each global batch takes the next ``size`` indices of
     the current permutation, and the remainder of an epoch shorter than a batch is skipped (drop
-    last), so no batch repeats a structure. ``state_dict`` / ``load_state_dict`` resume it exactly."""
+    last), so no batch repeats a structure. ``next_packs`` instead fills batches up to an atom
+    budget. ``state_dict`` / ``load_state_dict`` resume it exactly."""
 
     def __init__(self, n: int, seed: int) -> None:
         if n < 1:
@@ -229,12 +358,60 @@ class SampleOrder:
         if not 1 <= size <= self.n:
             raise ValueError(f"batch size {size} must be between 1 and the {self.n} structures")
         if self.pos + size > self.n:
-            self.epoch += 1
-            self.perm = torch.randperm(self.n, generator=self.generator)
-            self.pos = 0
+            self._new_epoch()
         out = self.perm[self.pos : self.pos + size].tolist()
         self.pos += size
         return out
+
+    def _new_epoch(self) -> None:
+        self.epoch += 1
+        self.perm = torch.randperm(self.n, generator=self.generator)
+        self.pos = 0
+
+    def next_packs(
+        self,
+        natoms: Callable[[int], int],
+        max_atoms: int,
+        num_packs: int = 1,
+        max_structures: int | None = None,
+    ) -> list[list[int]]:
+        """The next ``num_packs`` packs (one per rank) of consecutive structures of the order: each
+        takes structures while its atom count stays <= ``max_atoms`` (and it holds at most
+        ``max_structures``), as fairchem's atom-budget samplers do. ``natoms(i)`` is structure i's
+        atom count. Packs never cross an epoch: when the epoch's remainder cannot fill the packs
+        the last pack is shorter, or, if some pack would be empty, the remainder is skipped and a
+        new epoch starts. ValueError when a structure alone exceeds the budget."""
+        if max_atoms < 1 or num_packs < 1:
+            raise ValueError("max_atoms and num_packs must be >= 1")
+        for attempt in range(2):
+            packs: list[list[int]] = []
+            pos = self.pos
+            while len(packs) < num_packs and pos < self.n:
+                pack: list[int] = []
+                atoms = 0
+                while pos < self.n and (max_structures is None or len(pack) < max_structures):
+                    i = int(self.perm[pos])
+                    size = int(natoms(i))
+                    if size > max_atoms:
+                        raise ValueError(
+                            f"structure {i} has {size} atoms, more than --max-atoms-per-batch "
+                            f"{max_atoms}"
+                        )
+                    if atoms + size > max_atoms:
+                        break
+                    pack.append(i)
+                    atoms += size
+                    pos += 1
+                packs.append(pack)
+            if len(packs) == num_packs:
+                self.pos = pos
+                return packs
+            if attempt == 0:
+                self._new_epoch()
+        raise ValueError(
+            f"{self.n} structures cannot fill {num_packs} batches (one per process): use fewer "
+            "processes or more data"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {

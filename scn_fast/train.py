@@ -6,11 +6,19 @@ normalized targets (forces of fixed atoms excluded), both averaged over the *glo
 gradient-norm clipping, EMA of the weights, warmup + step LR schedule (fairchem's
 ``warmup_lr_lambda``). Checkpoints use fairchem's layout (``scn_fast.load_checkpoint`` reads them) and
 carry the optimizer, scheduler, EMA, step, RNG and data-order state so ``resume`` continues exactly.
+
+With ``--max-atoms-per-batch A`` a step instead takes, per rank, consecutive structures of the order
+up to A atoms (and at most batch_size / world_size structures). With validation data
+(``--val-data`` or ``--val-fraction``) the EMA weights are evaluated every ``--eval-every`` steps
+and at the end (scn_fast/evaluate.py): a ``val step N ...`` line, a row of ``DIR/metrics.csv``, and
+``DIR/best_checkpoint.pt`` whenever the validation force MAE improves. Validation runs under a
+forked RNG, so it leaves the training trajectory unchanged.
 """
 
 from __future__ import annotations
 
 import bisect
+import csv
 import inspect
 import math
 import os
@@ -31,13 +39,24 @@ from .checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from .datasets import LabeledBatch, SampleOrder, TrainingSet, fit_normalizers, load_structures
+from .datasets import (
+    LabeledBatch,
+    SampleOrder,
+    TrainingSet,
+    fit_normalizers,
+    open_dataset,
+    split_dataset,
+)
 from .datasets import rank_share as _rank_share
+from .evaluate import evaluate_model, format_metrics
+from .metrics import METRIC_NAMES, MetricSums
 from .model import SphericalChannelNetwork
 from .presets import preset as _preset
 from .tap_order import optimizer_state_to_model, optimizer_state_to_upstream, params_to_model
 
 CHECKPOINT_NAME = "checkpoint.pt"
+BEST_CHECKPOINT_NAME = "best_checkpoint.pt"
+METRICS_NAME = "metrics.csv"
 # Options that may differ between a run and its resumption without changing the trajectory.
 _RESUME_FREE_ARGS = {
     "steps",
@@ -47,7 +66,11 @@ _RESUME_FREE_ARGS = {
     "device",
     "preset",
     "model_config",
+    "val_data",
+    "eval_every",
 }
+# Options a resumed run must repeat (they change the data order or the training set).
+_RESUME_FIXED_ARGS = ("batch_size", "seed", "max_atoms_per_batch", "val_fraction")
 
 
 @dataclass
@@ -60,7 +83,10 @@ class TrainConfig:
     (a resumed run continues up to it). batch_size: the global batch (all ranks together). resume:
     ``""`` for ``out/checkpoint.pt``, or a checkpoint path; None starts afresh. checkpoint_every:
     also save ``out/checkpoint.pt`` every so many steps (0: only at the end). ema_decay 0 and
-    clip_grad_norm 0 switch those off.
+    clip_grad_norm 0 switch those off. max_atoms_per_batch: pack each rank's batch up to this many
+    atoms (batch_size then caps the structures of a step). val_data: a labelled dataset to
+    validate on, or val_fraction: the share of ``data`` held out for it (seeded); eval_every:
+    validate every so many steps (0: only at the end).
     """
 
     data: str
@@ -87,6 +113,10 @@ class TrainConfig:
     device: str | None = None
     use_fused: bool = False
     precision: str = "fp32"
+    max_atoms_per_batch: int | None = None
+    val_data: str | None = None
+    val_fraction: float = 0.0
+    eval_every: int = 0
 
     def validate(self, world_size: int = 1) -> None:
         """ValueError naming the first bad option."""
@@ -112,6 +142,14 @@ class TrainConfig:
             raise ValueError("--clip-grad-norm and --weight-decay must be >= 0")
         if self.energy_coefficient < 0 or self.force_coefficient < 0:
             raise ValueError("--energy-coefficient and --force-coefficient must be >= 0")
+        if self.max_atoms_per_batch is not None and self.max_atoms_per_batch < 1:
+            raise ValueError(f"--max-atoms-per-batch must be >= 1, got {self.max_atoms_per_batch}")
+        if self.val_data is not None and self.val_fraction:
+            raise ValueError("give --val-data or --val-fraction, not both")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.eval_every < 0:
+            raise ValueError(f"--eval-every must be >= 0, got {self.eval_every}")
         if list(self.lr_milestones) != sorted(self.lr_milestones):
             raise ValueError(f"--lr-milestones must be increasing, got {self.lr_milestones}")
 
@@ -281,7 +319,7 @@ def _resume_path(cfg: TrainConfig) -> str:
 
 
 def _check_resume_args(cfg: TrainConfig, stored: Mapping[str, Any], path: str) -> None:
-    for key in ("batch_size", "seed"):
+    for key in _RESUME_FIXED_ARGS:
         if key in stored and stored[key] != getattr(cfg, key):
             raise ValueError(
                 f"--{key.replace('_', '-')} {getattr(cfg, key)} differs from {stored[key]} of the "
@@ -327,8 +365,17 @@ class _Trainer:
         else:
             kwargs = model_kwargs(cfg)
 
-        self.dataset = TrainingSet(load_structures(cfg.data), source=cfg.data)
-        if cfg.batch_size > len(self.dataset):
+        data = open_dataset(cfg.data)
+        val_data = None
+        if cfg.val_fraction:
+            data, val_data = split_dataset(data, cfg.val_fraction, cfg.seed)
+        elif cfg.val_data is not None:
+            val_data = open_dataset(cfg.val_data, "validation file")
+        self.dataset = TrainingSet(data, source=data.source)
+        self.val_set = TrainingSet(val_data) if val_data is not None else None
+        self.best_forces_mae = math.inf
+        self.validated_step = -1
+        if cfg.max_atoms_per_batch is None and cfg.batch_size > len(self.dataset):
             raise ValueError(
                 f"--batch-size {cfg.batch_size} exceeds the {len(self.dataset)} structures of "
                 f"{cfg.data}"
@@ -347,7 +394,7 @@ class _Trainer:
         if ckpt is not None:
             self.normalizers = normalizers_from_checkpoint(ckpt)
         else:
-            self.normalizers = fit_normalizers(self.dataset)
+            self.normalizers = fit_normalizers(self.dataset, seed=cfg.seed)
         self.model.normalizers = self.normalizers
         params = list(self.model.parameters())
         self.optimizer = torch.optim.AdamW(
@@ -381,6 +428,8 @@ class _Trainer:
         self.order.load_state_dict(state["data_order"])
         self.step = int(ckpt["step"])
         self.losses = [float(x) for x in state.get("losses", [])]
+        self.best_forces_mae = float(state.get("best_val_forces_mae", math.inf))
+        self.validated_step = int(state.get("validated_step", -1))
         rng = state.get("rng") or []
         if rng:
             mine = rng[self.info.rank] if len(rng) == self.info.world_size else rng[0]
@@ -406,6 +455,8 @@ class _Trainer:
                 "data_order": self.order.state_dict(),
                 "rng": rng,
                 "losses": list(self.losses),
+                "best_val_forces_mae": self.best_forces_mae,
+                "validated_step": self.validated_step,
                 "args": args,
             },
         }
@@ -425,7 +476,14 @@ class _Trainer:
     def run(self) -> dict[str, Any]:
         cfg, info = self.cfg, self.info
         per_rank = cfg.batch_size // info.world_size
-        print(f"rank {info.rank} of {info.world_size}: {per_rank} samples per step", flush=True)
+        if cfg.max_atoms_per_batch is None:
+            print(f"rank {info.rank} of {info.world_size}: {per_rank} samples per step", flush=True)
+        else:
+            print(
+                f"rank {info.rank} of {info.world_size}: up to {cfg.max_atoms_per_batch} atoms "
+                f"and {per_rank} samples per step",
+                flush=True,
+            )
         net: torch.nn.Module = self.model
         if info.distributed:
             ddp = torch.nn.parallel.DistributedDataParallel
@@ -447,6 +505,8 @@ class _Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step")
+        if info.is_main and self.val_set is not None:
+            self._open_metrics_file(resumed=cfg.resume is not None)
         start = time.perf_counter()
         first_step = self.step
         while self.step < cfg.steps:
@@ -460,8 +520,12 @@ class _Trainer:
                 bar.update(1)
             elif info.is_main:
                 print(line, flush=True)
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                self._validate(bar)
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save(path)
+        if self.val_set is not None and self.validated_step != self.step:
+            self._validate(bar)
         if bar is not None:
             bar.close()
         self.save(path)
@@ -474,14 +538,100 @@ class _Trainer:
                 flush=True,
             )
         dist_utils.barrier()
-        return {"checkpoint": path, "losses": list(self.losses), "steps": self.step}
+        return {
+            "checkpoint": path,
+            "losses": list(self.losses),
+            "steps": self.step,
+            "best_val_forces_mae": self.best_forces_mae,
+        }
+
+    # ------------------------------------------------------------------------- validation
+
+    def _open_metrics_file(self, resumed: bool) -> None:
+        """Start ``DIR/metrics.csv`` (a fresh run) or continue it (a resumed one: rows of steps
+        after the checkpoint's, written before an interruption, are dropped)."""
+        self.metrics_path = os.path.join(self.cfg.out, METRICS_NAME)
+        header = ["step", "epoch", "train_loss", *METRIC_NAMES, "num_structures"]
+        rows: list[list[str]] = []
+        if resumed and os.path.exists(self.metrics_path):
+            with open(self.metrics_path, newline="") as f:
+                old = list(csv.reader(f))
+            rows = [r for r in old[1:] if r and r[0].isdigit() and int(r[0]) <= self.step]
+        with open(self.metrics_path, "w", newline="") as f:
+            csv.writer(f).writerows([header, *rows])
+
+    @torch.no_grad()
+    def _validate(self, bar: Any = None) -> dict[str, float]:
+        """Evaluate the EMA weights (the current ones without EMA) on the validation set, each rank
+        a strided share, sums all-reduced; log, append to metrics.csv, keep the best checkpoint."""
+        cfg, info = self.cfg, self.info
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        backup = None
+        if self.ema is not None:
+            backup = [p.detach().clone() for p in params]
+            for p, s in zip(params, self.ema.shadow_params, strict=True):
+                p.copy_(s)
+        devices = [self.device] if self.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                sums, _ = evaluate_model(
+                    self.model,
+                    self.val_set.dataset,
+                    indices=range(info.rank, len(self.val_set), info.world_size),
+                    batch_size=max(cfg.batch_size // info.world_size, 1),
+                    max_atoms=cfg.max_atoms_per_batch,
+                )
+        finally:
+            if backup is not None:
+                for p, b in zip(params, backup, strict=True):
+                    p.copy_(b)
+        total = MetricSums()
+        total.values = dist_utils.all_reduce_sum(sums.values.to(self.device)).cpu()
+        metrics = total.result()
+        self.validated_step = self.step
+        if info.is_main:
+            line = f"val step {self.step} {format_metrics(metrics)}"
+            if bar is not None:
+                bar.write(line)
+            else:
+                print(line, flush=True)
+            with open(self.metrics_path, "a", newline="") as f:
+                csv.writer(f).writerow(
+                    [
+                        self.step,
+                        self.order.epoch,
+                        self.losses[-1] if self.losses else "",
+                        *(f"{metrics[k]:.8g}" for k in METRIC_NAMES),
+                        metrics["num_structures"],
+                    ]
+                )
+        if metrics["forces_mae"] < self.best_forces_mae:
+            self.best_forces_mae = metrics["forces_mae"]
+            self.save(os.path.join(cfg.out, BEST_CHECKPOINT_NAME))
+        return metrics
+
+    # ------------------------------------------------------------------------- one step
+
+    def _next_indices(self) -> tuple[list[int], int]:
+        """(this rank's structures, the global batch's structure count) of the next step."""
+        cfg, info = self.cfg, self.info
+        if cfg.max_atoms_per_batch is None:
+            global_idx = self.order.next_batch(cfg.batch_size)
+            return _rank_share(global_idx, info.rank, info.world_size), cfg.batch_size
+        packs = self.order.next_packs(
+            self.dataset.natoms,
+            cfg.max_atoms_per_batch,
+            num_packs=info.world_size,
+            max_structures=max(cfg.batch_size // info.world_size, 1),
+        )
+        return packs[info.rank], sum(len(p) for p in packs)
 
     def _train_step(self, net: torch.nn.Module) -> tuple[float, float]:
         """One optimizer step; returns (global loss before the step, learning rate it used)."""
         cfg, info = self.cfg, self.info
-        global_idx = self.order.next_batch(cfg.batch_size)
-        local_idx = _rank_share(global_idx, info.rank, info.world_size)
+        local_idx, num_structures = self._next_indices()
         batch = self.dataset.batch(local_idx, dtype=self.model.dtype, device=self.device)
+        num_free = int(dist_utils.all_reduce_sum(batch.free.sum()))
         out = net(batch.data)
         loss = training_loss(
             out,
@@ -489,8 +639,8 @@ class _Trainer:
             self.normalizers,
             energy_coefficient=cfg.energy_coefficient,
             force_coefficient=cfg.force_coefficient,
-            num_structures=cfg.batch_size,
-            num_free_atoms=int(self.dataset.num_free[global_idx].sum()),
+            num_structures=num_structures,
+            num_free_atoms=num_free,
         )
         self.optimizer.zero_grad(set_to_none=True)
         # DDP averages gradients over ranks; the shares already sum to the global loss.
@@ -511,6 +661,7 @@ class _Trainer:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run ``scn-fast train``; under torchrun (``WORLD_SIZE`` > 1) with DDP. Returns
     {"checkpoint": path, "losses": per-step global losses (all steps, resumed ones included),
+    "best_val_forces_mae": the best validation force MAE (inf without validation),
     "steps": final step}. ValueError / FileNotFoundError for bad options or data."""
     info = dist_utils.dist_info_from_env()
     cfg.validate(info.world_size)
