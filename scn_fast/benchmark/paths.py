@@ -102,8 +102,8 @@ def make_step(
     optimizer step). ``zero_grads``: "set_to_none" drops them, as ``torch.optim.Optimizer.zero_grad()``
     and ``nn.Module.zero_grad()`` do by default (what a training loop runs: the backward's gradients
     become ``.grad``; used for timing); "in_place" zeroes them where they lie and the backward adds into
-    them, so the gradients stay allocated across the step (used for activation memory, which DESIGN.md
-    section 6 measures above the weights and gradients held before the step)."""
+    them, so the gradients stay allocated across the step (used for activation memory, which
+    docs/measurement.md measures above the weights and gradients held before the step)."""
     if zero_grads not in ("set_to_none", "in_place"):
         raise ValueError(f"zero_grads must be 'set_to_none' or 'in_place', got {zero_grads!r}")
     if mode == "inference":
