@@ -19,7 +19,7 @@ def test_spread_is_range_over_median():
 def test_noisy_when_repeats_or_floor_spread_or_below_floor():
     steady = [1.00, 1.02, 1.05]
     assert noise.noise_reasons(steady, steady, 1.3) == []
-    assert "repeats spread by 20%" in noise.noise_reasons([1.0, 1.1, 1.2], steady, 1.3)[0]
+    assert "repeats spread by 18%" in noise.noise_reasons([1.0, 1.1, 1.2], steady, 1.3)[0]
     assert noise.noise_reasons(steady, [0.5, 0.6, 0.7], 1.3)[0].startswith("floor's repeats")
     assert noise.noise_reasons(steady, steady, 0.65) == ["time below its floor (0.65x)"]
     assert noise.noise_reasons([1.0, 1.0, 1.09]) == []  # 9%: within the limit
