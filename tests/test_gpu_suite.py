@@ -179,3 +179,35 @@ def test_ops_summary_flags_noisy_benchmarks(out_mod, tmp_path):
     assert [o["noisy"] for o in ops] == [False, True]
     assert ops[0]["peak_mem_bytes"] == 10 and ops[1]["spread"] == pytest.approx(0.5)
     assert "noisy" in out_mod.format_ops(ops) and out_mod.ops_summary(tmp_path / "none") == []
+
+
+def test_small_sizes_are_clusters_of_exactly_that_many_atoms():
+    from scn_fast.benchmark.systems import build_system, parse_size
+
+    for n in (3, 6, 13):
+        (atoms,) = build_system(parse_size(str(n)))
+        assert len(atoms) == n and not atoms.pbc.any()
+        assert sorted(atoms.get_chemical_symbols()[-2:]) == ["C", "O"]
+    (slab,) = build_system(parse_size("14"))
+    assert len(slab) == 14 and slab.pbc[:2].all()
+
+
+def test_check_only_point_gates_without_timing():
+    """The smoke stage's point: correctness records (errors, explain), no times or floors."""
+    from scn_fast.benchmark.point import PointConfig, run_point
+
+    cfg = PointConfig(
+        preset="tiny",
+        size="6",
+        modes=["training"],
+        paths=["reference"],
+        precisions=["fp32", "bf16"],
+        repeats=1,
+        check_only=True,
+    )
+    recs = run_point(cfg)
+    assert [(r["precision"], r["status"]) for r in recs] == [("fp32", "ok"), ("bf16", "ok")]
+    assert all(r["median_s"] is None and r["floor_s"] is None and r["noisy"] is None for r in recs)
+    bf16 = recs[1]
+    assert bf16["energy_err_rel"] is not None and bf16["max_grad_err_rel"] is not None
+    assert bf16["explain"]["edge_rotation"]["ran"] == "reference"
