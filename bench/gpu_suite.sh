@@ -66,9 +66,14 @@ fi
 if [ -n "$WHEELS" ] && [ ! -d "$WHEELS" ]; then
     missing+=("the wheel folder $WHEELS")
 fi
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "gpu_suite: missing before start: ${missing[*]}" >&2
+fail_missing() {
+    printf 'gpu_suite: missing: %s\n' "${missing[@]}" >&2
+    echo "gpu_suite: nothing was run. Bring missing packages as wheel files (--wheels DIR), see bench/GPU.md" >&2
     exit 2
+}
+# without the interpreter or the wheels, the package check below cannot run
+if ! command -v "$PY" >/dev/null 2>&1 || { [ -n "$WHEELS" ] && [ ! -d "$WHEELS" ]; }; then
+    fail_missing
 fi
 
 SCRATCH="$(mktemp -d "${TMPDIR:-/tmp}/scn_fast-gpu-suite.XXXXXX")"
@@ -111,11 +116,17 @@ fi
 
 # ---------------------------------------------------------------------------- Python packages
 info=$("$PY" - "$REHEARSE" <<'EOF'
-import importlib.util, re, shutil, sys
+import importlib, importlib.util, re, shutil, sys
 rehearse = sys.argv[1] == "1"
-need = ["torch", "triton", "numpy", "ase", "e3nn", "matplotlib", "pytest", "pytest_benchmark",
-        "cpuinfo", "setuptools"]
+need = ["torch", "triton", "numpy", "scipy", "ase", "e3nn", "matplotlib", "pytest",
+        "pytest_benchmark", "cpuinfo", "setuptools"]
 missing = [n for n in need if importlib.util.find_spec(n) is None]
+for mod in ("ase.build", "e3nn.o3", "pytest_benchmark.plugin"):  # their own dependencies too
+    if mod.split(".")[0] not in missing:
+        try:
+            importlib.import_module(mod)
+        except Exception as exc:
+            missing.append(f"a working {mod} ({type(exc).__name__}: {exc})")
 if shutil.which("ninja") is None:
     missing.append("ninja (executable or the ninja package)")
 device, arch, torch_version = "cpu-rehearsal", "", "none"
@@ -134,7 +145,7 @@ try:
     import scn_fast.kernels  # noqa: F401  (the checkout on PYTHONPATH)
 except Exception as exc:
     missing.append(f"an importable scn_fast.kernels ({type(exc).__name__}: {exc})")
-print("; ".join(missing) or "-")
+print("\t".join(missing) or "-")
 print(device)
 print(arch or "-")
 print(f"python {sys.version.split()[0]}, torch {torch_version}")
@@ -142,10 +153,10 @@ EOF
 )
 { read -r missing_pkgs; read -r device; read -r arch; read -r versions; } <<<"$info"
 if [ "${missing_pkgs:-?}" != "-" ]; then
-    echo "gpu_suite: missing: ${missing_pkgs:-(the check itself failed: $info)}" >&2
-    echo "gpu_suite: nothing was run. Bring missing packages as wheel files (--wheels DIR), see bench/GPU.md" >&2
-    exit 2
+    IFS=$'\t' read -r -a pk <<<"${missing_pkgs:-(the package check itself failed: $info)}"
+    missing+=("${pk[@]}")
 fi
+[ ${#missing[@]} -eq 0 ] || fail_missing
 
 # ---------------------------------------------------------------------------- device, output folder
 if [ "$REHEARSE" -eq 0 ]; then

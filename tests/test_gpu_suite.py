@@ -211,3 +211,28 @@ def test_check_only_point_gates_without_timing():
     bf16 = recs[1]
     assert bf16["energy_err_rel"] is not None and bf16["max_grad_err_rel"] is not None
     assert bf16["explain"]["edge_rotation"]["ran"] == "reference"
+
+
+def test_missing_prerequisites_are_named_before_anything_runs(tmp_path):
+    """Without a CUDA device (this machine) the GPU run refuses at once, naming what is missing, and
+    writes nothing; a missing wheel folder is named too."""
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": sys.executable}
+    res = subprocess.run(
+        ["bash", str(REPO / "bench" / "gpu_suite.sh"), str(out), "--wheels", str(tmp_path / "no")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert res.returncode == 2 and "the wheel folder" in res.stderr and not out.exists()
+    if not __import__("torch").cuda.is_available():
+        res = subprocess.run(
+            ["bash", str(REPO / "bench" / "gpu_suite.sh"), str(out)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+        assert res.returncode == 2 and "nothing was run" in res.stderr
+        assert "CUDA" in res.stderr and not out.exists()
