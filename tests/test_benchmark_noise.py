@@ -67,3 +67,26 @@ def test_table_shows_spread_and_noisy_with_reason():
     assert lines[3].split()[-1] == "ok"
     assert "1 of 2 timed points are noisy" in table
     assert "[1] repeats spread by 27% (> 10%)" in table
+
+
+def test_backend_check_reads_explain_loosely():
+    """The check that the requested backend ran survives a change of explain()'s layout: extra
+    fields per op, ops renamed, entries that are plain strings."""
+    from scn_fast.benchmark.paths import backend_mismatch, path_spec
+
+    tri = path_spec("triton", "fp32")
+    new_layout = {
+        "edge_rotation": {"ran": "triton", "variant": {"tile": 64}, "refused": {}},
+        "scatter_aggregation": {"ran": "triton", "variant": {}, "refused": {}},
+        "gemm_precision": {"ran": "bf16 native", "refused": {}},
+    }
+    assert backend_mismatch(tri, new_layout) is None
+    refused = {"edge_rotation": {"ran": "reference", "refused": {"triton": "no CUDA"}}}
+    assert "edge_rotation ran 'reference' (no CUDA)" in backend_mismatch(tri, refused)
+    renamed = {"rotate_edges": {"ran": "triton"}, "aggregate": {"ran": "triton"}}
+    assert backend_mismatch(tri, renamed) is None
+    assert "did not run" in backend_mismatch(tri, {"rotate_edges": {"ran": "extension"}})
+    assert (
+        backend_mismatch(tri, {"edge_rotation": "triton", "scatter_aggregation": "triton"}) is None
+    )
+    assert "reports no op" in backend_mismatch(tri, {"gemm_precision": {"ran": "bf16 native"}})
