@@ -4,6 +4,8 @@ Modules, one job each:
 
 * ``measure``   interleaved timing (warm-up, repeats across the compared paths, median) and
                 activation memory of one step (GPU allocator peak / CPU peak RSS).
+* ``noise``     whether a time can be trusted: the spread of its repeats and of its floor's, the
+                ``noisy`` flag (spread > 10% or time below the floor), the busy-machine warning.
 * ``floor``     the reference's GEMM floor and the algebraic floor: nn.Linear shapes recorded with
                 forward hooks on a reference run, timed with ``torch.addmm``; device peak FLOP/s.
 * ``tolerance`` the tolerance table of docs/tolerances.md and the output/gradient comparisons.
