@@ -379,6 +379,8 @@ class Suite:
                 "--benchmark-only", "-k", self.p.ops_select, "--benchmark-json", str(js),
             ]  # fmt: skip
             res = self.command("ops", cmd, deadline, self.env())
+            if res["rc"] == 5:  # pytest: no test selected in this file
+                res["status"] = "ok"
             statuses.append(res["status"])
             self.ops.extend(output.ops_summary(js))
             done.append(f)
