@@ -300,6 +300,8 @@ class Suite:
             "from scn_fast.extension import load_extension, csrc_dir\n"
             "load_extension()\n"
             "print(f'extension built and loaded in {time.time() - t:.1f} s from {csrc_dir()}')\n"
+            "import torch; from torch.utils.cpp_extension import CUDA_HOME\n"
+            "print(f'torch CUDA {torch.version.cuda}, CUDA_HOME {CUDA_HOME} (None: no CUDA twin)')\n"
         )
         return self.command("build", [self.py, "-c", code], deadline, self.env())
 
