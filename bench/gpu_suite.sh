@@ -104,7 +104,7 @@ EOF
     for w in "${wheels[@]}"; do installed+="$(basename "$w") "; done
 fi
 export PYTHONPATH="$REPO${SCRATCH:+:$SCRATCH/site}${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+export PYTHONUNBUFFERED=1
 export SCN_GPU_SUITE_WHEELS="$installed" SCN_GPU_SUITE_T0="$T0"
 unset SCN_FAST_BACKEND TRITON_INTERPRET
 
