@@ -4,10 +4,11 @@ The Triton kernels live in the top-level ``kernels/`` folder of the repository a
 ``scn_fast.kernels`` (pyproject's ``package-dir`` mapping). An installed wheel holds them at
 ``scn_fast/kernels/``, and an editable install maps the name with its own import finder; a checkout used
 through ``PYTHONPATH`` has neither, so ``import scn_fast.kernels`` would fail. ``mount_checkout_kernels``
-then appends a finder to ``sys.meta_path`` that answers for exactly that one name with the checkout's
-``kernels/`` folder (its submodules are found through the package's ``__path__`` as usual). Being last
-on ``sys.meta_path``, it is consulted only when no installed layout provides the package. Importing this
-module (scn_fast's ``__init__`` does, first) mounts it.
+then puts a finder first on ``sys.meta_path`` that answers for exactly that one name with the kernels/
+folder of the checkout this scn_fast was imported from (its submodules are found through the package's
+``__path__`` as usual). First, so that an editable install of another checkout cannot hand out its
+kernels instead; it is mounted only when scn_fast comes from a checkout, never from an installed
+wheel. Importing this module (scn_fast's ``__init__`` does, first) mounts it.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def checkout_kernels_dir(package_dir: Path) -> Path | None:
 
 
 def mount_checkout_kernels(package_dir: Path) -> CheckoutKernelsFinder | None:
-    """Append the finder for the checkout's ``kernels/`` (once); returns it, or None if not needed."""
+    """Put the finder for the checkout's ``kernels/`` first on ``sys.meta_path`` (once); returns it,
+    or None if not needed."""
     kernels = checkout_kernels_dir(package_dir)
     if kernels is None:
         return None
@@ -61,7 +63,7 @@ def mount_checkout_kernels(package_dir: Path) -> CheckoutKernelsFinder | None:
         if isinstance(finder, CheckoutKernelsFinder):
             return finder
     finder = CheckoutKernelsFinder(kernels)
-    sys.meta_path.append(finder)
+    sys.meta_path.insert(0, finder)
     return finder
 
 
