@@ -4,6 +4,7 @@
 state_dict, same outputs), with fused kernels selected by a dispatcher (``use_fused=True``).
 """
 
+from . import _checkout  # noqa: F401  (first: mounts ``scn_fast.kernels`` in a plain checkout)
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import AtomsBatch
 from .extension import cpu_cache_bytes, release_cpu_cache

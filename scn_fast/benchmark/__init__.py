@@ -1,12 +1,14 @@
-"""The benchmark suite behind ``scn-fast bench`` (DESIGN.md sections 2, 6, 8).
+"""The benchmark suite behind ``scn-fast bench`` (docs/measurement.md, docs/tolerances.md).
 
 Modules, one job each:
 
 * ``measure``   interleaved timing (warm-up, repeats across the compared paths, median) and
                 activation memory of one step (GPU allocator peak / CPU peak RSS).
+* ``noise``     whether a time can be trusted: the spread of its repeats and of its floor's, the
+                ``noisy`` flag (spread > 10% or time below the floor), the busy-machine warning.
 * ``floor``     the reference's GEMM floor and the algebraic floor: nn.Linear shapes recorded with
                 forward hooks on a reference run, timed with ``torch.addmm``; device peak FLOP/s.
-* ``tolerance`` the tolerance table of DESIGN.md section 8 and the output/gradient comparisons.
+* ``tolerance`` the tolerance table of docs/tolerances.md and the output/gradient comparisons.
 * ``systems``   built-in, deterministic OC20-like systems of several sizes.
 * ``paths``     the compared paths (reference, each fused backend, torch.compile) and their steps.
 * ``models``    each path's model, built once per point with the reference's weights.

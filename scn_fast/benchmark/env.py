@@ -58,7 +58,11 @@ def git_state() -> tuple[str | None, bool | None]:
     def git(*args: str) -> str | None:
         try:
             res = subprocess.run(
-                ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10
+                # safe.directory: a checkout copied onto a machine by another user is still read
+                ["git", "-c", "safe.directory=*", "-C", str(root), *args],
+                capture_output=True,
+                text=True,
+                timeout=10,
             )
         except (OSError, subprocess.SubprocessError):
             return None

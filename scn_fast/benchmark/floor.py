@@ -1,4 +1,4 @@
-"""The reference's GEMM floor, the algebraic floor, and device peak FLOP/s (DESIGN.md sections 3, 6).
+"""The reference's GEMM floor, the algebraic floor, and device peak FLOP/s (docs/algebra.md, docs/measurement.md).
 
 GEMM floor: forward hooks on every ``nn.Linear`` of a *reference* model record each call's shape
 (M rows, K = in_features, N = out_features) during one forward on the benchmarked system, in the order
@@ -6,13 +6,13 @@ the model makes them. The floor is what those calls take when they are all the w
 replayed back to back in the model's order (``GemmReplay``: ``torch.addmm(bias, A (M, K), W.t() (K, N),
 out=...)``, one operand set per distinct shape, outputs preallocated so that no allocation is timed,
 each call timed on its own), on the same device, in the same process and precision. The replay runs
-interleaved with the timed steps (one replay per round, median over the rounds, DESIGN.md section 6),
+interleaved with the timed steps (one replay per round, median over the rounds, docs/measurement.md),
 so that the floor and the times divided by it see the same machine. A training step (forward +
 backward) is counted as 3 times the forward GEMMs.
 
 Algebraic floor: the same, with every ``fc1_edge_proj`` call of a message block whose resolution has
 mmax = 1 and 4 taps counted at (5L+1)/(12L+4) of its time (L that block's lmax): the tap symmetry of
-section 3 makes the rest of that GEMM redundant, exactly. Otherwise equal to the GEMM floor.
+docs/algebra.md makes the rest of that GEMM redundant, exactly. Otherwise equal to the GEMM floor.
 
 Isolated floor (``isolated_floor``, kept for comparison with older records): each distinct shape timed
 in a loop of its own (the same GEMM again and again) and summed over the calls. It comes out lower than
@@ -77,7 +77,7 @@ class GemmCall:
 
 
 def algebraic_fraction(lmax: int, mmax: int, num_taps: int) -> float:
-    """(5L+1)/(12L+4) for mmax = 1 with 4 taps, else 1 (DESIGN.md section 3)."""
+    """(5L+1)/(12L+4) for mmax = 1 with 4 taps, else 1 (docs/algebra.md)."""
     if mmax == 1 and num_taps == 4:
         return (5 * lmax + 1) / (12 * lmax + 4)
     return 1.0

@@ -1,4 +1,4 @@
-"""Timing and activation memory of one step (DESIGN.md section 6).
+"""Timing and activation memory of one step (docs/measurement.md).
 
 Timing: every compared path is warmed up, then the repeats are interleaved across the paths (repeat r
 runs every path once, the starting path rotating with r, so slow drifts of a busy machine hit all paths

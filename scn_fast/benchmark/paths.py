@@ -102,8 +102,8 @@ def make_step(
     optimizer step). ``zero_grads``: "set_to_none" drops them, as ``torch.optim.Optimizer.zero_grad()``
     and ``nn.Module.zero_grad()`` do by default (what a training loop runs: the backward's gradients
     become ``.grad``; used for timing); "in_place" zeroes them where they lie and the backward adds into
-    them, so the gradients stay allocated across the step (used for activation memory, which DESIGN.md
-    section 6 measures above the weights and gradients held before the step)."""
+    them, so the gradients stay allocated across the step (used for activation memory, which
+    docs/measurement.md measures above the weights and gradients held before the step)."""
     if zero_grads not in ("set_to_none", "in_place"):
         raise ValueError(f"zero_grads must be 'set_to_none' or 'in_place', got {zero_grads!r}")
     if mode == "inference":
@@ -130,23 +130,44 @@ def make_step(
     raise ValueError(f"unknown mode {mode!r}: inference or training")
 
 
-def edge_backends_ran(explain: dict[str, dict]) -> dict[str, Any]:
-    """What ran for each edge op according to ``model.explain()``."""
-    return {op: explain.get(op, {}).get("ran") for op in EDGE_OPS}
+def _ran(entry: Any) -> Any:
+    """What ran according to one entry of ``model.explain()``: its "ran" field (a backend name), or
+    the entry itself when it is not a dict."""
+    return entry.get("ran") if isinstance(entry, dict) else entry
 
 
-def backend_mismatch(spec: PathSpec, explain: dict[str, dict]) -> str | None:
+def edge_backends_ran(explain: dict[str, Any]) -> dict[str, Any]:
+    """What ran for each edge op according to ``model.explain()``.
+
+    Read loosely, so that a changed report layout does not fail every fused record: the edge ops
+    that the report names; when it names none of them, every entry that says what ran (other than
+    ``gemm_precision``, which names a precision mode, not a backend)."""
+    named = {op: _ran(explain[op]) for op in EDGE_OPS if op in explain}
+    if named:
+        return named
+    return {
+        op: _ran(v)
+        for op, v in explain.items()
+        if op != "gemm_precision" and isinstance(v, dict) and "ran" in v
+    }
+
+
+def backend_mismatch(spec: PathSpec, explain: dict[str, Any]) -> str | None:
     """Why ``explain`` shows that ``spec``'s backend did not run its edge ops, or None."""
     want = spec.name if spec.kind == "fused" else "reference"
     ran = edge_backends_ran(explain)
+    if not ran:
+        return f"model.explain() reports no op that ran, so backend {want!r} cannot be confirmed"
     wrong = {op: b for op, b in ran.items() if b != want}
     if not wrong:
         return None
-    refused = {
-        op: explain.get(op, {}).get("refused", {}).get(want) for op in wrong if op in explain
-    }
+
+    def refusal(op: str) -> Any:
+        entry = explain.get(op)
+        refused = entry.get("refused") if isinstance(entry, dict) else None
+        return refused.get(want) if isinstance(refused, dict) else None
+
     detail = "; ".join(
-        f"{op} ran {b!r}" + (f" ({refused[op]})" if refused.get(op) else "")
-        for op, b in wrong.items()
+        f"{op} ran {b!r}" + (f" ({refusal(op)})" if refusal(op) else "") for op, b in wrong.items()
     )
     return f"requested backend {want!r} did not run: {detail}"

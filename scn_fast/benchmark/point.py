@@ -1,6 +1,6 @@
 """One benchmark point: a preset on one system, every requested mode x path x precision.
 
-Order of work (DESIGN.md section 6, correctness first):
+Order of work (docs/measurement.md, correctness first):
 
 1. The float32 reference runs once under ``torch.no_grad()`` with forward hooks on its nn.Linear layers:
    its outputs are the baseline every path is checked against, its GEMM shapes give the floors. A
@@ -47,6 +47,7 @@ from .floor import (
     record_gemm_calls,
 )
 from .models import Models, grads_of, new_model
+from .noise import spread_fields
 from .paths import COMPILE, PathSpec, backend_mismatch, make_step, path_spec
 from .records import make_record
 from .systems import build_system, parse_size
@@ -75,7 +76,9 @@ class PointConfig:
     ``skip``: [mode, path, precision] triples not to run (they ran out of memory at a smaller size).
     ``mem_limit_bytes``: RLIMIT_AS for the point process on CPU (None: none); ``mem_headroom_bytes``:
     instead, the address space after start-up plus this much. ``compile_timeout_s``: limit on the first
-    (compiling) call of the torch.compile path. ``threads``: torch's intra-op threads (None: default)."""
+    (compiling) call of the torch.compile path. ``threads``: torch's intra-op threads (None: default).
+    ``check_only``: stop after the correctness check (step 2 of the module doc): records carry
+    status and errors but no times, floors or memory (a smoke test)."""
 
     preset: str
     size: str
@@ -92,6 +95,7 @@ class PointConfig:
     mem_headroom_bytes: int | None = None
     compile_timeout_s: float | None = 900.0
     threads: int | None = None
+    check_only: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -282,6 +286,10 @@ def _run_mode(
         del result, grads
         ok[s] = (_Guarded(make_step(entry.call, entry.params, mode, data), device), f)
 
+    if cfg.check_only:
+        for _g, f in ok.values():
+            out(**f, status="ok")
+        return
     steps = {s: g for s, (g, _) in ok.items()}
     log(f"{mode}: timing {[s.name + ' ' + s.precision for s in steps]}")
     replays = _floor_replays(calls, device, {s.precision for s in steps})
@@ -294,15 +302,22 @@ def _run_mode(
         warmup,
     )
 
+    factor = TRAINING_FACTOR if mode == "training" else 1.0
     floors = {
         p: replay.floor(last=cfg.repeats) if guarded.error is None else None
         for p, (guarded, replay) in replays.items()
+    }
+    # the algebraic floor of each timed replay (its repeats' spread is reported with every record)
+    floor_samples = {
+        p: [f.algebraic_s * factor for f in replay.samples[-cfg.repeats :]]
+        for p, (guarded, replay) in replays.items()
+        if guarded.error is None
     }
     del replays  # their operands are not held during the memory steps
 
     def floor_of(precision: str) -> Floor | None:
         f = floors.get(precision)
-        return None if f is None else (f.scaled(TRAINING_FACTOR) if mode == "training" else f)
+        return None if f is None else f.scaled(factor)
 
     log(f"{mode}: memory")
     # Activation memory is taken above the weights and gradients held before the step, so its
@@ -326,16 +341,18 @@ def _run_mode(
             continue
         med = measure.median(times[s])
         fl, iso = floor_of(s.precision), isolated_of(s.precision, mode)
+        over_floor = (med / fl.algebraic_s) if fl and fl.algebraic_s > 0 else None
         out(
             **f,
             status="ok",
             median_s=med,
             times_s=times[s],
+            **spread_fields(times[s], floor_samples.get(s.precision), over_floor),
             speedup_vs_reference=(ref_median / med) if ref_median and med else None,
             peak_mem_bytes=mem.get(s),
             floor_s=fl.algebraic_s if fl else None,
             gemm_floor_s=fl.gemm_s if fl else None,
-            time_over_floor=(med / fl.algebraic_s) if fl and fl.algebraic_s > 0 else None,
+            time_over_floor=over_floor,
             time_over_gemm_floor=(med / fl.gemm_s) if fl and fl.gemm_s > 0 else None,
             gemm_flops=fl.flops if fl else None,
             algebraic_gemm_flops=fl.algebraic_flops if fl else None,

@@ -10,17 +10,21 @@ Fields (None where they do not apply, e.g. timings of a path that is not ``ok``)
 * outcome: ``status`` (ok | wrong | failed | oom), ``reason`` (why, when not ok).
 * time: ``median_s`` (median of ``times_s``, interleaved repeats), ``speedup_vs_reference`` (median of
   the float32 reference in the same run and mode / this median).
+* trust (noise.py): ``min_s``, ``max_s`` and ``spread`` ((max - min) / median) of the repeats; the
+  same of the algebraic floor's replays (``floor_min_s``, ``floor_max_s``, ``floor_spread``);
+  ``noisy`` (True when the repeats or the floor's spread by more than 10%, or the time is below its
+  floor; None when nothing was timed) and ``noise`` (why).
 * floors (floor.py): ``gemm_floor_s`` (the reference's nn.Linear GEMMs replayed back to back in the
   model's order, interleaved with the timed steps, median; x3 for training), ``floor_s`` (the
   algebraic floor), ``time_over_floor`` (median / floor_s), ``time_over_gemm_floor``, ``gemm_flops``
   and ``algebraic_gemm_flops`` (FLOPs behind the two floors), ``gemm_flops_per_s`` (the GEMM rate of
-  the replay), ``device_peak_flops_per_s`` (GPU table, else None); for comparison with records before
-  session 6, ``isolated_floor_s`` (the algebraic floor from each shape timed in a loop of its own,
+  the replay), ``device_peak_flops_per_s`` (GPU table, else None); for comparison with older records,
+  ``isolated_floor_s`` (the algebraic floor from each shape timed in a loop of its own,
   measured once per point) and ``time_over_isolated_floor``.
-* memory: ``peak_mem_bytes`` (activation memory of one step, DESIGN.md section 6).
+* memory: ``peak_mem_bytes`` (activation memory of one step, docs/measurement.md).
 * correctness: ``energy_err_rel``, ``max_force_err_rel``, ``force_cosine``, ``max_grad_err_rel``,
   ``force_err_limit``, ``error_baseline`` ("float32 reference"; for the float32 reference itself
-  "float64 reference": its own error), ``ref_fp32_vs_fp64_force_err`` (u of DESIGN.md section 8).
+  "float64 reference": its own error), ``ref_fp32_vs_fp64_force_err`` (u of docs/tolerances.md).
 * provenance: ``device``, ``device_type``, ``threads``, ``torch_version``, ``triton_version``,
   ``cuda_version``, ``git_commit``, ``git_dirty``, ``explain`` (``model.explain()`` after the step:
   what ran per op).
@@ -48,10 +52,18 @@ RECORD_FIELDS = (
     "reason",
     "median_s",
     "times_s",
+    "min_s",
+    "max_s",
+    "spread",
+    "noisy",
+    "noise",
     "speedup_vs_reference",
     "floor_s",
     "gemm_floor_s",
     "time_over_floor",
+    "floor_min_s",
+    "floor_max_s",
+    "floor_spread",
     "time_over_gemm_floor",
     "gemm_flops",
     "algebraic_gemm_flops",

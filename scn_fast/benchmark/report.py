@@ -1,8 +1,9 @@
 """Benchmark output: ``results.json``, a plain-text table, and PNG plots (matplotlib, Agg).
 
 * ``DIR/results.json``: {"metadata": run metadata, "records": [records.RECORD_FIELDS dicts]}.
-* the table (printed, also ``DIR/table.txt``): one line per record; reasons of records that are not
-  ``ok`` follow it, numbered.
+* the table (printed, also ``DIR/table.txt``): one line per record, with the spread of its repeats
+  and ``trust`` (ok, or ``noisy``: see noise.py); reasons of records that are not ``ok`` and of noisy
+  ones follow it, numbered.
 * ``DIR/speedup_vs_natoms.png``, ``DIR/time_over_floor_vs_natoms.png``,
   ``DIR/activation_memory_vs_natoms.png``: one panel per (config, mode), one line per
   (backend, precision), ok records only. Skipped (with a note) when matplotlib is not installed.
@@ -26,6 +27,10 @@ def _num(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
 def _mem(value: int | None) -> str:
     if value is None:
         return "-"
@@ -36,21 +41,33 @@ def format_table(records: list[dict[str, Any]]) -> str:
     """The plain-text table of ``records`` (see module doc)."""
     head = (
         f"{'config':<11} {'mode':<9} {'backend':<17} {'prec':<4} {'natoms':>6} {'status':<6} "
-        f"{'median_s':>9} {'speedup':>7} {'t/floor':>7} {'memory':>8} {'E_err':>8} {'F_err':>8}"
+        f"{'median_s':>9} {'spread':>6} {'speedup':>7} {'t/floor':>7} {'memory':>8} {'E_err':>8} "
+        f"{'F_err':>8} {'trust':<5}"
     )
     lines = [head, "-" * len(head)]
     notes: list[str] = []
     for r in records:
         mark = ""
-        if r.get("reason"):
-            notes.append(r["reason"])
-            mark = f" [{len(notes)}]"
+        for why in (r.get("reason"), r.get("noise")):
+            if why:
+                notes.append(why)
+                mark += f" [{len(notes)}]"
+        trust = {True: "noisy", False: "ok", None: "-"}[r.get("noisy")]
         lines.append(
             f"{r['config']:<11} {r['mode']:<9} {r['backend']:<17} {r['precision']:<4} "
             f"{r['natoms'] if r['natoms'] is not None else '-':>6} {r['status']:<6} "
-            f"{_num(r['median_s'], '.4g'):>9} {_num(r['speedup_vs_reference'], '.3f'):>7} "
+            f"{_num(r['median_s'], '.4g'):>9} {_pct(r.get('spread')):>6} "
+            f"{_num(r['speedup_vs_reference'], '.3f'):>7} "
             f"{_num(r['time_over_floor'], '.3f'):>7} {_mem(r['peak_mem_bytes']):>8} "
-            f"{_num(r['energy_err_rel'], '.1e'):>8} {_num(r['max_force_err_rel'], '.1e'):>8}{mark}"
+            f"{_num(r['energy_err_rel'], '.1e'):>8} {_num(r['max_force_err_rel'], '.1e'):>8} "
+            f"{trust:<5}{mark}"
+        )
+    noisy = sum(1 for r in records if r.get("noisy"))
+    if noisy:
+        lines.append("")
+        lines.append(
+            f"{noisy} of {sum(1 for r in records if r.get('noisy') is not None)} timed points are "
+            "noisy (trust column): rerun them on an idle machine before quoting them"
         )
     if notes:
         lines.append("")
@@ -136,6 +153,8 @@ def write_all(results: dict[str, Any], out: Path | str) -> dict[str, Any]:
     print(table)
     print(f"\nwrote {json_path}" + "".join(f", {p.name}" for p in pngs))
     meta = results.get("metadata", {})
+    if meta.get("busy_warning"):
+        print(meta["busy_warning"])
     if meta.get("stopped_early"):
         print(f"stopped early: {meta['stopped_early']}")
     return {"json": json_path, "plots": pngs}

@@ -26,6 +26,7 @@ import torch
 
 from ..presets import PRESETS
 from .env import environment, supported_precisions
+from .noise import busy_warning, load_average, usable_cores
 from .paths import COMPILE, backend_refusal, fused_backends, path_spec
 from .point import NO_BASELINE, RECORD_PREFIX, PointConfig
 from .progress import Progress
@@ -189,7 +190,7 @@ def make_plan(cfg: SuiteConfig) -> Plan:
 
 
 # ----------------------------------------------------------------------------- duration estimate
-# Reference step seconds on the 14-atom slab, idle 2-core CPU, float32 (DESIGN.md section 2 and runs
+# Reference step seconds on the 14-atom slab, idle 2-core CPU, float32 (docs/measurement.md and runs
 # of this suite): (inference, training). Other sizes scale with the atom count.
 _CPU_REF_S = {
     "tiny": (0.05, 0.15),
@@ -252,14 +253,21 @@ def _missing_status(rc: int, log_tail: str) -> tuple[str, str]:
 
 
 def run_point_process(
-    point: PointConfig, log_path: Path, on_record, expected: list[tuple[str, str, str]]
+    point: PointConfig,
+    log_path: Path,
+    on_record,
+    expected: list[tuple[str, str, str]],
+    extra_env: dict[str, str] | None = None,
 ) -> list[dict]:
     """Run ``point`` in a subprocess (stderr and stray stdout to ``log_path``) and return the records
     of the ``expected`` keys (others it reports are dropped); those it did not report (it crashed)
-    are made here: ``oom`` if it died of memory, else ``failed``."""
+    are made here: ``oom`` if it died of memory, else ``failed``. ``extra_env``: variables set for
+    the point process after the suite's own (a correctness check, never a timing, may set
+    ``TRITON_INTERPRET=1`` to run the Triton path on CPU)."""
     env = dict(os.environ)
     env.pop("SCN_FAST_BACKEND", None)  # the suite chooses backends explicitly
     env.pop("TRITON_INTERPRET", None)  # never benchmark Triton's CPU interpreter
+    env.update(extra_env or {})
     env["PYTHONPATH"] = _package_root() + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("PYTHONUNBUFFERED", "1")
     records: list[dict] = []
@@ -322,6 +330,8 @@ class Sweep:
     records: list[dict] = field(default_factory=list)
     start: float = field(default_factory=time.time)
     stopped: str | None = None
+    load_at_start: float | None = None
+    busy: str | None = None
 
     def over_budget(self, what: str) -> bool:
         limit = self.plan.cfg.max_minutes
@@ -368,6 +378,10 @@ class Sweep:
             "duration_s": time.time() - self.start,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.start)),
             "stopped_early": self.stopped,
+            "load_average_at_start": self.load_at_start,
+            "cores": usable_cores(),
+            "busy_warning": self.busy,
+            "noisy_records": sum(1 for r in self.records if r.get("noisy")),
             **environment(cfg.device),
         }
         if self.records:  # the points' own view (their thread count may differ from ours)
@@ -393,6 +407,10 @@ def run_suite(cfg: SuiteConfig) -> dict[str, Any]:
     for b, why in plan.refused.items():
         print(f"  not benchmarked: {b}: {why}", flush=True)
     sweep = Sweep(plan, out, Progress(plan.total_records, enabled=cfg.progress))
+    sweep.load_at_start = load_average()
+    sweep.busy = busy_warning(sweep.load_at_start)
+    if sweep.busy:
+        print(sweep.busy, file=sys.stderr, flush=True)
     try:
         for preset in plan.presets:
             sweep.sizes(preset)

@@ -1,8 +1,10 @@
 """Built-in OC20-like benchmark systems: Cu(111)+CO slabs of several sizes, and batches of them.
 
 A size is given as a string: ``"N"`` is one slab of about N atoms (``"14"`` is exactly the 14-atom
-cu111_co(size=(2, 2, 3)), ``"38"`` the 38-atom cu111_co(size=(3, 3, 4)); other N use ``slab_of_size``,
-4 layers grown laterally, so the actual count may differ a little); ``"BxN"`` is a batch of B such slabs
+cu111_co(size=(2, 2, 3)), ``"38"`` the 38-atom cu111_co(size=(3, 3, 4)); N from 3 to 13 is a cluster
+of exactly N atoms, the 14-atom slab's first N - 2 Cu atoms and its CO, not periodic (every pair is an
+edge, N (N - 1) in all: for checks that must be cheap, e.g. Triton's CPU interpreter); other N use
+``slab_of_size``, 4 layers grown laterally, so the actual count may differ a little); ``"BxN"`` is a batch of B such slabs
 (rattle seeds 0..B-1), e.g. ``"6x38"`` (228 atoms), an OC20-sized training batch. Everything is
 deterministic: the same spec always gives the same positions.
 """
@@ -51,11 +53,16 @@ def parse_sizes(text: str) -> list[SystemSpec]:
 
 
 def slab(natoms: int, seed: int = 0) -> Atoms:
-    """One Cu(111)+CO slab of about ``natoms`` atoms (exact for 14 and 38)."""
+    """One Cu(111)+CO slab of about ``natoms`` atoms (exact for 3 to 14 and for 38; below 14, a cluster)."""
     if natoms == 14:
         return cu111_co(size=(2, 2, 3), seed=seed)
     if natoms == 38:
         return cu111_co(size=(3, 3, 4), seed=seed)
+    if natoms < 14:
+        full = cu111_co(size=(2, 2, 3), seed=seed)
+        cluster = full[[*range(max(1, natoms - 2)), len(full) - 2, len(full) - 1]]
+        cluster.pbc = False
+        return cluster
     return slab_of_size(natoms, seed=seed)
 
 

@@ -1,4 +1,4 @@
-"""Correctness gates of the benchmark: DESIGN.md section 8's tolerance table and the comparisons.
+"""Correctness gates of the benchmark: the tolerance table of docs/tolerances.md and the comparisons.
 
 Energy error: max over structures of |dE| / max(1, |E_ref|). Force error: max |dF| / max |F_ref|.
 Force cosine: the cosine between the flattened force arrays. Gradient error: the largest, over parameter
