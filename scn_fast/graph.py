@@ -37,12 +37,14 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
 
 __all__ = [
     "RadiusGraph",
+    "check_edge_geometry",
     "check_precomputed_graph",
     "edge_vectors",
     "image_shifts",
@@ -58,6 +60,9 @@ MIN_LATTICE_VECTOR = 1e-4
 SINGULAR_TOLERANCE = 1e-8
 #: Upstream's degeneracy tolerance of the non-strict truncation, in squared Angstrom.
 DEGENERACY_TOLERANCE = 0.01
+#: Relative slack on the cutoff for precomputed edges (graphs built in float32 may exceed it
+#: by round-off).
+PRECOMPUTED_CUTOFF_SLACK = 1e-5
 
 _REL_PAD = 1e-9  # relative safety margin on fractional cutoffs (covers float64 round-off)
 _ABS_PAD = 1e-9  # absolute safety margin on fractional cutoffs
@@ -231,6 +236,9 @@ def check_precomputed_graph(
     cell_offsets: torch.Tensor,
     natoms: torch.Tensor,
     max_num_neighbors: int,
+    *,
+    structure: Any = None,
+    cutoff: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validate a user-supplied graph and sort it by target.
 
@@ -239,6 +247,10 @@ def check_precomputed_graph(
         cell_offsets: (E, 3) image offsets (dtype kept).
         natoms: (B,) int atoms per system.
         max_num_neighbors: maximum incoming edges per target (<= 0: no limit).
+        structure: optional object with ``pos`` (N, 3), ``cell`` (B, 3, 3) and ``pbc`` (B, 3) (a
+            validated ``data.Structure``): also check the geometry of every edge
+            (``check_edge_geometry``).
+        cutoff: the model's cutoff, for the geometry check (None: no length limit).
 
     Returns:
         (edge_index, cell_offsets, perm): the edges ordered by target ascending (a stable sort,
@@ -246,8 +258,9 @@ def check_precomputed_graph(
         (the identity when the targets were already non-decreasing).
 
     Raises:
-        ValueError: bad shapes or dtypes, indices out of range, an edge between two systems, or
-            a target with more than ``max_num_neighbors`` incoming edges.
+        ValueError: bad shapes or dtypes, indices out of range, an edge between two systems, a
+            target with more than ``max_num_neighbors`` incoming edges, or (with ``structure``)
+            any problem ``check_edge_geometry`` names.
     """
     if edge_index.dim() != 2 or edge_index.shape[0] != 2:
         raise ValueError(f"edge_index must have shape (2, E), got {tuple(edge_index.shape)}")
@@ -278,6 +291,10 @@ def check_precomputed_graph(
             f"edge {e} connects atom {int(src[e])} (system {int(batch[src[e]])}) to atom "
             f"{int(tgt[e])} (system {int(batch[tgt[e]])}): edges must not cross systems"
         )
+    if structure is not None:
+        check_edge_geometry(
+            edge_index, cell_offsets, structure.pos, structure.cell, structure.pbc, batch, cutoff
+        )
     if num_edges > 1 and bool((tgt[1:] < tgt[:-1]).any()):
         perm = torch.sort(tgt, stable=True).indices
     else:
@@ -292,6 +309,83 @@ def check_precomputed_graph(
                 f"more than max_num_neighbors={max_num_neighbors}"
             )
     return edge_index[:, perm], cell_offsets[perm], perm
+
+
+def check_edge_geometry(
+    edge_index: torch.Tensor,
+    cell_offsets: torch.Tensor,
+    pos: torch.Tensor,
+    cell: torch.Tensor,
+    pbc: torch.Tensor,
+    batch: torch.Tensor,
+    cutoff: float | None = None,
+) -> None:
+    """Raise ValueError naming the first bad edge of a precomputed graph.
+
+    Rejects: non-integer or non-finite ``cell_offsets``; a non-zero offset along a non-periodic
+    dimension of the edge's system; the same (source, target, offset) twice; an edge shorter
+    than ``MIN_ATOM_DISTANCE`` (a zero-length edge has no direction: its frame, and with it
+    energy, forces and every gradient, would be NaN); an edge longer than ``cutoff`` (relative
+    slack ``PRECOMPUTED_CUTOFF_SLACK`` for graphs built in float32). Lengths are computed in
+    float64 as ``|pos[j] - pos[i] + n @ cell[b]|``.
+
+    Args:
+        edge_index: (2, E) int64 [source j; target i], indices already range-checked.
+        cell_offsets: (E, 3) offsets n, any numeric dtype. pos: (N, 3). cell: (B, 3, 3).
+        pbc: (B, 3) or (3,) bool. batch: (N,) int64 system of each atom.
+        cutoff: the model's cutoff in Angstrom, or None for no length limit.
+    """
+    if edge_index.shape[1] == 0:
+        return
+    off = cell_offsets
+    if off.is_floating_point() or off.is_complex():
+        off = off.real if off.is_complex() else off
+        bad = ~torch.isfinite(off).all(dim=1) | (off != torch.round(off)).any(dim=1)
+        if bool(bad.any()):
+            e = int(torch.nonzero(bad)[0, 0])
+            raise ValueError(
+                f"cell_offsets must be whole lattice translations: edge {e} has offset "
+                f"{off[e].tolist()}"
+            )
+    off = off.round().long() if off.is_floating_point() else off.long()
+    src, tgt = edge_index[0], edge_index[1]
+    system = batch[tgt]
+    pbc = torch.as_tensor(pbc, device=off.device).bool()
+    periodic = pbc.expand(int(system.max()) + 1, 3)[system] if pbc.dim() == 1 else pbc[system]
+    along = (off != 0) & ~periodic
+    if bool(along.any()):
+        e, d = (int(v) for v in torch.nonzero(along)[0])
+        raise ValueError(
+            f"edge {e} has cell offset {off[e].tolist()}, non-zero along dimension {d}, which is "
+            f"not periodic in system {int(system[e])}"
+        )
+    key = torch.cat([edge_index.t(), off], dim=1)
+    unique, inverse, counts = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
+    if unique.shape[0] < key.shape[0]:
+        dup = torch.nonzero(counts[inverse] > 1).flatten()[:2].tolist()
+        raise ValueError(
+            f"edges {dup[0]} and {dup[1]} are the same edge (source {int(src[dup[0]])}, target "
+            f"{int(tgt[dup[0]])}, offset {off[dup[0]].tolist()}): duplicate edges are not allowed"
+        )
+    vec = edge_vectors(pos.detach().double(), cell.detach().double(), batch, edge_index, off)
+    length = vec.norm(dim=1)
+    short = length < MIN_ATOM_DISTANCE
+    if bool(short.any()):
+        e = int(torch.nonzero(short)[0, 0])
+        raise ValueError(
+            f"edge {e} (source {int(src[e])}, target {int(tgt[e])}, offset {off[e].tolist()}) has "
+            f"length {float(length[e]):.3g} Angstrom, below {MIN_ATOM_DISTANCE}: a zero-length "
+            f"edge has no direction (its frame would be NaN)"
+        )
+    if cutoff is not None:
+        far = length > float(cutoff) * (1.0 + PRECOMPUTED_CUTOFF_SLACK)
+        if bool(far.any()):
+            e = int(torch.nonzero(far)[0, 0])
+            raise ValueError(
+                f"edge {e} (source {int(src[e])}, target {int(tgt[e])}, offset "
+                f"{off[e].tolist()}) has length {float(length[e]):.6g} Angstrom, beyond the "
+                f"cutoff {float(cutoff)}"
+            )
 
 
 # ----------------------------------------------------------------------------- validation

@@ -785,7 +785,12 @@ class SphericalChannelNetwork(nn.Module):
                     raise ValueError("otf_graph=False with use_pbc=True needs data.cell_offsets")
                 offsets = torch.zeros(pre.shape[1], 3, dtype=torch.long, device=pre.device)
             edge_index, offsets, _ = check_precomputed_graph(
-                pre.to(st.pos.device), offsets.to(st.pos.device), st.natoms, self.max_num_neighbors
+                pre.to(st.pos.device),
+                offsets.to(st.pos.device),
+                st.natoms,
+                self.max_num_neighbors,
+                structure=st,
+                cutoff=self.cutoff,
             )
             neighbors = torch.bincount(st.batch[edge_index[1]], minlength=len(st.natoms))
             given = getattr(data, "neighbors", None)
