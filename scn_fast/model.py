@@ -60,6 +60,7 @@ from .precision import (
 )
 from .smearing import make_distance_expansion
 from .tap_order import TapOrderedLinear
+from .validation import check_model_config
 
 # The fused message path on CPU with the C++ extension rotates straight into fc1_edge_proj's split
 # operands (``edge_rotation_split``, ``gated_tap_projection_split``); False takes the general path
@@ -656,6 +657,7 @@ class SphericalChannelNetwork(nn.Module):
         self.normalizers: dict[str, dict[str, float]] = {}
         """{"energy"|"forces": {"mean": m, "rmsd": s}}: predict() returns out * s + m (a checkpoint's
         target normalizers; empty = identity)."""
+        check_model_config(self.model_config)
         _check_config(
             lmax,
             mmax,

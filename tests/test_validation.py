@@ -92,3 +92,37 @@ def test_bad_precomputed_edges_are_rejected(edit, message):
     both paths; the others were used silently."""
     with pytest.raises(ValueError, match=message):
         _model()(edit(_slab_data()))
+
+
+@pytest.mark.parametrize(
+    ("override", "name"),
+    [
+        ({"hidden_channels": 3, "num_resolutions": 2}, "hidden_channels"),
+        ({"hidden_channels": 0, "num_resolutions": 1}, "hidden_channels"),
+        ({"sphere_channels": 0}, "sphere_channels"),
+        ({"sphere_channels_reduce": 0}, "sphere_channels_reduce"),
+        ({"num_basis_functions": 0}, "num_basis_functions"),
+        ({"num_sphere_samples": 0}, "num_sphere_samples"),
+        ({"cutoff": float("nan")}, "cutoff"),
+        ({"cutoff": float("inf")}, "cutoff"),
+        ({"distance_resolution": float("nan")}, "distance_resolution"),
+        ({"basis_width_scalar": 0.0}, "basis_width_scalar"),
+        ({"max_num_neighbors": 20.5}, "max_num_neighbors"),
+        ({"max_num_neighbors": True}, "max_num_neighbors"),
+        ({"num_interactions": 0}, "num_interactions"),
+        ({"lmax": 4.0}, "lmax"),
+    ],
+)
+def test_constructor_rejects_unworkable_config(override, name):
+    """Each of these used to pass the constructor and fail later (an empty tensor, an
+    OverflowError) or not at all (num_sphere_samples=0: NaN energies on the fused path)."""
+    cfg = {**preset("tiny"), **override}
+    with pytest.raises(ValueError, match=name):
+        SphericalChannelNetwork(**cfg)
+
+
+def test_constructor_accepts_the_presets_and_numpy_integers():
+    import numpy as np
+
+    SphericalChannelNetwork(**{**preset("tiny"), "max_num_neighbors": np.int64(12)})
+    SphericalChannelNetwork(**{**preset("tiny"), "num_resolutions": 1, "hidden_channels": 1})
