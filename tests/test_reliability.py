@@ -52,3 +52,30 @@ def test_one_tap_resolution_without_edges_trains(knobs, backend):
     for key in g0:
         scale = max(float(g0[key].abs().max()), 1e-30)
         assert float((g1[key] - g0[key]).abs().max()) <= tol["force"] * scale, key
+
+
+def test_far_from_origin_positions_keep_their_precision():
+    """A slab 1e6 Angstrom from the origin used to round positions by 0.025 Angstrom in float32
+    and move the forces by 0.66%; from_ase now subtracts a per-structure origin in float64, so
+    the float32 forces agree with the same slab at the origin to float32 rounding."""
+    from ase.build import add_adsorbate, fcc111
+
+    slab = fcc111("Cu", size=(2, 2, 2), vacuum=5.0)
+    add_adsorbate(slab, "O", 1.5, "fcc")
+    slab.rattle(0.05, seed=1)
+    far = slab.copy()
+    far.translate([1e6, -2e6, 1e6])
+    torch.manual_seed(0)
+    cfg = {**preset("tiny"), "num_interactions": 1, "cutoff": 6.0}
+    model = SphericalChannelNetwork(**cfg, deterministic_frames=True)
+    with torch.no_grad():
+        near_out = model(AtomsBatch.from_ase([slab]))
+        far_out = model(AtomsBatch.from_ase([far]))
+    scale = float(near_out["forces"].abs().max())
+    assert float((far_out["forces"] - near_out["forces"]).abs().max()) <= 1e-4 * scale
+    assert abs(float(far_out["energy"] - near_out["energy"])) <= 1e-5 * max(
+        1.0, abs(float(near_out["energy"]))
+    )
+    batch = AtomsBatch.from_ase([far])
+    absolute = batch.pos.double() + batch.origin[batch.batch]
+    assert torch.allclose(absolute, torch.as_tensor(far.get_positions()), atol=1e-5, rtol=0)
