@@ -29,18 +29,22 @@ Algorithm (memory O(N * neighbours)):
 4. The squared distance of every surviving pair is recomputed in float64 with one canonical
    formula (see ``_pair_distance_sq``) and the exact test ``d2 < cutoff**2`` is applied (ASE's
    strict ``d < cutoff``; upstream uses ``<=``, which differs only for exact equality).
-5. Edges are sorted into the output order and truncated per target.
+5. Edges are sorted into the output order and truncated per target: the nearest ones, exact
+   ties broken by geometry, never by indices (``scn_fast.neighbours``, docs/neighbours.md).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
+
+from .neighbours import geometric_rank
 
 __all__ = [
     "RadiusGraph",
@@ -135,7 +139,10 @@ def radius_graph_pbc(
         max_num_neighbors: keep at most this many incoming edges per target (the nearest ones);
             <= 0 disables truncation.
         enforce_max_neighbors_strictly: True: exactly the ``max_num_neighbors`` nearest sources,
-            ties broken by (distance, source index, cell offset lexicographic). False: upstream's
+            ties (distances within ``neighbours.TIE_TOLERANCE``) broken by the edge vector's
+            x, then y, then z component (``scn_fast.neighbours``; docs/neighbours.md), so that
+            translated, wrapped, permuted and repeated copies of a crystal keep the same
+            neighbours. False: upstream's
             degenerate mode, keeping every candidate with squared distance <= the squared
             distance of the (max_num_neighbors + 1)-th nearest + ``DEGENERACY_TOLERANCE``.
         validate: run ``validate_structure`` first; False only for callers that just did.
@@ -162,7 +169,12 @@ def radius_graph_pbc(
     tgt, src, off, d2 = tgt[order], src[order], off[order], d2[order]
 
     keep = _neighbor_mask(
-        tgt, d2, int(pos.shape[0]), int(max_num_neighbors), enforce_max_neighbors_strictly
+        tgt,
+        d2,
+        int(pos.shape[0]),
+        int(max_num_neighbors),
+        enforce_max_neighbors_strictly,
+        lambda: _pair_vectors(data.pos, data.cell, data.batch, tgt, src, off),
     )
     tgt, src, off = tgt[keep], src[keep], off[keep]
 
@@ -523,17 +535,41 @@ def _pair_distance_sq(
 
     pos (N, 3) and cell (B, 3, 3) float64; tgt, src (P,) int64; off (P, 3) int64 -> (P,).
     """
+    d2 = torch.zeros(tgt.shape[0], dtype=torch.float64, device=pos.device)
+    for d in _pair_components(pos, cell, batch, tgt, src, off):
+        d2 = d2 + d * d
+    return d2
+
+
+def _pair_vectors(
+    pos: torch.Tensor,
+    cell: torch.Tensor,
+    batch: torch.Tensor,
+    tgt: torch.Tensor,
+    src: torch.Tensor,
+    off: torch.Tensor,
+) -> torch.Tensor:
+    """(P, 3) float64 pair vectors d of ``_pair_distance_sq`` (the same operations)."""
+    return torch.stack(list(_pair_components(pos, cell, batch, tgt, src, off)), dim=1)
+
+
+def _pair_components(
+    pos: torch.Tensor,
+    cell: torch.Tensor,
+    batch: torch.Tensor,
+    tgt: torch.Tensor,
+    src: torch.Tensor,
+    off: torch.Tensor,
+) -> Iterator[torch.Tensor]:
+    """The x, y and z components (P,) of the canonical pair vectors, one at a time."""
     system = batch.index_select(0, tgt)
     n = off.to(torch.float64)
     n0, n1, n2 = n[:, 0], n[:, 1], n[:, 2]
-    d2 = torch.zeros(tgt.shape[0], dtype=torch.float64, device=pos.device)
     for x in range(3):
         a0, a1, a2 = (cell[:, r, x].index_select(0, system) for r in range(3))
         shift = n0 * a0 + n1 * a1
         shift = shift + n2 * a2
-        d = (pos[:, x].index_select(0, src) - pos[:, x].index_select(0, tgt)) + shift
-        d2 = d2 + d * d
-    return d2
+        yield (pos[:, x].index_select(0, src) - pos[:, x].index_select(0, tgt)) + shift
 
 
 def _system_frames(cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
@@ -904,20 +940,27 @@ def _neighbor_mask(
     num_atoms: int,
     max_num_neighbors: int,
     strict: bool,
+    vectors: Callable[[], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Which edges survive truncation (E,) bool. Edges must be in output order (target, source,
-    offset), so ranking by (target, d2, position) ranks by (d2, source, offset) per target."""
+    """Which edges survive truncation (E,) bool.
+
+    Strict: per target the ``max_num_neighbors`` first edges in the geometric order of
+    ``scn_fast.neighbours`` (distance, ties within ``TIE_TOLERANCE`` broken by the edge vector's
+    x, y, z), which ``vectors()`` (E, 3) float64 feeds; without it, ties keep the edge order.
+    Non-strict: upstream's threshold on the (max_num_neighbors + 1)-th nearest distance.
+    """
     count = torch.bincount(tgt, minlength=num_atoms)
     if max_num_neighbors <= 0 or tgt.numel() == 0 or int(count.max()) <= max_num_neighbors:
         return torch.ones_like(tgt, dtype=torch.bool)
+    if strict:
+        vec = vectors() if vectors is not None else None
+        return geometric_rank(tgt, d2.sqrt(), num_atoms, vec) < max_num_neighbors
     # Non-negative float64 values order like their bit patterns read as int64 (faster sort).
     by_distance = torch.sort(d2.view(torch.int64), stable=True).indices
     order = by_distance[torch.sort(tgt[by_distance], stable=True).indices]
     first = torch.cumsum(count, 0) - count
     rank = torch.empty_like(tgt)
     rank[order] = torch.arange(len(order), device=tgt.device) - first[tgt[order]]
-    if strict:
-        return rank < max_num_neighbors
     # Non-strict: threshold at the (max+1)-th nearest squared distance plus the tolerance.
     threshold = torch.full((num_atoms,), float("inf"), dtype=d2.dtype, device=d2.device)
     at_limit = rank == max_num_neighbors
