@@ -79,3 +79,42 @@ def test_far_from_origin_positions_keep_their_precision():
     batch = AtomsBatch.from_ase([far])
     absolute = batch.pos.double() + batch.origin[batch.batch]
     assert torch.allclose(absolute, torch.as_tensor(far.get_positions()), atol=1e-5, rtol=0)
+
+
+_CACHE_ENV_SCRIPT = """
+import os, torch
+from scn_fast.extension import load_extension
+ext = load_extension()
+for text in ["1e9", "abc", "-1", " 5", "", "99999999999999999999999", "12MB"]:
+    os.environ["SCN_FAST_CPU_CACHE_BYTES"] = text
+    try:
+        ext.cached_empty([1 << 20], torch.float32)
+    except RuntimeError as exc:
+        assert "SCN_FAST_CPU_CACHE_BYTES" in str(exc) and repr(text)[1:-1] in str(exc), str(exc)
+    else:
+        raise SystemExit(f"accepted {text!r}")
+os.environ["SCN_FAST_CPU_CACHE_BYTES"] = "8388608"
+t = ext.cached_empty([1 << 20], torch.float32)
+del t
+print("cached", ext.cpu_cache_bytes())
+"""
+
+
+def test_cpu_cache_limit_is_parsed_strictly():
+    """SCN_FAST_CPU_CACHE_BYTES used to read "1e9" as 1 byte, "abc" as 0 and "-1" as unlimited:
+    anything but decimal digits is now an error naming the variable (a fresh process, as the
+    limit is read once, at the cache's first use)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "SCN_FAST_CPU_CACHE_BYTES"}
+    run = subprocess.run(
+        [sys.executable, "-c", _CACHE_ENV_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == f"cached {4 << 20}"
