@@ -207,6 +207,8 @@ def read_structure(
     if pbc is None:
         pbc = torch.full((b, 3), bool(use_pbc), device=device)
     pbc = torch.as_tensor(pbc, device=device).bool()
+    if pbc.shape != (3,) and (pbc.dim() != 2 or pbc.shape[1] != 3):
+        raise ValueError(f"pbc must have shape (B, 3) or (3,), got {tuple(pbc.shape)}")
     if pbc.dim() == 1:
         pbc = pbc.view(1, -1).expand(b, -1)
     if tuple(pbc.shape) != (b, 3):

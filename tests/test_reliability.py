@@ -118,3 +118,69 @@ def test_cpu_cache_limit_is_parsed_strictly():
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert run.stdout.strip().splitlines()[-1] == f"cached {4 << 20}"
+
+
+def test_train_out_naming_a_file_is_a_clear_error(tmp_path):
+    """--out names a directory; an existing file there used to end the run (after training) with
+    a raw FileExistsError traceback."""
+    from scn_fast.cli import main
+
+    out = tmp_path / "taken"
+    out.write_text("")
+    argv = ["train", "--data", "emt", "--preset", "tiny", "--steps", "1", "--out", str(out)]
+    with pytest.raises(SystemExit, match=r"--out .*taken is a file"):
+        main(argv)
+
+
+def test_pbc_of_wrong_shape_is_reported_as_given():
+    import types
+
+    data = AtomsBatch.from_ase([_small_slab()])
+    bad = types.SimpleNamespace(**{**vars(data), "pbc": torch.tensor([True, True])})
+    model = SphericalChannelNetwork(**{**preset("tiny"), "num_interactions": 1})
+    with pytest.raises(ValueError, match=r"pbc must have shape \(B, 3\) or \(3,\), got \(2,\)"):
+        model(bad)
+
+
+def _small_slab():
+    from ase.build import fcc111
+
+    return fcc111("Cu", size=(1, 1, 2), vacuum=4.0)
+
+
+def test_empty_checkpoint_file_names_the_reason(tmp_path):
+    """An empty file used to give an empty reason and suggest weights_only=False."""
+    from scn_fast import load_checkpoint
+
+    path = tmp_path / "empty.pt"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match="empty") as info:
+        load_checkpoint(path)
+    assert "weights_only=False" not in str(info.value)
+    truncated = tmp_path / "truncated.pt"
+    torch.save({"a": torch.zeros(100)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:50])
+    with pytest.raises(ValueError, match=r"truncated.pt as a checkpoint .*: \S"):
+        load_checkpoint(truncated)
+
+
+def test_checkpoint_config_mismatch_warns(tmp_path):
+    """num_taps and distance_function change the model without changing its shapes: a checkpoint
+    whose config was edited, or a load that overrides them, used to load silently."""
+    import warnings
+
+    from scn_fast import load_checkpoint
+    from scn_fast.checkpoint import save_checkpoint
+
+    cfg = {**preset("tiny"), "num_interactions": 1}
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, SphericalChannelNetwork(**cfg))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_checkpoint(path)  # unchanged: no warning
+    with pytest.warns(UserWarning, match="num_taps: trained -1, now 1"):
+        load_checkpoint(path, num_taps=1)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["model"]["distance_function"] = "sigmoid"
+    with pytest.warns(UserWarning, match="distance_function: trained 'gaussian', now 'sigmoid'"):
+        load_checkpoint(ckpt)
