@@ -11,7 +11,8 @@
 //     storage returns the block to the cache when the last reference goes.
 //   release(): frees every cached block (scn_fast.release_cpu_cache()); returns the bytes freed.
 //   The cache keeps at most limit() bytes of idle blocks (SCN_FAST_CPU_CACHE_BYTES, a decimal byte
-//   count, default 4 GiB; 0 turns caching off; anything else is an error); a request the C library cannot serve releases the cache and retries.
+//   count, default 4 GiB; 0 turns caching off; anything else is an error); a request the C library
+//   cannot serve releases the cache and retries.
 #pragma once
 
 #include <ATen/ATen.h>
