@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import pickle
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -33,6 +34,34 @@ _TRAINER_ONLY_KEYS = {"name", "num_atoms", "bond_feat_dim", "num_targets"}
 
 # scn_fast's own constructor options (not upstream's; never stored in a checkpoint's config).
 _RUNTIME_KEYS = {"use_fused", "backend", "precision", "deterministic_frames"}
+
+
+# Top-level key of the model configuration the weights were trained with (written by
+# save_checkpoint, next to the editable config["model"]); load_checkpoint compares it with the
+# configuration it builds and warns on a difference that keeps the shapes but changes the model.
+TRAINED_CONFIG_KEY = "scn_fast_trained_model_config"
+
+# Configuration keys that may differ from the trained one without changing what the weights mean.
+_HARMLESS_KEYS = {"otf_graph", "show_timing_info"}
+
+
+def _warn_config_mismatch(trained: Any, built: Mapping[str, Any]) -> None:
+    """Warn, naming each key, when the model built from a checkpoint differs from the configuration
+    its weights were trained with (``trained``, None for checkpoints without one)."""
+    if not isinstance(trained, Mapping):
+        return
+    differ = {
+        k: (trained[k], built[k])
+        for k in sorted(set(trained) & set(built) - _HARMLESS_KEYS)
+        if trained[k] != built[k]
+    }
+    if differ:
+        listed = ", ".join(f"{k}: trained {a!r}, now {b!r}" for k, (a, b) in differ.items())
+        warnings.warn(
+            f"the checkpoint's weights were trained with another model configuration ({listed}); "
+            "the model loads (the shapes agree) but computes something else",
+            stacklevel=3,
+        )
 
 
 def _constructor_keys() -> set[str]:
@@ -162,12 +191,19 @@ def read_checkpoint(path: str | os.PathLike | Mapping[str, Any]) -> dict[str, An
         return dict(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ValueError(f"cannot read {path} as a checkpoint: the file is empty (0 bytes)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except pickle.UnpicklingError as exc:  # weights_only refused an object the file holds
         raise ValueError(
             f"cannot read {path} as a checkpoint with torch.load(weights_only=True): {exc}. If you "
             "trust the file, load it yourself with torch.load(..., weights_only=False) and pass the dict"
+        ) from exc
+    except Exception as exc:  # truncated or not a torch file at all
+        reason = str(exc) or type(exc).__name__
+        raise ValueError(
+            f"cannot read {path} as a checkpoint (truncated or not written by torch.save): {reason}"
         ) from exc
     if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{path} is not a trainer checkpoint (needs 'state_dict' and 'config')")
@@ -194,6 +230,7 @@ def load_checkpoint(
     kwargs = model_kwargs_from_config(config)
     kwargs.update(model_kwargs)
     model = SphericalChannelNetwork(**kwargs)
+    _warn_config_mismatch(ckpt.get(TRAINED_CONFIG_KEY), model.model_config)
     state = _strip_prefix(ckpt["state_dict"])
     _check_state_dict(model, state)
     model.load_state_dict(state, strict=True)
@@ -253,6 +290,7 @@ def save_checkpoint(
             "outputs": {"energy": {"level": "system"}, "forces": {"level": "atom"}},
         },
     }
+    ckpt[TRAINED_CONFIG_KEY] = dict(module.model_config)
     if ema_shadow is not None:
         ckpt["ema"] = {
             "decay": ema_decay,

@@ -32,19 +32,17 @@ from .presets import PRESETS
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
     from .train import TrainConfig, train
 
     names = set(TrainConfig.__dataclass_fields__)
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise SystemExit(f"scn-fast train: --out {cfg.out} is a file; --out names a directory")
     try:
         train(cfg)
-    except (
-        ValueError,
-        FileNotFoundError,
-        NotImplementedError,
-        FloatingPointError,
-        ImportError,
-    ) as exc:
+    except (ValueError, OSError, NotImplementedError, FloatingPointError, ImportError) as exc:
         raise SystemExit(f"scn-fast train: {exc}") from exc
     return 0
 

@@ -29,20 +29,26 @@ Algorithm (memory O(N * neighbours)):
 4. The squared distance of every surviving pair is recomputed in float64 with one canonical
    formula (see ``_pair_distance_sq``) and the exact test ``d2 < cutoff**2`` is applied (ASE's
    strict ``d < cutoff``; upstream uses ``<=``, which differs only for exact equality).
-5. Edges are sorted into the output order and truncated per target.
+5. Edges are sorted into the output order and truncated per target: the nearest ones, exact
+   ties broken by geometry, never by indices (``scn_fast.neighbours``, docs/neighbours.md).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
 
+from .neighbours import geometric_rank
+
 __all__ = [
     "RadiusGraph",
+    "check_edge_geometry",
     "check_precomputed_graph",
     "edge_vectors",
     "image_shifts",
@@ -58,6 +64,9 @@ MIN_LATTICE_VECTOR = 1e-4
 SINGULAR_TOLERANCE = 1e-8
 #: Upstream's degeneracy tolerance of the non-strict truncation, in squared Angstrom.
 DEGENERACY_TOLERANCE = 0.01
+#: Relative slack on the cutoff for precomputed edges (graphs built in float32 may exceed it
+#: by round-off).
+PRECOMPUTED_CUTOFF_SLACK = 1e-5
 
 _REL_PAD = 1e-9  # relative safety margin on fractional cutoffs (covers float64 round-off)
 _ABS_PAD = 1e-9  # absolute safety margin on fractional cutoffs
@@ -130,7 +139,10 @@ def radius_graph_pbc(
         max_num_neighbors: keep at most this many incoming edges per target (the nearest ones);
             <= 0 disables truncation.
         enforce_max_neighbors_strictly: True: exactly the ``max_num_neighbors`` nearest sources,
-            ties broken by (distance, source index, cell offset lexicographic). False: upstream's
+            ties (distances within ``neighbours.TIE_TOLERANCE``) broken by the edge vector's
+            x, then y, then z component (``scn_fast.neighbours``; docs/neighbours.md), so that
+            translated, wrapped, permuted and repeated copies of a crystal keep the same
+            neighbours. False: upstream's
             degenerate mode, keeping every candidate with squared distance <= the squared
             distance of the (max_num_neighbors + 1)-th nearest + ``DEGENERACY_TOLERANCE``.
         validate: run ``validate_structure`` first; False only for callers that just did.
@@ -157,7 +169,12 @@ def radius_graph_pbc(
     tgt, src, off, d2 = tgt[order], src[order], off[order], d2[order]
 
     keep = _neighbor_mask(
-        tgt, d2, int(pos.shape[0]), int(max_num_neighbors), enforce_max_neighbors_strictly
+        tgt,
+        d2,
+        int(pos.shape[0]),
+        int(max_num_neighbors),
+        enforce_max_neighbors_strictly,
+        lambda: _pair_vectors(data.pos, data.cell, data.batch, tgt, src, off),
     )
     tgt, src, off = tgt[keep], src[keep], off[keep]
 
@@ -231,6 +248,9 @@ def check_precomputed_graph(
     cell_offsets: torch.Tensor,
     natoms: torch.Tensor,
     max_num_neighbors: int,
+    *,
+    structure: Any = None,
+    cutoff: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validate a user-supplied graph and sort it by target.
 
@@ -239,6 +259,10 @@ def check_precomputed_graph(
         cell_offsets: (E, 3) image offsets (dtype kept).
         natoms: (B,) int atoms per system.
         max_num_neighbors: maximum incoming edges per target (<= 0: no limit).
+        structure: optional object with ``pos`` (N, 3), ``cell`` (B, 3, 3) and ``pbc`` (B, 3) (a
+            validated ``data.Structure``): also check the geometry of every edge
+            (``check_edge_geometry``).
+        cutoff: the model's cutoff, for the geometry check (None: no length limit).
 
     Returns:
         (edge_index, cell_offsets, perm): the edges ordered by target ascending (a stable sort,
@@ -246,8 +270,9 @@ def check_precomputed_graph(
         (the identity when the targets were already non-decreasing).
 
     Raises:
-        ValueError: bad shapes or dtypes, indices out of range, an edge between two systems, or
-            a target with more than ``max_num_neighbors`` incoming edges.
+        ValueError: bad shapes or dtypes, indices out of range, an edge between two systems, a
+            target with more than ``max_num_neighbors`` incoming edges, or (with ``structure``)
+            any problem ``check_edge_geometry`` names.
     """
     if edge_index.dim() != 2 or edge_index.shape[0] != 2:
         raise ValueError(f"edge_index must have shape (2, E), got {tuple(edge_index.shape)}")
@@ -278,6 +303,10 @@ def check_precomputed_graph(
             f"edge {e} connects atom {int(src[e])} (system {int(batch[src[e]])}) to atom "
             f"{int(tgt[e])} (system {int(batch[tgt[e]])}): edges must not cross systems"
         )
+    if structure is not None:
+        check_edge_geometry(
+            edge_index, cell_offsets, structure.pos, structure.cell, structure.pbc, batch, cutoff
+        )
     if num_edges > 1 and bool((tgt[1:] < tgt[:-1]).any()):
         perm = torch.sort(tgt, stable=True).indices
     else:
@@ -292,6 +321,83 @@ def check_precomputed_graph(
                 f"more than max_num_neighbors={max_num_neighbors}"
             )
     return edge_index[:, perm], cell_offsets[perm], perm
+
+
+def check_edge_geometry(
+    edge_index: torch.Tensor,
+    cell_offsets: torch.Tensor,
+    pos: torch.Tensor,
+    cell: torch.Tensor,
+    pbc: torch.Tensor,
+    batch: torch.Tensor,
+    cutoff: float | None = None,
+) -> None:
+    """Raise ValueError naming the first bad edge of a precomputed graph.
+
+    Rejects: non-integer or non-finite ``cell_offsets``; a non-zero offset along a non-periodic
+    dimension of the edge's system; the same (source, target, offset) twice; an edge shorter
+    than ``MIN_ATOM_DISTANCE`` (a zero-length edge has no direction: its frame, and with it
+    energy, forces and every gradient, would be NaN); an edge longer than ``cutoff`` (relative
+    slack ``PRECOMPUTED_CUTOFF_SLACK`` for graphs built in float32). Lengths are computed in
+    float64 as ``|pos[j] - pos[i] + n @ cell[b]|``.
+
+    Args:
+        edge_index: (2, E) int64 [source j; target i], indices already range-checked.
+        cell_offsets: (E, 3) offsets n, any numeric dtype. pos: (N, 3). cell: (B, 3, 3).
+        pbc: (B, 3) or (3,) bool. batch: (N,) int64 system of each atom.
+        cutoff: the model's cutoff in Angstrom, or None for no length limit.
+    """
+    if edge_index.shape[1] == 0:
+        return
+    off = cell_offsets
+    if off.is_floating_point() or off.is_complex():
+        off = off.real if off.is_complex() else off
+        bad = ~torch.isfinite(off).all(dim=1) | (off != torch.round(off)).any(dim=1)
+        if bool(bad.any()):
+            e = int(torch.nonzero(bad)[0, 0])
+            raise ValueError(
+                f"cell_offsets must be whole lattice translations: edge {e} has offset "
+                f"{off[e].tolist()}"
+            )
+    off = off.round().long() if off.is_floating_point() else off.long()
+    src, tgt = edge_index[0], edge_index[1]
+    system = batch[tgt]
+    pbc = torch.as_tensor(pbc, device=off.device).bool()
+    periodic = pbc.expand(int(system.max()) + 1, 3)[system] if pbc.dim() == 1 else pbc[system]
+    along = (off != 0) & ~periodic
+    if bool(along.any()):
+        e, d = (int(v) for v in torch.nonzero(along)[0])
+        raise ValueError(
+            f"edge {e} has cell offset {off[e].tolist()}, non-zero along dimension {d}, which is "
+            f"not periodic in system {int(system[e])}"
+        )
+    key = torch.cat([edge_index.t(), off], dim=1)
+    unique, inverse, counts = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
+    if unique.shape[0] < key.shape[0]:
+        dup = torch.nonzero(counts[inverse] > 1).flatten()[:2].tolist()
+        raise ValueError(
+            f"edges {dup[0]} and {dup[1]} are the same edge (source {int(src[dup[0]])}, target "
+            f"{int(tgt[dup[0]])}, offset {off[dup[0]].tolist()}): duplicate edges are not allowed"
+        )
+    vec = edge_vectors(pos.detach().double(), cell.detach().double(), batch, edge_index, off)
+    length = vec.norm(dim=1)
+    short = length < MIN_ATOM_DISTANCE
+    if bool(short.any()):
+        e = int(torch.nonzero(short)[0, 0])
+        raise ValueError(
+            f"edge {e} (source {int(src[e])}, target {int(tgt[e])}, offset {off[e].tolist()}) has "
+            f"length {float(length[e]):.3g} Angstrom, below {MIN_ATOM_DISTANCE}: a zero-length "
+            f"edge has no direction (its frame would be NaN)"
+        )
+    if cutoff is not None:
+        far = length > float(cutoff) * (1.0 + PRECOMPUTED_CUTOFF_SLACK)
+        if bool(far.any()):
+            e = int(torch.nonzero(far)[0, 0])
+            raise ValueError(
+                f"edge {e} (source {int(src[e])}, target {int(tgt[e])}, offset "
+                f"{off[e].tolist()}) has length {float(length[e]):.6g} Angstrom, beyond the "
+                f"cutoff {float(cutoff)}"
+            )
 
 
 # ----------------------------------------------------------------------------- validation
@@ -429,17 +535,41 @@ def _pair_distance_sq(
 
     pos (N, 3) and cell (B, 3, 3) float64; tgt, src (P,) int64; off (P, 3) int64 -> (P,).
     """
+    d2 = torch.zeros(tgt.shape[0], dtype=torch.float64, device=pos.device)
+    for d in _pair_components(pos, cell, batch, tgt, src, off):
+        d2 = d2 + d * d
+    return d2
+
+
+def _pair_vectors(
+    pos: torch.Tensor,
+    cell: torch.Tensor,
+    batch: torch.Tensor,
+    tgt: torch.Tensor,
+    src: torch.Tensor,
+    off: torch.Tensor,
+) -> torch.Tensor:
+    """(P, 3) float64 pair vectors d of ``_pair_distance_sq`` (the same operations)."""
+    return torch.stack(list(_pair_components(pos, cell, batch, tgt, src, off)), dim=1)
+
+
+def _pair_components(
+    pos: torch.Tensor,
+    cell: torch.Tensor,
+    batch: torch.Tensor,
+    tgt: torch.Tensor,
+    src: torch.Tensor,
+    off: torch.Tensor,
+) -> Iterator[torch.Tensor]:
+    """The x, y and z components (P,) of the canonical pair vectors, one at a time."""
     system = batch.index_select(0, tgt)
     n = off.to(torch.float64)
     n0, n1, n2 = n[:, 0], n[:, 1], n[:, 2]
-    d2 = torch.zeros(tgt.shape[0], dtype=torch.float64, device=pos.device)
     for x in range(3):
         a0, a1, a2 = (cell[:, r, x].index_select(0, system) for r in range(3))
         shift = n0 * a0 + n1 * a1
         shift = shift + n2 * a2
-        d = (pos[:, x].index_select(0, src) - pos[:, x].index_select(0, tgt)) + shift
-        d2 = d2 + d * d
-    return d2
+        yield (pos[:, x].index_select(0, src) - pos[:, x].index_select(0, tgt)) + shift
 
 
 def _system_frames(cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
@@ -810,20 +940,27 @@ def _neighbor_mask(
     num_atoms: int,
     max_num_neighbors: int,
     strict: bool,
+    vectors: Callable[[], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Which edges survive truncation (E,) bool. Edges must be in output order (target, source,
-    offset), so ranking by (target, d2, position) ranks by (d2, source, offset) per target."""
+    """Which edges survive truncation (E,) bool.
+
+    Strict: per target the ``max_num_neighbors`` first edges in the geometric order of
+    ``scn_fast.neighbours`` (distance, ties within ``TIE_TOLERANCE`` broken by the edge vector's
+    x, y, z), which ``vectors()`` (E, 3) float64 feeds; without it, ties keep the edge order.
+    Non-strict: upstream's threshold on the (max_num_neighbors + 1)-th nearest distance.
+    """
     count = torch.bincount(tgt, minlength=num_atoms)
     if max_num_neighbors <= 0 or tgt.numel() == 0 or int(count.max()) <= max_num_neighbors:
         return torch.ones_like(tgt, dtype=torch.bool)
+    if strict:
+        vec = vectors() if vectors is not None else None
+        return geometric_rank(tgt, d2.sqrt(), num_atoms, vec) < max_num_neighbors
     # Non-negative float64 values order like their bit patterns read as int64 (faster sort).
     by_distance = torch.sort(d2.view(torch.int64), stable=True).indices
     order = by_distance[torch.sort(tgt[by_distance], stable=True).indices]
     first = torch.cumsum(count, 0) - count
     rank = torch.empty_like(tgt)
     rank[order] = torch.arange(len(order), device=tgt.device) - first[tgt[order]]
-    if strict:
-        return rank < max_num_neighbors
     # Non-strict: threshold at the (max+1)-th nearest squared distance plus the tolerance.
     threshold = torch.full((num_atoms,), float("inf"), dtype=d2.dtype, device=d2.device)
     at_limit = rank == max_num_neighbors

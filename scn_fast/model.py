@@ -30,6 +30,7 @@ from .graph import (
     radius_graph_pbc,
     validate_structure,
 )
+from .neighbours import rank_edges
 from .ops import (
     EdgeCSR,
     compact_wigner,
@@ -60,6 +61,7 @@ from .precision import (
 )
 from .smearing import make_distance_expansion
 from .tap_order import TapOrderedLinear
+from .validation import check_model_config
 
 # The fused message path on CPU with the C++ extension rotates straight into fc1_edge_proj's split
 # operands (``edge_rotation_split``, ``gated_tap_projection_split``); False takes the general path
@@ -656,6 +658,7 @@ class SphericalChannelNetwork(nn.Module):
         self.normalizers: dict[str, dict[str, float]] = {}
         """{"energy"|"forces": {"mean": m, "rmsd": s}}: predict() returns out * s + m (a checkpoint's
         target normalizers; empty = identity)."""
+        check_model_config(self.model_config)
         _check_config(
             lmax,
             mmax,
@@ -785,7 +788,12 @@ class SphericalChannelNetwork(nn.Module):
                     raise ValueError("otf_graph=False with use_pbc=True needs data.cell_offsets")
                 offsets = torch.zeros(pre.shape[1], 3, dtype=torch.long, device=pre.device)
             edge_index, offsets, _ = check_precomputed_graph(
-                pre.to(st.pos.device), offsets.to(st.pos.device), st.natoms, self.max_num_neighbors
+                pre.to(st.pos.device),
+                offsets.to(st.pos.device),
+                st.natoms,
+                self.max_num_neighbors,
+                structure=st,
+                cutoff=self.cutoff,
             )
             neighbors = torch.bincount(st.batch[edge_index[1]], minlength=len(st.natoms))
             given = getattr(data, "neighbors", None)
@@ -880,7 +888,7 @@ class SphericalChannelNetwork(nn.Module):
         """Rank edges per target by distance, group them by resolution (stable), build their frames
         (drawing the random rolls, unless deterministic_frames) and Wigner rotations."""
         n = st.pos.shape[0]
-        rank = rank_edges(graph.edge_distance, graph.edge_index[1], n)
+        rank = rank_edges(graph.edge_distance, graph.edge_index[1], n, graph.edge_distance_vec)
         group = torch.full_like(rank, len(self.resolutions) - 1)
         for r in reversed(range(len(self.resolutions) - 1)):
             group = torch.where(rank <= self.resolutions[r].rank_cutoff, r, group)
@@ -1017,19 +1025,6 @@ def _mark_sizes_dynamic(st: Structure, ctx: EdgeContext) -> None:
                 mark(c.idx, 0)
                 mark(c.perm, 1)
                 mark(c.ptr, 1)
-
-
-def rank_edges(distance: torch.Tensor, target: torch.Tensor, num_atoms: int) -> torch.Tensor:
-    """Rank (E,) of each edge among its target's edges by distance (0 = nearest; ties keep edge order)."""
-    if distance.numel() == 0:
-        return target.new_zeros(0)
-    order = torch.argsort(distance, stable=True)
-    order = order[torch.argsort(target[order], stable=True)]
-    counts = torch.bincount(target, minlength=num_atoms)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(len(order), device=order.device) - starts[target[order]]
-    return rank
 
 
 def _check_config(

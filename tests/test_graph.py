@@ -3,6 +3,7 @@ empty systems and the 4,000-atom performance bound."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -140,30 +141,61 @@ def ase_pairs(systems: list[Atoms], cutoff: float) -> np.ndarray:
 def reference_d2(pos: np.ndarray, cell: np.ndarray, batch: np.ndarray, pairs: np.ndarray):
     """Squared distances in float64 with the same expression (and operation order) as the
     implementation's canonical formula."""
+    return reference_geometry(pos, cell, batch, pairs)[0]
+
+
+def reference_geometry(
+    pos: np.ndarray, cell: np.ndarray, batch: np.ndarray, pairs: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(squared distances (P,), pair vectors (P, 3)) in float64, the canonical formula."""
     i, j, n = pairs[:, 0], pairs[:, 1], pairs[:, 2:].astype(np.float64)
     lattice = cell[batch[i]]
     d2 = np.zeros(len(pairs))
+    vec = np.zeros((len(pairs), 3))
     for x in range(3):
         shift = n[:, 0] * lattice[:, 0, x] + n[:, 1] * lattice[:, 1, x]
         shift = shift + n[:, 2] * lattice[:, 2, x]
         d = (pos[j, x] - pos[i, x]) + shift
+        vec[:, x] = d
         d2 = d2 + d * d
-    return d2
+    return d2, vec
+
+
+def reference_tie_order(dist: np.ndarray, vec: np.ndarray, tol: float = 1e-4) -> list[int]:
+    """Independent loop version of the rule of scn_fast.neighbours for one target's edges:
+    groups of distances whose sorted gaps are <= tol, split the same way by x, y, then z;
+    edges still tied keep their input order."""
+    groups = [list(range(len(dist)))]
+    for values in (dist, vec[:, 0], vec[:, 1], vec[:, 2]):
+        refined = []
+        for group in groups:
+            ordered = sorted(group, key=lambda e: (values[e], e))
+            run = [ordered[0]]
+            for a, b in itertools.pairwise(ordered):
+                if values[b] - values[a] > tol:
+                    refined.append(run)
+                    run = []
+                run.append(b)
+            refined.append(run)
+        groups = refined
+    return [e for group in groups for e in sorted(group)]
 
 
 def reference_truncate(
-    pairs: np.ndarray, d2: np.ndarray, max_neighbors: int, strict: bool
+    pairs: np.ndarray, d2: np.ndarray, max_neighbors: int, strict: bool, vec: np.ndarray
 ) -> np.ndarray:
-    """Independent numpy truncation: rank each target's candidates by (d2, j, n0, n1, n2)."""
+    """Independent numpy truncation. Strict: rank each target's candidates (in output order) by
+    ``reference_tie_order`` (distance, ties by the pair vector vec (P, 3)); non-strict:
+    upstream's threshold."""
     keep = np.zeros(len(pairs), dtype=bool)
     for target in np.unique(pairs[:, 0]):
         idx = np.nonzero(pairs[:, 0] == target)[0]
-        p = pairs[idx]
-        order = idx[np.lexsort((p[:, 4], p[:, 3], p[:, 2], p[:, 1], d2[idx]))]
+        order = idx[np.argsort(d2[idx], kind="stable")]
         if len(idx) <= max_neighbors:
             keep[idx] = True
         elif strict:
-            keep[order[:max_neighbors]] = True
+            ranked = idx[reference_tie_order(np.sqrt(d2[idx]), vec[idx])]
+            keep[ranked[:max_neighbors]] = True
         else:
             threshold = d2[order[max_neighbors]] + 0.01
             keep[idx[d2[idx] <= threshold]] = True
@@ -296,8 +328,8 @@ def test_truncation_matches_reference(max_neighbors: int, strict: bool) -> None:
     pos, cell, pbc, natoms = as_batch(systems)
     g = radius_graph_pbc(pos, cell, pbc, natoms, 6.0, max_neighbors, strict)
     pairs = ase_pairs(systems, 6.0)
-    d2 = reference_d2(pos.numpy(), cell.numpy(), batch_index(natoms).numpy(), pairs)
-    expected = reference_truncate(pairs, d2, max_neighbors, strict)
+    d2, vec = reference_geometry(pos.numpy(), cell.numpy(), batch_index(natoms).numpy(), pairs)
+    expected = reference_truncate(pairs, d2, max_neighbors, strict, vec)
     np.testing.assert_array_equal(our_pairs(g), expected)
     counts = np.bincount(batch_index(natoms).numpy()[expected[:, 0]], minlength=len(systems))
     assert g.neighbors.tolist() == counts.tolist()
@@ -358,10 +390,10 @@ def test_ties_follow_the_rule_and_are_deterministic(dtype: torch.dtype) -> None:
     pos, cell, pbc, natoms = as_batch(systems, dtype)
     g = radius_graph_pbc(pos, cell, pbc, natoms, 6.0, 20)
     pairs = ase_pairs(systems, 6.0)
-    d2 = reference_d2(
+    d2, vec = reference_geometry(
         pos.double().numpy(), cell.double().numpy(), batch_index(natoms).numpy(), pairs
     )
-    np.testing.assert_array_equal(our_pairs(g), reference_truncate(pairs, d2, 20, True))
+    np.testing.assert_array_equal(our_pairs(g), reference_truncate(pairs, d2, 20, True, vec))
     again = radius_graph_pbc(pos, cell, pbc, natoms, 6.0, 20)
     assert torch.equal(g.edge_index, again.edge_index)
     assert torch.equal(g.cell_offsets, again.cell_offsets)
@@ -396,10 +428,10 @@ def test_ties_atom_permutation_keeps_distance_shells() -> None:
         pos, cell, pbc, natoms = as_batch([system], torch.float32)
         g = radius_graph_pbc(pos, cell, pbc, natoms, 6.0, 20)
         pairs = ase_pairs([system], 6.0)
-        d2 = reference_d2(
+        d2, vec = reference_geometry(
             pos.double().numpy(), cell.double().numpy(), np.zeros(len(pos), int), pairs
         )
-        np.testing.assert_array_equal(our_pairs(g), reference_truncate(pairs, d2, 20, True))
+        np.testing.assert_array_equal(our_pairs(g), reference_truncate(pairs, d2, 20, True, vec))
         vec = edge_vectors(
             pos.double(), cell.double(), batch_index(natoms), g.edge_index, g.cell_offsets
         )
@@ -461,8 +493,8 @@ def test_batch_with_edgeless_and_empty_systems() -> None:
     g = radius_graph_pbc(pos, cell, pbc, natoms, 5.0, 40)
     assert g.neighbors[[0, 2, 3]].tolist() == [0, 0, 0]
     pairs = ase_pairs(systems, 5.0)
-    d2 = reference_d2(pos.numpy(), cell.numpy(), batch_index(natoms).numpy(), pairs)
-    np.testing.assert_array_equal(our_pairs(g), reference_truncate(pairs, d2, 40, True))
+    d2, vec = reference_geometry(pos.numpy(), cell.numpy(), batch_index(natoms).numpy(), pairs)
+    np.testing.assert_array_equal(our_pairs(g), reference_truncate(pairs, d2, 40, True, vec))
 
 
 def test_all_systems_empty() -> None:

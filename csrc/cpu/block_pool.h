@@ -10,16 +10,20 @@
 //     that move a little from step to step, as edge counts do in MD, keep reusing the same blocks; its
 //     storage returns the block to the cache when the last reference goes.
 //   release(): frees every cached block (scn_fast.release_cpu_cache()); returns the bytes freed.
-//   The cache keeps at most limit() bytes of idle blocks (SCN_FAST_CPU_CACHE_BYTES, default 4 GiB;
-//   0 turns caching off); a request the C library cannot serve releases the cache and retries.
+//   The cache keeps at most limit() bytes of idle blocks (SCN_FAST_CPU_CACHE_BYTES, a decimal byte
+//   count, default 4 GiB; 0 turns caching off; anything else is an error); a request the C library
+//   cannot serve releases the cache and retries.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cerrno>
 #include <cstdint>
 #include <cstdlib>
+#include <limits>
 #include <mutex>
+#include <string>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -36,14 +40,30 @@ inline size_t size_class(size_t n) {
   return (n + step - 1) / step * step;
 }
 
+// The cache limit from SCN_FAST_CPU_CACHE_BYTES: unset -> 4 GiB; otherwise decimal digits only (no
+// sign, exponent, suffix or spaces) that fit in size_t, else an error naming the variable (strtoull
+// alone read "1e9" as 1, "abc" as 0 and "-1" as unlimited).
+inline size_t parse_limit(const char* env) {
+  if (env == nullptr) return size_t{4} << 30;
+  const std::string text(env);
+  bool ok = !text.empty() && text.size() <= 20;
+  for (char c : text) ok = ok && c >= '0' && c <= '9';
+  unsigned long long value = 0;
+  if (ok) {
+    errno = 0;
+    value = std::strtoull(text.c_str(), nullptr, 10);
+    ok = errno != ERANGE && value <= std::numeric_limits<size_t>::max();
+  }
+  TORCH_CHECK(ok, "SCN_FAST_CPU_CACHE_BYTES must be a whole number of bytes written in decimal digits "
+              "(e.g. 1000000000; 0 turns the cache off), got '", text, "'");
+  return static_cast<size_t>(value);
+}
+
 struct Pool {
   std::mutex mu;
   std::unordered_map<size_t, std::vector<void*>> idle;  // idle blocks by size class
   size_t cached = 0;
-  size_t limit = [] {
-    const char* env = std::getenv("SCN_FAST_CPU_CACHE_BYTES");
-    return env ? static_cast<size_t>(std::strtoull(env, nullptr, 10)) : (size_t{4} << 30);
-  }();
+  size_t limit = parse_limit(std::getenv("SCN_FAST_CPU_CACHE_BYTES"));
 
   // A block for a request of that many bytes: (pointer, its size: the request's size class).
   std::pair<void*, size_t> take(size_t request) {

@@ -376,7 +376,7 @@ def _project_backward(
     sym = tap_symmetry(lmax, mmax, num_taps)
     if sym.num_taps == 1:
         d = dpre.reshape(e, h)
-        ys, ws, ds = gemm_inputs((y.reshape(e, y[0].numel()), weight, d), precision, native)
+        ys, ws, ds = gemm_inputs((y.reshape(e, y.shape[1:].numel()), weight, d), precision, native)
         dy = gemm_mm(ds, ws, precision, native).view_as(y)
         dw = gemm_mm(ds.t(), ys, precision, native)
         return dy, dw, d.sum(0)
