@@ -42,7 +42,6 @@ from torch.nn import functional as F
 from .. import so3
 from ..precision import gemm_inputs, gemm_mm
 from .layout import tap_symmetry
-from .workspace import workspace
 
 
 def _runs(rows: list[int]) -> tuple[tuple[int, int, int], ...]:
@@ -207,7 +206,7 @@ def _signs_of_tap1(t: torch.Tensor, rows: TapRows) -> torch.Tensor:
 def _pair_rows(y3: torch.Tensor, rows: TapRows, dtype: torch.dtype, backend: str) -> torch.Tensor:
     """[y1 | y1'] (E, 2 n1, C) of y3 (E, 2R, C) in dtype, in a workspace (scratch for this call)."""
     e, _, c = y3.shape
-    pair = workspace("tap_pair", (e, 2 * rows.n1, c), dtype, y3.device)
+    pair = scratch((e, 2 * rows.n1, c), dtype, y3.device, backend)
     _gather_rows(y3, rows.pair_rows, pair, backend)
     return _signs_of_tap1(pair, rows)
 
@@ -220,9 +219,9 @@ def _split_input(
     and tap 1's signs together) where it applies, else gathers and a sign pass."""
     e, _, r, c = y.shape
     y3 = y.reshape(e, 2 * r, c)
-    y0 = workspace("tap_y0", (e, rows.n0, c), dtype, y.device)
+    y0 = scratch((e, rows.n0, c), dtype, y.device, backend)
     if backend == "extension" and dtype == y.dtype and dtype in (torch.float32, torch.float64):
-        pair = workspace("tap_pair", (e, 2 * rows.n1, c), dtype, y.device)
+        pair = scratch((e, 2 * rows.n1, c), dtype, y.device, backend)
         _ext().tap_split(y3.contiguous(), rows.y0_rows, rows.pair_rows, rows.pair_signs, y0, pair)
         return y0.view(e, rows.n0 * c), pair.view(2 * e, rows.n1 * c)
     _gather_rows(y3, rows.y0_rows, y0, backend)
@@ -244,6 +243,18 @@ def _ext():
     from ..extension import load_extension
 
     return load_extension()
+
+
+def scratch(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, backend: str
+) -> torch.Tensor:
+    """An uninitialised temporary of one call (never returned or saved): from the extension's CPU
+    block cache when the extension runs the op on CPU (a freed block comes back for the next call
+    instead of being page-faulted in again: 1.5 us per 4 KiB page measured on a 2-core VM, 50 ms
+    instead of 1.5 ms for one 20 MB gather when two threads fault at once), else ``torch.empty``."""
+    if backend == "extension" and torch.device(device).type == "cpu":
+        return _ext().cached_empty(list(shape), dtype)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _result_buffer(shape: tuple[int, ...], like: torch.Tensor, backend: str) -> torch.Tensor:
@@ -285,7 +296,7 @@ def _weight_operands(
         return gemm_inputs((weight[:, :split], weight[:, split:]), precision, native)
     w3 = weight.reshape(h, -1, c)
     bf16 = _native_bf16(weight, precision, native)
-    wp = workspace("tap_weight", w3.shape, torch.bfloat16 if bf16 else w3.dtype, w3.device)
+    wp = scratch(w3.shape, torch.bfloat16 if bf16 else w3.dtype, w3.device, backend)
     _gather_rows(w3, rows.w_rows, wp, backend)
     w0, w1 = wp[:, : rows.n0].reshape(h, -1), wp[:, rows.n0 :].reshape(h, -1)
     if not bf16:
@@ -325,8 +336,16 @@ def _row_blocked(y: torch.Tensor, precision: str, native: bool) -> bool:
     return y.device.type == "cpu" and not _native_bf16(y, precision, native)
 
 
+def _blocked(gemm: str, y: torch.Tensor, precision: str, native: bool, tap_ordered: bool) -> bool:
+    """Whether the 4-tap GEMMs run per row block: as the plan names it (``gemm``), else by
+    :func:`_row_blocked` (direct calls of the op)."""
+    if gemm:
+        return gemm == "row_blocked"
+    return not tap_ordered and _row_blocked(y, precision, native)
+
+
 def _project(
-    y, weight, bias, lmax, mmax, num_taps, precision, native, backend, tap_ordered=False
+    y, weight, bias, lmax, mmax, num_taps, precision, native, backend, tap_ordered=False, gemm=""
 ) -> _Projection:
     e, _, r, c = y.shape
     h = weight.shape[0]
@@ -334,7 +353,7 @@ def _project(
         ys, ws = gemm_inputs((y.reshape(e, 2 * r * c), weight), precision, native)
         return _Projection(gemm_mm(ys, ws.t(), precision, native).add_(bias), None)
     rows = tap_rows(lmax, mmax, num_taps, y.device)
-    if not tap_ordered and _row_blocked(y, precision, native):
+    if _blocked(gemm, y, precision, native, tap_ordered):
         y3, w3 = gemm_inputs(
             (y.reshape(e, 2 * r, c), weight.reshape(-1, 2 * r, c)), precision, native
         )
@@ -369,7 +388,7 @@ def _assemble_dy(dy: torch.Tensor, dpair: torch.Tensor, rows: TapRows) -> torch.
 
 
 def _project_backward(
-    dpre, y, weight, lmax, mmax, num_taps, precision, native, backend, tap_ordered=False
+    dpre, y, weight, lmax, mmax, num_taps, precision, native, backend, tap_ordered=False, gemm=""
 ):
     """(dy, dweight, dbias) of pre = projection(y) for dpre (E, T, H)."""
     e, h = y.shape[0], weight.shape[0]
@@ -383,7 +402,7 @@ def _project_backward(
     d4 = dpre.view(e, 2, 2, h)
     da, db = d4.sum((1, 2)), torch.sub(d4[:, 0], d4[:, 1])
     return _project_backward_ab(
-        da, db, y, weight, lmax, mmax, num_taps, precision, native, backend, tap_ordered
+        da, db, y, weight, lmax, mmax, num_taps, precision, native, backend, tap_ordered, gemm
     )
 
 
@@ -426,6 +445,7 @@ def _project_backward_ab(
     native,
     backend,
     tap_ordered=False,
+    gemm="",
 ):
     """(dy, dweight, dbias) of the 4-tap projection from the gradients of A (E, H) and B (E, 2, H);
     dweight in the weight's own column order (upstream's, or tap order)."""
@@ -433,13 +453,13 @@ def _project_backward_ab(
     h = weight.shape[0]
     rows = tap_rows(lmax, mmax, num_taps, y.device)
     db = db.reshape(2 * e, h)  # [dB0, dB1] interleaved by edge
-    if not tap_ordered and _row_blocked(y, precision, native):
+    if _blocked(gemm, y, precision, native, tap_ordered):
         dy = _result_buffer((e, 2 * r, c), y, backend)
         y3, w3, da_s, db_s = gemm_inputs(
             (y.reshape(e, 2 * r, c), weight.reshape(h, 2 * r, c), da, db), precision, native
         )
         pair = _pair_rows(y3, rows, y3.dtype, backend).view(2 * e, rows.n1, c)
-        dpair = workspace("tap_dpair", (2 * e, rows.n1, c), y.dtype, y.device)
+        dpair = scratch((2 * e, rows.n1, c), y.dtype, y.device, backend)
         if backend == "extension":
             dw = _ext().tap_blocked_backward(
                 da_s, db_s, y3, pair, w3, rows.flat0, rows.flat1, dy, dpair
@@ -466,8 +486,8 @@ def _project_backward_ab(
     w0, w1 = _weight_operands(weight, rows, c, precision, native, backend, tap_ordered)
     # dy: the m = 0 rows from A; the m = +-1 rows from B0 plus B1's part with tap 1 undone.
     # (scratch: read once by the assembly)
-    dy0 = workspace("tap_dy0", (e, rows.n0, c), y.dtype, y.device)
-    dpair = workspace("tap_dpair", (2 * e, rows.n1, c), y.dtype, y.device)
+    dy0 = scratch((e, rows.n0, c), y.dtype, y.device, backend)
+    dpair = scratch((2 * e, rows.n1, c), y.dtype, y.device, backend)
     gemm_mm(da_s, w0, precision, native, out=dy0.view(e, rows.n0 * c))
     gemm_mm(db_s, w1, precision, native, out=dpair.view(2 * e, rows.n1 * c))
     dy = _assemble(dy0, dpair.view(e, 2 * rows.n1, c), rows, backend).view(e, 2, r, c)
@@ -476,7 +496,7 @@ def _project_backward_ab(
         return dy, dw, da.sum(0)
     # dweight: both GEMMs write into the [W0 | W1] buffer (bf16 for native bf16 GEMMs, whose
     # results are bf16), gathered back to upstream's order and float32 in one pass.
-    dwp = workspace("tap_dweight", (h, 2 * r, c), da_s.dtype, weight.device)
+    dwp = scratch((h, 2 * r, c), da_s.dtype, weight.device, backend)
     gemm_mm(da_s.t(), y0, precision, native, out=dwp[:, : rows.n0].reshape(h, -1))
     gemm_mm(db_s.t(), pair, precision, native, out=dwp[:, rows.n0 :].reshape(h, -1))
     dw = _result_buffer((h, 2 * r, c), weight, backend)
@@ -497,9 +517,20 @@ def _tap_projection(
     native: bool,
     backend: str,
     tap_ordered: bool,
+    gemm: str = "",
 ) -> torch.Tensor:
     p = _project(
-        y.contiguous(), weight, bias, lmax, mmax, num_taps, precision, native, backend, tap_ordered
+        y.contiguous(),
+        weight,
+        bias,
+        lmax,
+        mmax,
+        num_taps,
+        precision,
+        native,
+        backend,
+        tap_ordered,
+        gemm,
     )
     out = p.a.unsqueeze(1) if p.b is None else _combine(p.a, p.b)
     return out.to(y.dtype)
@@ -511,14 +542,14 @@ def _fake_out(y, weight, lmax, mmax, num_taps):
 
 
 @_tap_projection.register_fake
-def _(y, weight, bias, lmax, mmax, num_taps, precision, native, backend, tap_ordered):
+def _(y, weight, bias, lmax, mmax, num_taps, precision, native, backend, tap_ordered, gemm=""):
     return _fake_out(y, weight, lmax, mmax, num_taps)
 
 
 def _setup_context(ctx, inputs, output):
-    y, weight, _bias, lmax, mmax, num_taps, precision, native, backend, tap_ordered = inputs
+    y, weight, _bias, *meta = inputs
     ctx.save_for_backward(y, weight)
-    ctx.meta = (lmax, mmax, num_taps, precision, native, backend, tap_ordered)
+    ctx.meta = tuple(meta)
 
 
 @torch.library.custom_op("scn_fast::tap_projection_backward", mutates_args=())
@@ -533,21 +564,22 @@ def _tap_projection_backward(
     native: bool,
     backend: str,
     tap_ordered: bool,
+    gemm: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    meta = (lmax, mmax, num_taps, precision, native, backend, tap_ordered)
+    meta = (lmax, mmax, num_taps, precision, native, backend, tap_ordered, gemm)
     dy, dw, db = _project_backward(dpre.to(y.dtype), y.contiguous(), weight, *meta)
     return dy.to(y.dtype), dw.contiguous(), db
 
 
 @_tap_projection_backward.register_fake
-def _(dpre, y, weight, lmax, mmax, num_taps, precision, native, backend, tap_ordered):
+def _(dpre, y, weight, lmax, mmax, num_taps, precision, native, backend, tap_ordered, gemm=""):
     return torch.empty_like(y), torch.empty_like(weight), weight.new_empty(weight.shape[0])
 
 
 def _backward(ctx, dpre):
     y, weight = ctx.saved_tensors
     dy, dw, db = _tap_projection_backward(dpre, y, weight, *ctx.meta)
-    return dy, dw, db, None, None, None, None, None, None, None
+    return dy, dw, db, None, None, None, None, None, None, None, None
 
 
 _tap_projection.register_autograd(_backward, setup_context=_setup_context)
@@ -610,12 +642,9 @@ def _gate_impl(backend: str, dtype: torch.dtype):
     return _gate_forward_composite, _gate_backward_composite
 
 
-def _gated_forward(
-    y, weight, bias, gate, lmax, mmax, num_taps, precision, native, backend, tap_ordered
-):
-    p = _project(
-        y.contiguous(), weight, bias, lmax, mmax, num_taps, precision, native, backend, tap_ordered
-    )
+def _gated_forward(y, weight, bias, gate, *meta):
+    p = _project(y.contiguous(), weight, bias, *meta)
+    backend = meta[5]
     a = p.a.to(y.dtype)
     b = a.new_empty((a.shape[0], 0, a.shape[1])) if p.b is None else p.b.to(y.dtype)
     forward, _ = _gate_impl(backend, a.dtype)
@@ -635,26 +664,29 @@ def _gated(
     native: bool,
     backend: str,
     tap_ordered: bool,
+    gemm: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(silu(pre) * gate, A, B): A and B are what the backward needs (dropped by the caller when
     nothing is recorded for autograd). The backward splits y again (one pass) rather than keeping
     the split: y1' repeats y1, so the split is 1.6x y's size at L = 6."""
-    meta = (lmax, mmax, num_taps, precision, native, backend, tap_ordered)
+    meta = (lmax, mmax, num_taps, precision, native, backend, tap_ordered, gemm)
     return _gated_forward(y, weight, bias, gate, *meta)
 
 
 @_gated.register_fake
-def _(y, weight, bias, gate, lmax, mmax, num_taps, precision, native, backend, tap_ordered):
+def _(
+    y, weight, bias, gate, lmax, mmax, num_taps, precision, native, backend, tap_ordered, gemm=""
+):
     out = _fake_out(y, weight, lmax, mmax, num_taps)
     e, t, h = out.shape
     return out, y.new_empty((e, h)), y.new_empty((e, 2 if t == 4 else 0, h))
 
 
 def _gated_setup(ctx, inputs, output):
-    y, weight, _bias, gate, lmax, mmax, num_taps, precision, native, backend, tap_ordered = inputs
+    y, weight, _bias, gate, *meta = inputs
     _, a, b = output
     ctx.save_for_backward(y, weight, gate, a, b)
-    ctx.meta = (lmax, mmax, num_taps, precision, native, backend, tap_ordered)
+    ctx.meta = tuple(meta)
     # a and b are outputs only to be saved: no zero-filled (E, T, H)-sized gradients for them
     ctx.set_materialize_grads(False)
 
@@ -674,10 +706,11 @@ def _gated_tap_projection_backward(
     native: bool,
     backend: str,
     tap_ordered: bool,
+    gemm: str = "",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _, backward = _gate_impl(backend, a.dtype)
     dpre_a, dpre_b, dgate = backward(dout.to(a.dtype).contiguous(), a, b, gate.contiguous())
-    meta = (lmax, mmax, num_taps, precision, native, backend, tap_ordered)
+    meta = (lmax, mmax, num_taps, precision, native, backend, tap_ordered, gemm)
     if b.shape[1] == 0:
         dy, dw, dbias = _project_backward(dpre_a.unsqueeze(1), y.contiguous(), weight, *meta)
     else:
@@ -686,7 +719,22 @@ def _gated_tap_projection_backward(
 
 
 @_gated_tap_projection_backward.register_fake
-def _(dout, y, weight, gate, a, b, lmax, mmax, num_taps, precision, native, backend, tap_ordered):
+def _(
+    dout,
+    y,
+    weight,
+    gate,
+    a,
+    b,
+    lmax,
+    mmax,
+    num_taps,
+    precision,
+    native,
+    backend,
+    tap_ordered,
+    gemm="",
+):
     h = weight.shape[0]
     return (
         torch.empty_like(y),
@@ -698,10 +746,10 @@ def _(dout, y, weight, gate, a, b, lmax, mmax, num_taps, precision, native, back
 
 def _gated_backward(ctx, dout, _da, _db):
     if dout is None:  # the output took no part in the loss
-        return (None,) * 11
+        return (None,) * 12
     y, weight, gate, a, b = ctx.saved_tensors
     dy, dw, dbias, dgate = _gated_tap_projection_backward(dout, y, weight, gate, a, b, *ctx.meta)
-    return dy, dw, dbias, dgate, None, None, None, None, None, None, None
+    return dy, dw, dbias, dgate, None, None, None, None, None, None, None, None
 
 
 _gated.register_autograd(_gated_backward, setup_context=_gated_setup)
@@ -719,13 +767,15 @@ def gated_tap_projection(
     native: bool = True,
     backend: str = "reference",
     weight_order: str = "upstream",
+    gemm: str = "",
 ) -> torch.Tensor:
     """silu(pre) * gate (E, T, H): upstream's ``act(fc1_edge_proj(a_t)) * act(fc1_dist(x_edge))`` for
     every tap, from the rotated features y (E, 2, R, C) and gate (E, H). ``backend``: whose fused
     kernels run the elementwise epilogue ("extension", "triton"; anything else: ATen ops);
-    ``weight_order``: "upstream" or "tap" (as in :func:`tap_projection`)."""
+    ``weight_order``: "upstream" or "tap" (as in :func:`tap_projection`); ``gemm``: the plan's GEMM
+    strategy ("row_blocked", "gathered", "tap_ordered", "dense"; "" chooses by device)."""
     tap_ordered = _tap_ordered(weight_order, lmax, mmax, num_taps)
-    meta = (lmax, mmax, num_taps, precision, native, backend, tap_ordered)
+    meta = (lmax, mmax, num_taps, precision, native, backend, tap_ordered, gemm)
     return _gated(y, weight, bias, gate, *meta)[0]
 
 
