@@ -14,7 +14,8 @@ import scn_fast.planning as planning_mod
 from scn_fast import SphericalChannelNetwork
 from scn_fast.ops import compact_wigner, edge_csr, edge_layout, edge_rotation, gated_tap_projection
 from scn_fast.ops.edge_rotation import edge_rotation_split
-from scn_fast.ops.tap_projection import _split_input, gated_tap_projection_split, tap_rows
+from scn_fast.ops.tap_buffers import _split_input
+from scn_fast.ops.tap_projection import gated_tap_projection_split, tap_rows
 from scn_fast.tap_order import to_upstream_layout
 
 from .conftest import golden_inputs, load_golden
