@@ -16,7 +16,7 @@
 // (cpu/vec_math.h), float64 scalar; column sums of dbias per fixed chunk of edges, then over
 // chunks (deterministic, independent of the thread count). Other devices: ATen ops.
 
-#include "message_common.h"
+#include "message_ops.h"
 #include "cpu/cpu_isa.h"
 #include "cpu/vec_math.h"
 
@@ -108,24 +108,9 @@ inline void combine_backward_tail(const T* dme, const Z* ze, const T* bias, cons
     }
 }
 
-#if SCN_HAS_AVX2_CLONE
-// The vector channel loops, one text compiled for AVX2 (8 lanes) and for AVX-512 (16 lanes).
-SCN_BEGIN_TARGET_AVX2
-namespace avx2 {
-using scn_fast::cpu::avx2::sigmoid;
-using scn_fast::cpu::avx2::V;
-#include "message_combine.inc"
-}  // namespace avx2
-SCN_END_TARGET
-
-SCN_BEGIN_TARGET_AVX512
-namespace avx512 {
-using scn_fast::cpu::avx512::sigmoid;
-using scn_fast::cpu::avx512::V;
-#include "message_combine.inc"
-}  // namespace avx512
-SCN_END_TARGET
-#endif
+#define SCN_MESSAGE_CLONE_INC "message_combine.inc"
+#include "message_clones.inc"
+#undef SCN_MESSAGE_CLONE_INC
 
 template <typename Z, typename T>
 void combine_forward_edges(const Z* z, const T* bias, const int64_t* src, const T* coef, T* m,
@@ -175,6 +160,8 @@ void dispatch_combine(const Tensor& z, F&& f) {
       TORCH_CHECK(false, "scn_fast_ext: tap_combine z must be float32, float64 or bfloat16");
   }
 }
+
+}  // namespace
 
 Tensor tap_combine_forward(const Tensor& z, const Tensor& bias, const Tensor& src,
                            const Tensor& coef) {
@@ -244,17 +231,4 @@ std::vector<Tensor> tap_combine_backward(const Tensor& dm, const Tensor& z, cons
   return {dz, partial.sum(0)};
 }
 
-}  // namespace
 }  // namespace scn_fast::message
-
-TORCH_LIBRARY_FRAGMENT(scn_fast_ext, m) {
-  m.def("tap_combine_forward(Tensor z, Tensor bias, Tensor src, Tensor coef) -> Tensor");
-  m.def(
-      "tap_combine_backward(Tensor dm, Tensor z, Tensor bias, Tensor src, Tensor coef) -> "
-      "Tensor[]");
-}
-
-TORCH_LIBRARY_IMPL(scn_fast_ext, CompositeExplicitAutograd, m) {
-  m.impl("tap_combine_forward", &scn_fast::message::tap_combine_forward);
-  m.impl("tap_combine_backward", &scn_fast::message::tap_combine_backward);
-}

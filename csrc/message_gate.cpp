@@ -11,7 +11,7 @@
 // CPU: one pass each, at::parallel_for over edges, float32 with AVX-512 and AVX2+FMA clones
 // (cpu/vec_math.h), float64 scalar. Other devices: the same math in ATen ops.
 
-#include "message_common.h"
+#include "message_ops.h"
 #include "cpu/cpu_isa.h"
 #include "cpu/vec_math.h"
 
@@ -83,24 +83,9 @@ inline void gate_backward_row(const T* dm, const T* a, const T* b, const T* g, T
   }
 }
 
-#if SCN_HAS_AVX2_CLONE
-// The vector channel loops, one text compiled for AVX2 (8 lanes) and for AVX-512 (16 lanes).
-SCN_BEGIN_TARGET_AVX2
-namespace avx2 {
-using scn_fast::cpu::avx2::sigmoid;
-using scn_fast::cpu::avx2::V;
-#include "message_gate.inc"
-}  // namespace avx2
-SCN_END_TARGET
-
-SCN_BEGIN_TARGET_AVX512
-namespace avx512 {
-using scn_fast::cpu::avx512::sigmoid;
-using scn_fast::cpu::avx512::V;
-#include "message_gate.inc"
-}  // namespace avx512
-SCN_END_TARGET
-#endif
+#define SCN_MESSAGE_CLONE_INC "message_gate.inc"
+#include "message_clones.inc"
+#undef SCN_MESSAGE_CLONE_INC
 
 template <typename T>
 void gate_forward_rows(const T* a, const T* b, const T* g, T* m, int64_t e0, int64_t e1,
@@ -140,6 +125,8 @@ Tensor gate_pre(const Tensor& a, const Tensor& b) {
   auto au = a.unsqueeze(1);
   return at::cat({au + b, au - b}, 1);  // taps (0, 1, 2, 3)
 }
+
+}  // namespace
 
 Tensor tap_gate_forward(const Tensor& a, const Tensor& b, const Tensor& gate) {
   const GateSizes s = check_gate(a, b, gate);
@@ -188,15 +175,4 @@ std::vector<Tensor> tap_gate_backward(const Tensor& dm, const Tensor& a, const T
   return {da, db, dg};
 }
 
-}  // namespace
 }  // namespace scn_fast::message
-
-TORCH_LIBRARY_FRAGMENT(scn_fast_ext, m) {
-  m.def("tap_gate_forward(Tensor a, Tensor b, Tensor gate) -> Tensor");
-  m.def("tap_gate_backward(Tensor dm, Tensor a, Tensor b, Tensor gate) -> Tensor[]");
-}
-
-TORCH_LIBRARY_IMPL(scn_fast_ext, CompositeExplicitAutograd, m) {
-  m.impl("tap_gate_forward", &scn_fast::message::tap_gate_forward);
-  m.impl("tap_gate_backward", &scn_fast::message::tap_gate_backward);
-}

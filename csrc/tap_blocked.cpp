@@ -10,7 +10,7 @@
 //   dW[:, k:k+n] = dA^T y3[:, k:k+n] or dB^T pair[:, j:j+n], each written in place by one GEMM.
 //   The same ATen GEMM calls as the Python loop, without its per-call interpreter cost.
 
-#include "message_common.h"
+#include "message_ops.h"
 
 namespace scn_fast::message {
 namespace {
@@ -50,6 +50,8 @@ BlockedSizes check_blocked(const Tensor& y3, const Tensor& pair, const Tensor& w
   TORCH_CHECK(!runs0.empty() && !runs1.empty(), "scn_fast_ext: tap_blocked needs runs");
   return z;
 }
+
+}  // namespace
 
 std::vector<Tensor> tap_blocked_forward(const Tensor& y3, const Tensor& pair, const Tensor& w3,
                                         const Tensor& bias, at::IntArrayRef runs0,
@@ -102,19 +104,4 @@ Tensor tap_blocked_backward(const Tensor& da, const Tensor& db, const Tensor& y3
   return dw.view({z.H, z.R2 * z.C});
 }
 
-}  // namespace
 }  // namespace scn_fast::message
-
-TORCH_LIBRARY_FRAGMENT(scn_fast_ext, m) {
-  m.def(
-      "tap_blocked_forward(Tensor y3, Tensor pair, Tensor w3, Tensor bias, int[] runs0, "
-      "int[] runs1) -> Tensor[]");
-  m.def(
-      "tap_blocked_backward(Tensor da, Tensor db, Tensor y3, Tensor pair, Tensor w3, int[] runs0, "
-      "int[] runs1, Tensor(a!) dy, Tensor(b!) dpair) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(scn_fast_ext, CompositeExplicitAutograd, m) {
-  m.impl("tap_blocked_forward", &scn_fast::message::tap_blocked_forward);
-  m.impl("tap_blocked_backward", &scn_fast::message::tap_blocked_backward);
-}

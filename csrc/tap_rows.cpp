@@ -11,10 +11,33 @@
 //   -> dy (E, 2R, C): dy[:, r] = dy0[:, a[r]] where b[r] < 0 (an m = 0 row), else
 //   dpair[:, a[r]] + sign[r] * dpair[:, b[r]] (its y1 part and its y1' part): the split's adjoint.
 
-#include "message_common.h"
+#include "message_ops.h"
 
 namespace scn_fast::message {
 namespace {
+
+// rows: a contiguous int64 (n,) tensor whose values (checked on CPU) lie in [lo, bound).
+void check_rows(const Tensor& rows, int64_t n, int64_t lo, int64_t bound, const char* name) {
+  TORCH_CHECK(rows.dim() == 1 && rows.size(0) == n && rows.scalar_type() == at::kLong &&
+                  rows.is_contiguous(),
+              "scn_fast_ext: ", name, " must be a contiguous int64 (", n, ",) tensor, got ",
+              rows.sizes(), " ", rows.scalar_type());
+  if (!rows.is_cpu()) return;
+  const int64_t* p = rows.const_data_ptr<int64_t>();
+  for (int64_t j = 0; j < n; ++j)
+    TORCH_CHECK(p[j] >= lo && p[j] < bound, "scn_fast_ext: ", name, " holds ", p[j],
+                ", out of range for ", bound, " rows");
+}
+
+void check_signs(const Tensor& signs, int64_t n, const char* name) {
+  TORCH_CHECK(signs.dim() == 1 && signs.size(0) == n && signs.scalar_type() == at::kDouble &&
+                  signs.is_contiguous(),
+              "scn_fast_ext: ", name, " must be a contiguous float64 (", n, ",) tensor");
+}
+
+// The non-CPU bodies of tap_split / tap_assemble (ATen ops; any device). Registered as
+
+}  // namespace
 
 void gather_rows_out(const Tensor& src, const Tensor& rows, Tensor out) {
   TORCH_CHECK(src.dim() == 3 && out.dim() == 3 && src.size(0) == out.size(0) &&
@@ -56,26 +79,6 @@ void gather_rows_out(const Tensor& src, const Tensor& rows, Tensor out) {
   });
 }
 
-// rows: a contiguous int64 (n,) tensor whose values (checked on CPU) lie in [lo, bound).
-void check_rows(const Tensor& rows, int64_t n, int64_t lo, int64_t bound, const char* name) {
-  TORCH_CHECK(rows.dim() == 1 && rows.size(0) == n && rows.scalar_type() == at::kLong &&
-                  rows.is_contiguous(),
-              "scn_fast_ext: ", name, " must be a contiguous int64 (", n, ",) tensor, got ",
-              rows.sizes(), " ", rows.scalar_type());
-  if (!rows.is_cpu()) return;
-  const int64_t* p = rows.const_data_ptr<int64_t>();
-  for (int64_t j = 0; j < n; ++j)
-    TORCH_CHECK(p[j] >= lo && p[j] < bound, "scn_fast_ext: ", name, " holds ", p[j],
-                ", out of range for ", bound, " rows");
-}
-
-void check_signs(const Tensor& signs, int64_t n, const char* name) {
-  TORCH_CHECK(signs.dim() == 1 && signs.size(0) == n && signs.scalar_type() == at::kDouble &&
-                  signs.is_contiguous(),
-              "scn_fast_ext: ", name, " must be a contiguous float64 (", n, ",) tensor");
-}
-
-// The non-CPU bodies of tap_split / tap_assemble (ATen ops; any device). Registered as
 // _tap_split_aten / _tap_assemble_aten too, so the tests run them on CPU against the CPU loops.
 void tap_split_aten(const Tensor& y3, const Tensor& rows0, const Tensor& pair_rows,
                     const Tensor& pair_signs, Tensor y0, Tensor pair) {
@@ -191,25 +194,4 @@ Tensor tap_assemble(const Tensor& dy0, const Tensor& dpair, const Tensor& a, con
   return dy;
 }
 
-}  // namespace
 }  // namespace scn_fast::message
-
-TORCH_LIBRARY_FRAGMENT(scn_fast_ext, m) {
-  m.def("gather_rows_out(Tensor src, Tensor rows, Tensor(a!) out) -> ()");
-  m.def(
-      "tap_split(Tensor y3, Tensor rows0, Tensor pair_rows, Tensor pair_signs, Tensor(a!) y0, "
-      "Tensor(b!) pair) -> ()");
-  m.def("tap_assemble(Tensor dy0, Tensor dpair, Tensor a, Tensor b, Tensor sign) -> Tensor");
-  m.def(
-      "_tap_split_aten(Tensor y3, Tensor rows0, Tensor pair_rows, Tensor pair_signs, "
-      "Tensor(a!) y0, Tensor(b!) pair) -> ()");
-  m.def("_tap_assemble_aten(Tensor dy0, Tensor dpair, Tensor a, Tensor b, Tensor sign) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(scn_fast_ext, CompositeExplicitAutograd, m) {
-  m.impl("gather_rows_out", &scn_fast::message::gather_rows_out);
-  m.impl("tap_split", &scn_fast::message::tap_split);
-  m.impl("tap_assemble", &scn_fast::message::tap_assemble);
-  m.impl("_tap_split_aten", &scn_fast::message::tap_split_aten);
-  m.impl("_tap_assemble_aten", &scn_fast::message::tap_assemble_aten);
-}

@@ -38,12 +38,12 @@ _COMMON_SOURCES = (
     "edge_ops.cpp",
     "cpu/edge_ops_cpu.cpp",
     "grid_ops.cpp",
+    "message_ops.cpp",
     "message_gate.cpp",
     "message_combine.cpp",
     "tap_rows.cpp",
     "tap_blocked.cpp",
-    "block_cache.cpp",
-    "isa_cap.cpp",
+    "cpu_runtime.cpp",
 )
 _CUDA_SOURCES = ("cuda/edge_ops_cuda.cpp", "cuda/edge_ops_kernels.cu")
 

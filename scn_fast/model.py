@@ -107,19 +107,11 @@ class MessageBlock(nn.Module):
         self.fc1_edge = Linear(hidden, hidden)
         self.fc2_edge = Linear(hidden, res.sphere_basis_reduce * channels)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        x_edge: torch.Tensor,
-        edges: EdgeContext,
-        r: int,
-        out: torch.Tensor,
-        degree0_input: bool = False,
-    ) -> None:
-        """out (N, S_L, C') += this resolution's messages summed into their targets: x (N, S, C'),
-        x_edge (E, K) of every resolution, r this resolution's index (``ops.messages``, as the plan
-        says). ``degree0_input``: x is zero outside its l = 0 row (the first interaction)."""
-        ops.messages(self, x, x_edge, edges, r, out, degree0_input)
+    def forward(self, x: torch.Tensor, x_edge: torch.Tensor, edges: EdgeContext, *where) -> None:
+        """``ops.messages(self, x, x_edge, edges, r, out, degree0_input)``: out (N, S_L, C') +=
+        resolution r's messages summed into their targets, as the plan says; x (N, S, C'), x_edge
+        (E, K) of every resolution; ``degree0_input``: x is zero outside its l = 0 row."""
+        ops.messages(self, x, x_edge, edges, *where)
 
 
 class EdgeBlock(nn.Module):

@@ -23,13 +23,14 @@ Variants (what each op does beyond its backend):
   are), ``impl``, ``precision``, ``native``.
 * ``grid_projection``: ``tile_atoms``, ``saved_activations`` (keep fc1's and fc2's
   pre-activations for the backward: CPU extension with autograd), ``bf16_gemms`` (native bf16
-  GEMMs inside the op), ``precision`` (the GEMM precision; operands rounded unless native),
-  ``native``.
+  GEMMs inside the op), ``precision`` (the GEMM precision, passed to launchers that take it),
+  ``operands`` (the precision the op's inputs and weights are rounded to: "fp32" when its own
+  GEMMs are native bf16), ``native``.
 * ``output_heads``: ``tile_atoms``, ``precision`` (always "fp32": the heads stay float32).
 
-A plan can be built for a device that is not present (``plan(config, device="cuda")`` on a CPU
-machine): support is declared as data (``scn_fast.ops.support``), and the GPU's compute capability
-is assumed (``scn_fast.precision.ASSUMED_CUDA_CAPABILITY``) unless given.
+A plan can be built for a device that is not present (``scn_fast.plan(config, device="cuda")``
+on a CPU machine): support is declared as data (``scn_fast.ops.support``), and the GPU's compute
+capability is assumed (``scn_fast.precision.ASSUMED_CUDA_CAPABILITY``) unless given.
 """
 
 from __future__ import annotations

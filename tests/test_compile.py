@@ -1,5 +1,5 @@
 """``torch.compile(model)`` (default Inductor backend, CPU): compiled vs eager on the same path within
-the compile row of the tolerance table (DESIGN.md section 8; deterministic frames), in inference
+the compile row of the tolerance table (docs/tolerances.md; deterministic frames), in inference
 (``torch.no_grad``) and training (parameter gradients of an energy + force loss); no graph break
 inside the interaction blocks, heads or fused ops; one graph for every atom and edge count.
 
@@ -22,18 +22,12 @@ import torch
 from torch._dynamo.utils import counters
 
 from scn_fast import AtomsBatch, SphericalChannelNetwork, preset, systems
+from scn_fast.dispatch import OPS
 
 from .conftest import TOL, energy_error, force_error
 
 EDGE_OPS = ("edge_rotation", "scatter_aggregation")
-FUSED_OPS = (
-    "edge_rotation",
-    "scatter_aggregation",
-    "gated_tap_projection",
-    "tap_combine",
-    "grid_projection",
-    "output_heads",
-)
+FUSED_OPS = OPS  # every op the plan names
 # Atom counts 4, 14, 18, 32 and, with them, edge counts per resolution that all differ.
 SYSTEMS = {
     "pt_bulk": lambda: systems.pt_bulk(),

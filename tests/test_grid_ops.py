@@ -1,10 +1,10 @@
 """The fused grid MLP (``scn_fast::grid_projection``) and output heads (``scn_fast::output_heads``).
 
 * Each fused backend ("extension": csrc/grid_ops.cpp; "triton": kernels/grid_projection.py, in
-  Triton's interpreter on CPU tensors) against the reference: the model's ``Grid.to_grid`` /
-  ``Grid.from_grid`` with ``nn.Linear`` layers and SiLU, exactly as ``EdgeBlock`` runs them (and the
-  model's ``_heads`` math for the heads); forward and every gradient, float32 (1e-5) and float64
-  (1e-12), relative to the max abs of the reference (DESIGN.md section 8). Every test checks that
+  Triton's interpreter on CPU tensors) against the reference backend (``scn_fast.ops.reference``:
+  ``Grid.to_grid`` / ``Grid.from_grid`` with ``nn.Linear`` layers and SiLU, and the heads), what
+  the model's reference path runs; forward and every gradient, float32 (1e-5) and float64
+  (1e-12), relative to the max abs of the reference (docs/tolerances.md). Every test checks that
   the named backend actually ran (a recording wrapper around the backend's entry points).
 * gradcheck in float64 on tiny shapes; a memory check (no (N*G, .)-sized allocation in the forward
   or backward, via torch.profiler's allocation records); the constants against upstream's matrices.

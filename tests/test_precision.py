@@ -1,5 +1,5 @@
 """Precision modes (scn_fast.precision): TF32/bf16 rounding, the low-precision Linear (native and
-emulated), and the model in each mode against the float32 reference (DESIGN.md section 8 rows)."""
+emulated), and the model in each mode against the float32 reference (the rows of docs/tolerances.md)."""
 
 from __future__ import annotations
 

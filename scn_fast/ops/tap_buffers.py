@@ -25,7 +25,7 @@ def _signs_of_tap1(t: torch.Tensor, rows: TapRows) -> torch.Tensor:
 
 
 def _pair_rows(y3: torch.Tensor, rows: TapRows, dtype: torch.dtype, backend: str) -> torch.Tensor:
-    """[y1 | y1'] (E, 2 n1, C) of y3 (E, 2R, C) in dtype, in a workspace (scratch for this call)."""
+    """[y1 | y1'] (E, 2 n1, C) of y3 (E, 2R, C) in dtype, in scratch of this call (:func:`scratch`)."""
     e, _, c = y3.shape
     pair = scratch((e, 2 * rows.n1, c), dtype, y3.device, backend)
     _gather_rows(y3, rows.pair_rows, pair, backend)
@@ -36,7 +36,7 @@ def _split_input(
     y: torch.Tensor, rows: TapRows, dtype: torch.dtype, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y (E, 2, R, C) -> y0 (E, 2 R0 C) and [y1; y1'] (2E, 2 R1 C) (rows interleaved by edge), in
-    dtype, in workspaces (scratch for this call): the extension's one-pass ``tap_split`` (gather
+    dtype, in scratch of this call: the extension's one-pass ``tap_split`` (gather
     and tap 1's signs together) where it applies, else gathers and a sign pass."""
     e, _, r, c = y.shape
     y3 = y.reshape(e, 2 * r, c)

@@ -48,7 +48,7 @@ def _weight_operands(
     tap_ordered: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """W0 (H, 2 R0 C) and W1 (H, 2 R1 C) as GEMM operands: column blocks (views) of one gathered
-    (H, 2R, C) workspace (scratch: valid until the next call), in bf16 for native bf16 GEMMs; of the
+    (H, 2R, C) scratch buffer of this call, in bf16 for native bf16 GEMMs; of the
     weight itself when it is held in tap order (``tap_ordered``)."""
     h = weight.shape[0]
     if tap_ordered:

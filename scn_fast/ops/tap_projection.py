@@ -1,5 +1,5 @@
 """``scn_fast::tap_projection`` and ``scn_fast::gated_tap_projection``: upstream's ``fc1_edge_proj``
-applied to every tap, without the tap-repeated input and with 41% of its FLOPs (DESIGN.md section 3),
+applied to every tap, without the tap-repeated input and with 41% of its FLOPs (docs/algebra.md),
 optionally followed by upstream's activation and distance gate in the same op.
 
 Upstream feeds fc1_edge_proj the rotated features of every tap, a_t = [Q_t y_src, Q_t y_tgt]
