@@ -3,7 +3,7 @@
 Reference (upstream): ``F.linear`` on the tap-expanded rotated features (E*T, 2*R*C) (materialised by
 upstream's per-tap rotation) with W (H, 2*R*C), then ``silu(.) * gate``. Fused:
 ``scn_fast.ops.gated_tap_projection`` on the rotated features once per edge (E, 2, R, C), using the
-tap symmetry ((5L+1)/(12L+4) of the GEMM FLOPs, exactly; DESIGN.md section 3) and the activation and
+tap symmetry ((5L+1)/(12L+4) of the GEMM FLOPs, exactly; docs/algebra.md) and the activation and
 gate fused (per backend's elementwise kernels), with the weight in upstream's column order (read in
 place by row-blocked GEMMs on CPU) or in tap order (the fused model's layout: two GEMMs on its column
 blocks). Forward, and forward + backward w.r.t. the features, weight, bias and gate.

@@ -1,4 +1,4 @@
-"""Shared fixtures: golden files (upstream's own outputs, copied from shared/golden) and tolerances."""
+"""Shared fixtures: golden files (upstream's own outputs, tests/golden) and tolerances."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 GOLDEN_DIR = Path(__file__).parent / "golden"
 GOLDEN_FILES = sorted(p.name for p in GOLDEN_DIR.glob("*__*.pt"))
 
-# DESIGN.md section 8 (the project's one tolerance table).
+# docs/tolerances.md, the one tolerance table (the benchmark's copy: scn_fast/benchmark/tolerance.py).
 TOL = {
     "reference_fp32": {"energy": 1e-5, "force_u_factor": 3.0, "force_floor": 2e-5},
     "reference_fp64": {"energy": 1e-9, "force": 1e-8},

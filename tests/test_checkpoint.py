@@ -4,7 +4,7 @@ tests/golden/checkpoints holds one small SCN saved as ocpmodels and as fairchem 
 ``module.``, EMA shadow weights, normalizers), and what upstream computed from it: ``forward`` with the
 plain weights (``raw_state_dict_weights``) and fairchem's prediction (``predicted_ev``: EMA weights,
 energy * std + mean, forces * std). The expected values are upstream float32; the float32 tolerance
-(DESIGN.md section 8) is judged against our float64 run of the same weights and frame draws, relative
+(docs/tolerances.md) is judged against our float64 run of the same weights and frame draws, relative
 to upstream's own float32 error there.
 """
 

@@ -2,7 +2,7 @@
 
 The reference expands the compact Wigner rows into a dense (E, R, (L+1)^2) matrix and contracts with
 einsum in float64; scatters use index_add_ on the destination indices (not the CSR the op is given).
-The extension is built once per session (module fixture); the CUDA checks compare against the CPU twin.
+The extension is built once per test module (module fixture); the CUDA checks compare against the CPU twin.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The reference path reproduces upstream SCN's own outputs (tests/golden, from fairchem-core 1.10.0).
 
 Float32 is judged against upstream's float64 truth relative to upstream's own float32 error ``u``;
-float64 must agree with the truth to 1e-9 (energy) / 1e-8 (forces), DESIGN.md section 8.
+float64 must agree with the truth to 1e-9 (energy) / 1e-8 (forces), docs/tolerances.md.
 """
 
 from __future__ import annotations
