@@ -136,3 +136,20 @@ def test_the_model_runs_what_its_plan_names(monkeypatch, split, training):
         assert {"tap_gate_backward", "tap_combine_backward", "sphere_heads_backward"} <= back
         assert "grid_mlp_backward_saved" in back and "grid_mlp_backward" not in back
         assert "tap_assemble" in back  # the split's adjoint, in both forms
+
+
+def test_gemm_precision_reaches_launchers_that_take_it():
+    from scn_fast.ops.grid_projection import launcher_precision
+
+    def takes(x, tile_atoms, precision="fp32"):
+        return precision
+
+    def ignores(x, tile_atoms):
+        return None
+
+    assert launcher_precision(takes, "tf32") == {"precision": "tf32"}
+    assert launcher_precision(ignores, "tf32") == {}
+    p = scn_fast.plan(preset("tiny"), device="cpu", precision="tf32")
+    for op in ("gated_tap_projection", "tap_combine", "grid_projection"):
+        assert p[op].variant["precision"] == "tf32", op
+    assert p["output_heads"].variant["precision"] == "fp32"
