@@ -71,21 +71,15 @@ def _tap_projection(
     tap_ordered: bool,
     gemm: str = "",
 ) -> torch.Tensor:
-    p = _project(
-        y.contiguous(),
-        weight,
-        bias,
-        lmax,
-        mmax,
-        num_taps,
-        precision,
-        native,
-        backend,
-        tap_ordered,
-        gemm,
-    )
+    meta = (lmax, mmax, num_taps, precision, native, backend, tap_ordered, gemm)
+    p = _project(y.contiguous(), weight, bias, *meta)
     out = p.a.unsqueeze(1) if p.b is None else _combine(p.a, p.b)
     return out.to(y.dtype)
+
+
+def bias_like(weight: torch.Tensor) -> torch.Tensor:
+    """An uninitialised (H,) tensor for the bias gradient of a (H, K) weight."""
+    return weight.new_empty(weight.shape[0])
 
 
 def _fake_out(y, weight, lmax, mmax, num_taps):
@@ -125,7 +119,7 @@ def _tap_projection_backward(
 
 @_tap_projection_backward.register_fake
 def _(dpre, y, weight, lmax, mmax, num_taps, precision, native, backend, tap_ordered, gemm=""):
-    return torch.empty_like(y), torch.empty_like(weight), weight.new_empty(weight.shape[0])
+    return torch.empty_like(y), torch.empty_like(weight), bias_like(weight)
 
 
 def _backward(ctx, dpre):
@@ -237,29 +231,9 @@ def _gated_tap_projection_backward(
 
 
 @_gated_tap_projection_backward.register_fake
-def _(
-    dout,
-    y,
-    weight,
-    gate,
-    a,
-    b,
-    lmax,
-    mmax,
-    num_taps,
-    precision,
-    native,
-    backend,
-    tap_ordered,
-    gemm="",
-):
-    h = weight.shape[0]
-    return (
-        torch.empty_like(y),
-        torch.empty_like(weight),
-        weight.new_empty(h),
-        torch.empty_like(gate),
-    )
+def _(dout, y, weight, gate, a, b, *meta):
+    """(dy, dweight, dbias, dgate): the inputs' shapes (meta: the op's scalar arguments)."""
+    return torch.empty_like(y), torch.empty_like(weight), bias_like(weight), torch.empty_like(gate)
 
 
 def _gated_backward(ctx, dout, _da, _db):
