@@ -9,6 +9,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import AtomsBatch
 from .extension import cpu_cache_bytes, release_cpu_cache
 from .model import GraphData, SphericalChannelNetwork
+from .planning import plan
 from .presets import PRESETS, preset
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "SphericalChannelNetwork",
     "cpu_cache_bytes",
     "load_checkpoint",
+    "plan",
     "preset",
     "release_cpu_cache",
     "save_checkpoint",

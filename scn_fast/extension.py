@@ -34,7 +34,17 @@ EXTENSION_NAME = "scn_fast_ext"
 ENV_BUILD_DIR = "SCN_FAST_EXT_DIR"
 
 # Sources relative to the csrc directory.
-_COMMON_SOURCES = ("edge_ops.cpp", "cpu/edge_ops_cpu.cpp", "grid_ops.cpp", "message_ops.cpp")
+_COMMON_SOURCES = (
+    "edge_ops.cpp",
+    "cpu/edge_ops_cpu.cpp",
+    "grid_ops.cpp",
+    "message_ops.cpp",
+    "message_gate.cpp",
+    "message_combine.cpp",
+    "tap_rows.cpp",
+    "tap_blocked.cpp",
+    "cpu_runtime.cpp",
+)
 _CUDA_SOURCES = ("cuda/edge_ops_cuda.cpp", "cuda/edge_ops_kernels.cu")
 
 _lock = threading.Lock()

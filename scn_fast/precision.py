@@ -33,14 +33,31 @@ def check_precision(precision: str) -> str:
     return precision
 
 
-def gemm_support(precision: str, device: torch.device | str) -> tuple[bool, str]:
-    """(native, reason): whether ``precision``'s GEMMs run on low-precision units on ``device``."""
+# The GPU a plan for an absent CUDA device assumes (``scn_fast.planning`` on a CPU machine): Hopper.
+ASSUMED_CUDA_CAPABILITY = (9, 0)
+
+
+def cuda_capability(device: torch.device, capability: tuple[int, int] | None = None):
+    """``capability`` when given, else the device's own when CUDA is present, else
+    :data:`ASSUMED_CUDA_CAPABILITY` (a plan for a GPU built where there is none)."""
+    if capability is not None:
+        return tuple(capability)
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_capability(device)
+    return ASSUMED_CUDA_CAPABILITY
+
+
+def gemm_support(
+    precision: str, device: torch.device | str, capability: tuple[int, int] | None = None
+) -> tuple[bool, str]:
+    """(native, reason): whether ``precision``'s GEMMs run on low-precision units on ``device``
+    (a CUDA device of compute ``capability``, see :func:`cuda_capability`)."""
     check_precision(precision)
     device = torch.device(device)
     if precision == "fp32":
         return True, "float32 GEMMs"
     if device.type == "cuda":
-        major, _ = torch.cuda.get_device_capability(device)
+        major, _ = cuda_capability(device, capability)
         if major >= 8:
             return True, f"{precision} tensor cores (sm_{major}x)"
         return (
@@ -237,6 +254,18 @@ class Linear(nn.Linear):
         return low_precision_linear(
             x, self.weight, bias, self.precision, self.precision_native, keep_bf16
         )
+
+
+def set_precision(modules: nn.Module, precision: str, native: bool) -> None:
+    """Set the GEMM precision and implementation (native or emulated) of every :class:`Linear`
+    in ``modules`` (nothing to do when they already have it)."""
+    state = (precision, native)
+    if getattr(modules, "_gemm_precision", None) == state:
+        return
+    for module in modules.modules():
+        if isinstance(module, Linear):
+            module.precision, module.precision_native = state
+    modules._gemm_precision = state
 
 
 def linear_operands(precision: str, *layers: nn.Linear) -> tuple[torch.Tensor, ...]:

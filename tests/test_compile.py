@@ -22,18 +22,12 @@ import torch
 from torch._dynamo.utils import counters
 
 from scn_fast import AtomsBatch, SphericalChannelNetwork, preset, systems
+from scn_fast.dispatch import OPS
 
 from .conftest import TOL, energy_error, force_error
 
 EDGE_OPS = ("edge_rotation", "scatter_aggregation")
-FUSED_OPS = (
-    "edge_rotation",
-    "scatter_aggregation",
-    "gated_tap_projection",
-    "tap_combine",
-    "grid_projection",
-    "output_heads",
-)
+FUSED_OPS = OPS  # every op the plan names
 # Atom counts 4, 14, 18, 32 and, with them, edge counts per resolution that all differ.
 SYSTEMS = {
     "pt_bulk": lambda: systems.pt_bulk(),

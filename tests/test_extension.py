@@ -19,52 +19,26 @@ import torch
 
 from scn_fast import extension
 from scn_fast.extension import csrc_dir, extension_status, load_extension
+from scn_fast.ops import edge_layout, reference
 
 # ------------------------------------------------------------------------------------------------
-# Reference (from the spec only)
-
-
-def degree_blocks(lmax: int, mmax: int) -> list[tuple[int, int, int, int]]:
-    """(l, n_l, row_off_l, off_l) for l = 0..lmax."""
-    blocks, row, off = [], 0, 0
-    for l in range(lmax + 1):
-        n = 2 * min(l, mmax) + 1
-        blocks.append((l, n, row, off))
-        row += n
-        off += n * (2 * l + 1)
-    return blocks
+# Reference: the ops' reference backend (scn_fast.ops.reference), in float64
 
 
 def layout_sizes(lmax: int, mmax: int) -> tuple[int, int]:
     """(R, K)."""
-    l, n, row, off = degree_blocks(lmax, mmax)[-1]
-    return row + n, off + n * (2 * l + 1)
-
-
-def dense_wigner(wig: torch.Tensor, lmax: int, mmax: int) -> torch.Tensor:
-    """(E, R, (lmax+1)^2) float64: D[e, row_off_l + a, l*l + b] = wig[e, off_l + a*(2l+1) + b]."""
-    R, _ = layout_sizes(lmax, mmax)
-    E, S = wig.shape[0], (lmax + 1) ** 2
-    D = torch.zeros(E, R, S, dtype=torch.float64)
-    for l, n, row, off in degree_blocks(lmax, mmax):
-        w = 2 * l + 1
-        D[:, row : row + n, l * l : l * l + w] = wig[:, off : off + n * w].double().view(E, n, w)
-    return D
+    lay = edge_layout(lmax, mmax)
+    return lay.R, lay.K
 
 
 def reference_gather_rotate(x, wig, idx, lmax, mmax) -> torch.Tensor:
     """y (E, P, R, C) float64."""
-    S = (lmax + 1) ** 2
-    return torch.einsum("ers,epsc->eprc", dense_wigner(wig, lmax, mmax), x[:, :S].double()[idx])
+    return reference.gather_rotate(x, wig, idx, lmax, mmax, dtype=torch.float64)
 
 
 def reference_rotate_scatter(m, wig, dest, lmax, mmax, num_nodes) -> torch.Tensor:
     """out (num_nodes, (L+1)^2, C) float64; dest (E, P) the destination node of each edge side."""
-    contrib = torch.einsum("ers,eprc->epsc", dense_wigner(wig, lmax, mmax), m.double())
-    out = torch.zeros(num_nodes, (lmax + 1) ** 2, m.shape[-1], dtype=torch.float64)
-    for p in range(m.shape[1]):
-        out.index_add_(0, dest[:, p], contrib[:, p])
-    return out
+    return reference.rotate_scatter(m, wig, dest, lmax, mmax, num_nodes, dtype=torch.float64)
 
 
 def csr_of(dest: torch.Tensor, num_nodes: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -131,6 +131,7 @@ def test_extension_training_step_is_bit_reproducible():
 def test_degree0_message_path_matches_general_path(name):
     """The first interaction's shortcut (input of degree 0 alone: no rotation, per-atom projection,
     one tap, surviving rows only) gives the general fused path's messages and gradients (float64)."""
+    from scn_fast.ops.message_path import _degree0, _general
     from scn_fast.ops.tap_combine import identical_taps
 
     g = load_golden(name)
@@ -149,12 +150,8 @@ def test_degree0_message_path_matches_general_path(name):
         x0 = torch.randn(len(z), mb.sphere_channels_reduce, dtype=torch.float64, requires_grad=True)
         x = torch.zeros(len(z), mb.res.sphere_basis, x0.shape[1], dtype=torch.float64)
         x = x.index_copy(1, torch.tensor([0]), x0.unsqueeze(1))
-        general = mb.forward_fused(
-            x, x_edge[lo:hi], ctx.compact(r), *ctx.csr(r), "extension", "extension"
-        )
-        short = mb.forward_fused_invariant(
-            x0, x_edge[lo:hi], ctx.compact(r), *ctx.csr(r), "extension"
-        )
+        general = _general(mb, x, x_edge[lo:hi], ctx.compact(r), *ctx.csr(r), ctx.plan)
+        short = _degree0(mb, x0, x_edge[lo:hi], ctx.compact(r), *ctx.csr(r), ctx.plan)
         assert torch.allclose(short, general, rtol=0, atol=1e-12 * general.abs().max().item())
         probe = torch.randn_like(general)
         grads_general = torch.autograd.grad((general * probe).sum(), [x0, *mb.parameters()])
@@ -200,7 +197,7 @@ print("ok")
 
 def test_inference_mode_first_then_no_grad_then_training():
     """A first call under torch.inference_mode() fills the process-wide constant caches and the CPU
-    workspaces; later calls under no_grad and with autograd (training) must still run and give the
+    block cache; later calls under no_grad and with autograd (training) must still run and give the
     same numbers (cached inference tensors could not take part in autograd). Fresh process: the
     caches must be empty when the inference-mode call comes."""
     import subprocess

@@ -1,9 +1,9 @@
 """The fused grid MLP (``scn_fast::grid_projection``) and output heads (``scn_fast::output_heads``).
 
 * Each fused backend ("extension": csrc/grid_ops.cpp; "triton": kernels/grid_projection.py, in
-  Triton's interpreter on CPU tensors) against the reference: the model's ``Grid.to_grid`` /
-  ``Grid.from_grid`` with ``nn.Linear`` layers and SiLU, exactly as ``EdgeBlock`` runs them (and the
-  model's ``_heads`` math for the heads); forward and every gradient, float32 (1e-5) and float64
+  Triton's interpreter on CPU tensors) against the reference backend (``scn_fast.ops.reference``:
+  ``Grid.to_grid`` / ``Grid.from_grid`` with ``nn.Linear`` layers and SiLU, and the heads), what
+  the model's reference path runs; forward and every gradient, float32 (1e-5) and float64
   (1e-12), relative to the max abs of the reference (docs/tolerances.md). Every test checks that
   the named backend actually ran (a recording wrapper around the backend's entry points).
 * gradcheck in float64 on tiny shapes; a memory check (no (N*G, .)-sized allocation in the forward
@@ -24,32 +24,14 @@ import pytest
 import torch
 from torch import nn
 
-from scn_fast import dispatch, so3
+from scn_fast import so3
 from scn_fast.dispatch import Dispatcher, OpRequest
-from scn_fast.model import Grid
+from scn_fast.ops import grid_projection as gp
+from scn_fast.ops import output_heads as oh
+from scn_fast.ops import reference
+from scn_fast.ops.reference import Grid
 
-# The dispatcher's "grid_projection" entries before this op's module registers its backends: until
-# the model imports the op, other tests expect the not-implemented entries (restored below).
-_REGISTRY_BEFORE = list(dispatch._REGISTRY["grid_projection"].values())
-
-from scn_fast.ops import grid_projection as gp  # noqa: E402
-from scn_fast.ops import output_heads as oh  # noqa: E402
-
-from .conftest import TOL, rel_max_error  # noqa: E402
-
-for _impl in _REGISTRY_BEFORE:
-    dispatch.register(_impl)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fused_backends_registered():
-    """The fused backends are registered while this module's tests run, and the previous entries
-    restored afterwards (a no-op once the model imports the op)."""
-    gp.register_backends()
-    yield
-    for impl in _REGISTRY_BEFORE:
-        dispatch.register(impl)
-
+from .conftest import TOL, rel_max_error
 
 BACKENDS = ["extension", "triton"]
 TOLS = {torch.float32: TOL["op_fp32"], torch.float64: TOL["op_fp64"]}
@@ -105,9 +87,7 @@ def ran(monkeypatch):
 
     for name, be in list(gp.BACKENDS.items()):
         rec = Recording(name, be.module)
-        monkeypatch.setitem(
-            gp.BACKENDS, name, gp.GridBackend(name, lambda rec=rec: rec, be.refusal)
-        )
+        monkeypatch.setitem(gp.BACKENDS, name, gp.GridBackend(name, lambda rec=rec: rec))
     return calls
 
 
@@ -131,13 +111,13 @@ def make_grid_problem(lmax, bands, channels, n_atoms, dtype, device, seed=0):
 
 
 def reference_grid(grid: Grid, xd, xn, fc1, fc2, fc3):
-    """EdgeBlock's grid branch, verbatim."""
-    cr = xd.shape[2]
-    act = nn.SiLU()
-    g = torch.cat([grid.to_grid(xd, cr), grid.to_grid(xn, cr)], dim=1)
-    g = act(fc1(g))
-    g = act(fc2(g))
-    return grid.from_grid(fc3(g), cr).view(xd.shape[0], xd.shape[1], cr)
+    """The reference backend (``ops.reference.grid_mlp``): what the model's reference path runs."""
+    return reference.grid_mlp(grid, xd, xn, fc1, fc2, fc3, nn.SiLU())
+
+
+def saved_by_default(backend: str, xd: torch.Tensor) -> bool:
+    """Whether the op, left to choose (save_activations=None), keeps its activations."""
+    return gp.saves_activations(backend, xd.device.type, xd.requires_grad)
 
 
 def grid_params(layers):
@@ -170,7 +150,7 @@ def check_grid(backend, lmax, bands, channels, n_atoms, dtype, tile_atoms, ran, 
         tile_atoms=tile_atoms,
         save_activations=save,
     )
-    saved = save if save is not None else gp.saves_activations(backend, (xd,))
+    saved = save if save is not None else saved_by_default(backend, xd)
     assert out.shape == ref.shape and out.dtype == dtype and out.device == ref.device
     assert forward_ran(ran, backend, saved) >= 1
     tol = TOLS[dtype]
@@ -286,7 +266,7 @@ def test_grid_large_activations(backend, ran):
         torch.autograd.grad(out, inputs, gout), torch.autograd.grad(ref, inputs, gout), strict=True
     ):
         assert rel_max_error(a, b) <= TOL["op_fp32"]
-    assert backward_ran(ran, backend, gp.saves_activations(backend, (xd,))) >= 1
+    assert backward_ran(ran, backend, saved_by_default(backend, xd)) >= 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -403,22 +383,10 @@ def make_heads_problem(lmax, channels, reduce, n_atoms, dtype, device, forces=Tr
 
 
 def reference_heads(x, num_points, lmax, energy, forces):
-    """The model's _heads (before the per-structure index_add), verbatim."""
-    p, c = num_points, x.shape[2]
-    act = nn.SiLU()
-    y = so3.sphere_harmonics_at_points(p, lmax).to(dtype=x.dtype, device=x.device)
-    on_sphere = torch.einsum("abc,pb->apc", x, y).contiguous().view(-1, c)
-    e = act(energy[0](on_sphere))
-    e = act(energy[1](e))
-    e = energy[2](e).view(-1, p, 1)
-    node_energy = (torch.sum(e, dim=1) / p).view(-1)
-    if forces is None:
-        return node_energy, None
-    f = act(forces[0](on_sphere))
-    f = act(forces[1](f))
-    f = forces[2](f).view(-1, p, 1)
-    pts = so3.sphere_points(p).to(dtype=x.dtype, device=x.device)
-    return node_energy, torch.sum(f * pts.view(1, p, 3), dim=1) / p
+    """The reference backend (``ops.reference.heads``): what the model's reference path runs."""
+    sh = so3.sphere_harmonics_at_points(num_points, lmax).to(dtype=x.dtype, device=x.device)
+    pts = so3.sphere_points(num_points).to(dtype=x.dtype, device=x.device)
+    return reference.heads(x, sh, pts, energy, forces, nn.SiLU())
 
 
 def _hw(layers):
@@ -638,8 +606,9 @@ def test_dispatcher_picks_fused_grid_backend():
     if _triton_device() == "cpu":
         assert Dispatcher(use_fused=True, backend="triton").choose(req) == "triton"
     bf16 = OpRequest("grid_projection", torch.device("cpu"), torch.bfloat16, 6, 0, 1, 128)
-    assert d.choose(bf16) == "reference"
-    assert "float32 and float64" in d.explain()["grid_projection"]["refused"]["extension"]
+    ran, refused = d.decide(bf16)
+    assert ran == "reference"
+    assert "float32 and float64" in refused["extension"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -692,7 +661,7 @@ def test_cuda_grid_scn_t4_b2(backend, bands, ran):
         torch.autograd.grad(out, inputs, gout), torch.autograd.grad(ref, inputs, gout), strict=True
     ):
         assert rel_max_error(a, b) <= TOL["op_fp32"]
-    assert backward_ran(ran, backend, gp.saves_activations(backend, (xd,))) >= 1
+    assert backward_ran(ran, backend, saved_by_default(backend, xd)) >= 1
 
 
 @pytest.mark.gpu

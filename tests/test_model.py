@@ -12,7 +12,7 @@ from ase import Atoms
 from ase.build import bulk, molecule
 
 from scn_fast import AtomsBatch, SphericalChannelNetwork, preset
-from scn_fast.dispatch import BackendUnavailableError
+from scn_fast.dispatch import OPS, BackendUnavailableError
 from scn_fast.frames import edge_frames
 from scn_fast.systems import cu111_co, pt_bulk
 
@@ -277,14 +277,10 @@ def test_explain_reports_what_ran_and_why_not(monkeypatch):
     with torch.no_grad():
         model(data)
     report = model.explain()
-    assert set(report) == {
-        "edge_rotation",
-        "scatter_aggregation",
-        "grid_projection",
-        "output_heads",
-    }
+    assert set(report) == set(OPS)  # the six fused ops
     for rec in report.values():
         assert rec["ran"] == "reference"
+        assert set(rec) == {"ran", "variant", "refused"}
         assert rec["refused"] == {"triton": "use_fused=False", "extension": "use_fused=False"}
 
     fused = tiny_model(use_fused=True)
@@ -297,6 +293,11 @@ def test_explain_reports_what_ran_and_why_not(monkeypatch):
     for op in ("grid_projection", "output_heads"):
         assert report[op]["ran"] == "extension", (op, report[op])
         assert "never picks" in report[op]["refused"]["triton"]
+        assert report[op]["variant"]["tile_atoms"] >= 1
+    for op in ("gated_tap_projection", "tap_combine"):
+        assert report[op]["ran"] == "extension", (op, report[op])
+    assert report["edge_rotation"]["variant"] == {"split_rotation": True, "degree0_input": True}
+    assert report["tap_combine"]["variant"]["fc2"] == "scratch"  # no autograd
 
     monkeypatch.setenv("SCN_FAST_BACKEND", "reference")
     with torch.no_grad():

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-import scn_fast.model as model_module
+import scn_fast.planning as planning_module
 from scn_fast import SphericalChannelNetwork, load_checkpoint
 from scn_fast.precision import (
     Linear,
@@ -130,7 +130,9 @@ def test_model_within_row(name: str, fused: bool, precision: str) -> None:
 
 def test_native_bf16_model(monkeypatch: pytest.MonkeyPatch) -> None:
     """The native bf16 Linear (slow on CPUs without bf16 units, fine at this size) in the model."""
-    monkeypatch.setattr(model_module, "gemm_support", lambda p, d: (True, "forced for the test"))
+    monkeypatch.setattr(
+        planning_module, "gemm_support", lambda p, d, c=None: (True, "forced for the test")
+    )
     g = load_golden("tiny__cu111_co.pt")
     with torch.no_grad():
         ref = _build(g, "fp32", False)(golden_inputs(g))

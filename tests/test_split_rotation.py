@@ -2,18 +2,20 @@
 fc1_edge_proj's two GEMM operands straight from the rotation, and ``gated_tap_projection_split`` takes
 them. Checked against the general path (rotation, then the projection's own split): the operands
 bit for bit, the composition's outputs and gradients in float64, gradcheck, and the model with
-``SPLIT_ROTATION`` on and off."""
+``planning.SPLIT_ROTATION`` on and off."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import scn_fast.model as model_mod
+import scn_fast.ops.message_path as messages_mod
+import scn_fast.planning as planning_mod
 from scn_fast import SphericalChannelNetwork
 from scn_fast.ops import compact_wigner, edge_csr, edge_layout, edge_rotation, gated_tap_projection
 from scn_fast.ops.edge_rotation import edge_rotation_split
-from scn_fast.ops.tap_projection import _split_input, gated_tap_projection_split, tap_rows
+from scn_fast.ops.tap_buffers import _split_input
+from scn_fast.ops.tap_projection import gated_tap_projection_split, tap_rows
 from scn_fast.tap_order import to_upstream_layout
 
 from .conftest import golden_inputs, load_golden
@@ -99,13 +101,13 @@ def test_model_with_and_without_the_split_rotation(monkeypatch):
     forces and parameter gradients; the split path really ran."""
     g = load_golden("tiny__pt_bulk_rattled.pt")
     calls = []
-    real = model_mod.edge_rotation_split
+    real = messages_mod.edge_rotation_split
     monkeypatch.setattr(
-        model_mod, "edge_rotation_split", lambda *a, **k: calls.append(1) or real(*a, **k)
+        messages_mod, "edge_rotation_split", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     results = {}
     for split in (True, False):
-        monkeypatch.setattr(model_mod, "SPLIT_ROTATION", split)
+        monkeypatch.setattr(planning_mod, "SPLIT_ROTATION", split)
         model = SphericalChannelNetwork(**g["config"], use_fused=True, backend="extension")
         model.load_state_dict(g["state_dict"])
         model.double()
@@ -114,6 +116,7 @@ def test_model_with_and_without_the_split_rotation(monkeypatch):
         (out["energy"].pow(2).sum() + out["forces"].pow(2).sum()).backward()
         grads = {n: to_upstream_layout(model, n, p.grad) for n, p in model.named_parameters()}
         results[split] = (out["energy"].detach(), out["forces"].detach(), grads)
+        assert model.explain()["edge_rotation"]["variant"]["split_rotation"] == split
         if split:
             assert calls, "the split rotation did not run"
             calls.clear()

@@ -19,6 +19,7 @@ from scn_fast.ops import (
     tap_symmetry,
 )
 from scn_fast.ops.layout import dense_from_compact
+from scn_fast.ops.tap_rows import tap_rows
 
 from .conftest import TOL, elementwise_backend, rel_max_error
 
@@ -142,18 +143,15 @@ def test_gated_float32_gradients_match_upstream(backend):
         assert rel_max_error(fused, ref) <= TOL["op_fp32"]
 
 
-def test_row_blocked_and_gathered_strategies_agree(monkeypatch):
+def test_row_blocked_and_gathered_strategies_agree():
     """The CPU strategy (GEMMs per row block reading the weight in place) and the gathered one
     (used on GPUs and for native bf16) give the same outputs and gradients."""
-    tp = importlib.import_module("scn_fast.ops.tap_projection")  # the module, not the function
-
     inputs = _gated_inputs(6, 1, 30, 128, 96, torch.float32, seed=3)
     dout = torch.randn(30, 4, 96, generator=torch.Generator().manual_seed(4))
     results = []
-    for blocked in (True, False):
-        monkeypatch.setattr(tp, "_row_blocked", lambda *a, blocked=blocked: blocked)
+    for gemm in ("row_blocked", "gathered"):
         args = [t.clone().requires_grad_() for t in inputs]
-        out = gated_tap_projection(*args, 6, 1, -1, backend="extension")
+        out = gated_tap_projection(*args, 6, 1, -1, backend="extension", gemm=gemm)
         out.backward(dout)
         results.append([out.detach(), *[a.grad for a in args]])
     for a, b in zip(*results, strict=True):
@@ -227,16 +225,16 @@ def test_extension_split_and_its_adjoint(lmax, dtype):
     <split(y), (g0, gp)> = <y, assemble(g0, gp)> for random y, g0, gp."""
     from scn_fast.extension import load_extension
 
-    tp = importlib.import_module("scn_fast.ops.tap_projection")
+    tb = importlib.import_module("scn_fast.ops.tap_buffers")
     ext = load_extension()
-    rows = tp.tap_rows(lmax, 1, -1, torch.device("cpu"))
+    rows = tap_rows(lmax, 1, -1, torch.device("cpu"))
     r = edge_layout(lmax, 1).R
     gen = torch.Generator().manual_seed(lmax)
     y3 = torch.randn(7, 2 * r, 5, generator=gen, dtype=dtype)
     y0 = y3.new_empty((7, rows.n0, 5))
     pair = y3.new_empty((7, 2 * rows.n1, 5))
     ext.tap_split(y3, rows.y0_rows, rows.pair_rows, rows.pair_signs, y0, pair)
-    want0, want_pair = tp._split_input(y3.view(7, 2, r, 5), rows, dtype, "reference")
+    want0, want_pair = tb._split_input(y3.view(7, 2, r, 5), rows, dtype, "reference")
     assert torch.equal(y0.view(7, -1), want0) and torch.equal(pair.view(14, -1), want_pair)
     g0, gp = torch.randn_like(y0), torch.randn_like(pair)
     dy = ext.tap_assemble(g0, gp, rows.assemble_a, rows.assemble_b, rows.assemble_sign)
@@ -248,7 +246,7 @@ def test_extension_split_and_its_adjoint(lmax, dtype):
     assert torch.equal(y0_aten, y0) and torch.equal(pair_aten, pair)
     dy_aten = ext._tap_assemble_aten(g0, gp, rows.assemble_a, rows.assemble_b, rows.assemble_sign)
     assert torch.equal(dy_aten, dy)
-    assert torch.equal(dy, tp._assemble(g0, gp, rows, "reference"))  # Python's ATen path too
+    assert torch.equal(dy, tb._assemble(g0, gp, rows, "reference"))  # Python's ATen path too
     with pytest.raises(RuntimeError, match="out of range"):
         ext.tap_split(y3, rows.y0_rows + 2 * r, rows.pair_rows, rows.pair_signs, y0, pair)
     with pytest.raises(RuntimeError, match="float64"):

@@ -24,6 +24,8 @@ pytest.importorskip("triton")
 
 from scn_fast.kernels import edge_rotation as er
 
+from scn_fast.ops import reference
+
 from . import triton_compile
 
 HERE = Path(__file__).resolve().parent
@@ -68,38 +70,14 @@ def compact_layout(lmax: int, mmax: int):
     return torch.tensor(rows), torch.tensor(coeffs), torch.tensor(entries), row_off, off
 
 
-def dense_wigner(wig: torch.Tensor, lmax: int, mmax: int) -> torch.Tensor:
-    """(E, R, S) float64: D[e, row_off_l + a, l*l + b] = wig[e, off_l + a*(2l+1) + b]."""
-    rows, coeffs, entries, num_rows, _ = compact_layout(lmax, mmax)
-    dense = torch.zeros(
-        wig.shape[0], num_rows, (lmax + 1) ** 2, dtype=torch.float64, device=wig.device
-    )
-    dense[:, rows, coeffs] = wig.double()[:, entries]
-    return dense
+def ref_gather_rotate(x, wig, idx, lmax, mmax):
+    """The reference backend (``scn_fast.ops.reference``) in float64."""
+    return reference.gather_rotate(x, wig, idx, lmax, mmax, dtype=torch.float64)
 
 
-def ref_gather_rotate(x, wig, idx, lmax, mmax, chunk=4096):
-    s = (lmax + 1) ** 2
-    parts = []
-    for lo in range(0, idx.shape[0], chunk):
-        dense = dense_wigner(wig[lo : lo + chunk], lmax, mmax)
-        xs = x[:, :s].double()[idx[lo : lo + chunk]]  # (e, P, S, C)
-        parts.append(torch.einsum("ers,epsc->eprc", dense, xs))
-    if not parts:
-        rows = compact_layout(lmax, mmax)[3]
-        return torch.zeros(0, idx.shape[1], rows, x.shape[2], dtype=torch.float64)
-    return torch.cat(parts)
-
-
-def ref_rotate_scatter(m, wig, dest, lmax, mmax, num_nodes, chunk=4096):
+def ref_rotate_scatter(m, wig, dest, lmax, mmax, num_nodes):
     """dest (E, P): destination node of each edge side (what perm/ptr encode)."""
-    out = torch.zeros(num_nodes, (lmax + 1) ** 2, m.shape[3], dtype=torch.float64, device=m.device)
-    for lo in range(0, m.shape[0], chunk):
-        dense = dense_wigner(wig[lo : lo + chunk], lmax, mmax)
-        for p in range(m.shape[1]):
-            rotated = torch.einsum("ers,erc->esc", dense, m[lo : lo + chunk, p].double())
-            out.index_add_(0, dest[lo : lo + chunk, p], rotated)
-    return out
+    return reference.rotate_scatter(m, wig, dest, lmax, mmax, num_nodes, dtype=torch.float64)
 
 
 def csr(dest: torch.Tensor, num_nodes: int):

@@ -1,5 +1,5 @@
 // Vectorised e^x and the logistic sigmoid for the CPU twins' fused elementwise passes (grid_ops.h,
-// message_ops.cpp): width-generic code (simd_math.inc) compiled for AVX2+FMA and for AVX-512 with
+// message_gate.cpp, message_combine.cpp): width-generic code (simd_math.inc) compiled for AVX2+FMA and for AVX-512 with
 // the vector policies simd_avx2.inc / simd_avx512.inc, plus the scalar forms the baseline clones and
 // float64 use. The kernels pick a width at run time (cpu_isa.h).
 #pragma once

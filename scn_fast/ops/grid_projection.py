@@ -30,6 +30,7 @@ Backends: "extension" (``csrc/grid_ops.cpp``: ATen GEMMs, CPU and CUDA), "triton
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -38,12 +39,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import so3
-from ..dispatch import Implementation, OpRequest, register
 from ..precision import linear_operands
-from .backends import extension_unavailable, triton_unavailable
+from .support import refusal
 
 FUSED_BACKENDS = ("extension", "triton")
-_FLOATS = (torch.float32, torch.float64)
 # Default tile: grid rows (points x atoms) per tile, per device type: large enough for GEMM
 # efficiency (CPU: ~9 atoms at L=6, timings flat from 2 to 19 atoms; a tile's buffers stay a few MB,
 # which the allocator reuses without page faults), small next to N*G for large N.
@@ -101,16 +100,14 @@ class GridBackend:
 
     name: str
     module: Callable[[], ModuleType | object]
-    refusal: Callable[[OpRequest], str | None]
+
+    def refusal(self, request) -> str | None:
+        """Why this backend cannot run ``request`` (a ``dispatch.OpRequest``), or None."""
+        dev = torch.device(request.device).type
+        return refusal(request.op, self.name, dev, request.dtype, request.lmax, request.mmax)
 
     def __getattr__(self, fn: str):
         return getattr(self.module(), fn)
-
-
-def _common_refusal(request: OpRequest) -> str | None:
-    if not 1 <= request.lmax <= 10:
-        return f"lmax={request.lmax} is outside 1..10"
-    return None
 
 
 def _ext_module():
@@ -119,53 +116,37 @@ def _ext_module():
     return load_extension()
 
 
-def _ext_refusal(request: OpRequest) -> str | None:
-    reason = _common_refusal(request) or extension_unavailable()
-    if reason:
-        return reason
-    if request.device.type not in ("cpu", "cuda"):
-        return f"no extension code for device type {request.device.type!r}"
-    if request.dtype not in _FLOATS:
-        return f"the grid ops support float32 and float64, not {request.dtype}"
-    return None
-
-
 def _triton_module():
     from ..kernels import grid_projection
 
     return grid_projection
 
 
-def _triton_refusal(request: OpRequest) -> str | None:
-    reason = _common_refusal(request) or triton_unavailable(
-        request.device, lambda: _triton_module().is_interpreted()
-    )
-    if reason:
-        return reason
-    if request.dtype not in _FLOATS:
-        return f"the Triton grid kernels support float32 and float64, not {request.dtype}"
-    return None
-
-
 BACKENDS: dict[str, GridBackend] = {
-    "extension": GridBackend("extension", _ext_module, _ext_refusal),
-    "triton": GridBackend("triton", _triton_module, _triton_refusal),
+    "extension": GridBackend("extension", _ext_module),
+    "triton": GridBackend("triton", _triton_module),
 }
+
+
+def launcher_precision(launcher: Callable, precision: str) -> dict[str, str]:
+    """The one place a GEMM precision reaches a tile launcher: ``{"precision": precision}`` when
+    the launcher takes that keyword (Triton GEMM launchers that choose their tensor-core mode from
+    it), else ``{}`` (the launcher's GEMMs run their operands as given)."""
+    return {"precision": precision} if _takes_precision(launcher) else {}
+
+
+@functools.lru_cache(maxsize=64)
+def _takes_precision(launcher: Callable) -> bool:
+    try:
+        return "precision" in inspect.signature(launcher).parameters
+    except (TypeError, ValueError):  # the extension's ops have no Python signature
+        return False
 
 
 def get_backend(name: str) -> GridBackend:
     if name not in BACKENDS:
         raise ValueError(f"grid ops have no fused backend {name!r}; known: {sorted(BACKENDS)}")
     return BACKENDS[name]
-
-
-def register_backends() -> None:
-    """Register the fused backends with the dispatcher for op "grid_projection" (done on import)."""
-    for name, be in BACKENDS.items():
-        register(Implementation("grid_projection", name, be.refusal))
-
-
-register_backends()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,15 +169,30 @@ def _grid_projection(
     tile_atoms: int,
     backend: str,
     bf16_gemms: bool = False,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     args = [t.contiguous() for t in (x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3)]
     extra = (True,) if bf16_gemms else ()  # only the extension has bf16 GEMMs (checked by the API)
-    return get_backend(backend).grid_mlp_forward(*args, tile_atoms, *extra)
+    fn = get_backend(backend).grid_mlp_forward
+    return fn(*args, tile_atoms, *extra, **launcher_precision(fn, precision))
 
 
 @_grid_projection.register_fake
 def _(
-    x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3, tile_atoms, backend, bf16_gemms=False
+    x_down,
+    x_new,
+    to_grid,
+    from_grid,
+    w1,
+    b1,
+    w2,
+    b2,
+    w3,
+    b3,
+    tile_atoms,
+    backend,
+    bf16_gemms=False,
+    precision="fp32",
 ):
     return x_down.new_empty((x_down.shape[0], x_down.shape[1], w3.shape[0]))
 
@@ -217,13 +213,15 @@ def _grid_projection_backward(
     tile_atoms: int,
     backend: str,
     bf16_gemms: bool = False,
+    precision: str = "fp32",
 ) -> list[torch.Tensor]:
     args = [
         t.contiguous()
         for t in (grad_out, x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3)
     ]
     extra = (True,) if bf16_gemms else ()
-    return list(get_backend(backend).grid_mlp_backward(*args, tile_atoms, *extra))
+    fn = get_backend(backend).grid_mlp_backward
+    return list(fn(*args, tile_atoms, *extra, **launcher_precision(fn, precision)))
 
 
 @_grid_projection_backward.register_fake
@@ -242,14 +240,15 @@ def _(
     tile_atoms,
     backend,
     bf16=False,
+    precision="fp32",
 ):
     return [torch.empty_like(t) for t in (x_down, x_new, w1, b1, w2, b2, w3, b3)]
 
 
 def _setup_context(ctx, inputs, output):
-    *tensors, tile_atoms, backend, bf16_gemms = inputs
+    *tensors, tile_atoms, backend, bf16_gemms, precision = inputs
     ctx.save_for_backward(*tensors)
-    ctx.meta = (tile_atoms, backend, bf16_gemms)
+    ctx.meta = (tile_atoms, backend, bf16_gemms, precision)
 
 
 def _backward(ctx, grad_out):
@@ -257,7 +256,7 @@ def _backward(ctx, grad_out):
     dx_down, dx_new, dw1, db1, dw2, db2, dw3, db3 = _grid_projection_backward(
         grad_out, x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3, *ctx.meta
     )
-    return dx_down, dx_new, None, None, dw1, db1, dw2, db2, dw3, db3, None, None, None
+    return dx_down, dx_new, None, None, dw1, db1, dw2, db2, dw3, db3, None, None, None, None
 
 
 _grid_projection.register_autograd(_backward, setup_context=_setup_context)
@@ -363,18 +362,13 @@ def _saving_backward(ctx, grad_out, _da1, _da2):
 _grid_projection_saving.register_autograd(_saving_backward, setup_context=_saving_setup_context)
 
 
-def saves_activations(backend: str, tensors: tuple[torch.Tensor, ...]) -> bool:
+def saves_activations(backend: str, device_type: str, grad: bool) -> bool:
     """Whether :func:`grid_projection` keeps fc1's and fc2's pre-activations for its backward
     rather than recomputing each tile's forward there: on CPU with the extension, when a gradient
-    will be taken. G * (H1 + H2) numbers per atom (645 KB at L = 6, 2 bands, C = 128, float32)
-    buy a backward without forward GEMMs (~45% fewer GEMM FLOPs); on GPUs, where memory is the
-    scarcer resource and the recompute is cheap, the backward recomputes."""
-    return (
-        backend == "extension"
-        and tensors[0].device.type == "cpu"
-        and torch.is_grad_enabled()
-        and any(t.requires_grad for t in tensors)
-    )
+    will be taken (``grad``). G * (H1 + H2) numbers per atom (645 KB at L = 6, 2 bands, C = 128,
+    float32) buy a backward without forward GEMMs (~45% fewer GEMM FLOPs); on GPUs, where memory
+    is the scarcer resource and the recompute is cheap, the backward recomputes."""
+    return backend == "extension" and device_type == "cpu" and grad
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,26 +388,14 @@ def grid_projection_reference(
     lmax: int,
     num_bands: int,
 ) -> torch.Tensor:
-    """Upstream's computation (``model.Grid`` einsums, ``F.linear``, SiLU), for comparison."""
-    m = so3.grid_matrices(lmax, num_bands)
-    n, _, c = x_down.shape
-    shb, sha = (
-        t.to(dtype=x_down.dtype, device=x_down.device) for t in (m.to_grid_shb, m.to_grid_sha)
-    )
-    fsha, fshb = (
-        t.to(dtype=x_down.dtype, device=x_down.device) for t in (m.from_grid_sha, m.from_grid_shb)
-    )
+    """Upstream's computation (``ops.reference.grid``) with these weights, for comparison."""
+    from .reference import Grid, grid_mlp
 
-    def to_grid(x: torch.Tensor) -> torch.Tensor:
-        g = torch.einsum("mbi,zic->zbmc", shb, x)
-        return torch.einsum("am,zbmc->zbac", sha, g).contiguous().view(-1, num_bands * c)
+    def layer(w: torch.Tensor, b: torch.Tensor):
+        return lambda t: F.linear(t, w, b)
 
-    g = torch.cat([to_grid(x_down), to_grid(x_new)], dim=1)
-    g = F.silu(F.linear(g, w1, b1))
-    g = F.silu(F.linear(g, w2, b2))
-    g = F.linear(g, w3, b3).view(n, m.res_beta, m.res_alpha, -1)
-    g = torch.einsum("am,zbac->zbmc", fsha, g)
-    return torch.einsum("mbi,zbmc->zic", fshb, g).contiguous()
+    grid = Grid(lmax, num_bands)
+    return grid_mlp(grid, x_down, x_new, layer(w1, b1), layer(w2, b2), layer(w3, b3), F.silu)
 
 
 def grid_projection(
@@ -432,6 +414,7 @@ def grid_projection(
     tile_atoms: int | None = None,
     bf16_gemms: bool = False,
     save_activations: bool | None = None,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """FromGrid(fc3(silu(fc2(silu(fc1([ToGrid(x_down) | ToGrid(x_new)])))))) -> (N, S, C3).
 
@@ -441,7 +424,8 @@ def grid_projection(
     (default :func:`default_tile_atoms`); bf16_gemms (extension, float32 inputs): the GEMMs with
     w1, w2, w3 take bf16 operands (native bf16 GEMMs; precision="bf16"), projections stay float32;
     save_activations (extension on CPU): keep fc1's and fc2's pre-activations for the backward
-    (True) or recompute each tile there (False); None chooses (:func:`saves_activations`).
+    (True) or recompute each tile there (False); None chooses (:func:`saves_activations`);
+    precision: the GEMM precision, passed to launchers that take it (:func:`launcher_precision`).
     Differentiable w.r.t. x_down, x_new and all weights.
     """
     if bf16_gemms and (backend != "extension" or x_down.dtype != torch.float32):
@@ -461,9 +445,12 @@ def grid_projection(
             f"{x_down.device.type}"
         )
     args = (x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3)
-    if saves_activations(backend, tensors) if save_activations is None else save_activations:
+    if save_activations is None:
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        save_activations = saves_activations(backend, x_down.device.type, grad)
+    if save_activations:
         return _grid_projection_saving(*args, int(tile_atoms), bool(bf16_gemms))[0]
-    return _grid_projection(*args, int(tile_atoms), backend, bool(bf16_gemms))
+    return _grid_projection(*args, int(tile_atoms), backend, bool(bf16_gemms), precision)
 
 
 def grid_mlp(

@@ -26,9 +26,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import dispatch, so3
+from .. import so3
 from ..precision import linear_operands
-from .grid_projection import BACKENDS, TILE_ROWS, get_backend
+from .grid_projection import default_tile_atoms, get_backend
 
 _CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -49,24 +49,6 @@ def heads_constants(
         )
 
     return so3.cached_constant(_CONSTANTS, key, build)
-
-
-def default_tile_atoms(points: int, device: torch.device | str) -> int:
-    """Atoms per tile so that a tile has about TILE_ROWS[device type] sample rows."""
-    rows = TILE_ROWS.get(torch.device(device).type, TILE_ROWS["cpu"])
-    return max(1, rows // max(points, 1))
-
-
-def register_backends() -> None:
-    """Register the fused backends (those of grid_projection, same refusals) for a dispatcher op
-    "output_heads", if ``dispatch.OPS`` has one (done on import); until then callers choose the
-    heads' backend with a "grid_projection" request."""
-    if "output_heads" in dispatch.OPS:
-        for name, be in BACKENDS.items():
-            dispatch.register(dispatch.Implementation("output_heads", name, be.refusal))
-
-
-register_backends()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,21 +148,17 @@ def head_weights(fc1: torch.nn.Linear, fc2: torch.nn.Linear, fc3: torch.nn.Linea
 def output_heads_reference(
     x: torch.Tensor, num_points: int, lmax: int, energy: HeadWeights, forces: HeadWeights | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Upstream's heads (the model's ``_heads`` before the per-structure sum), for comparison."""
-    p, c = num_points, x.shape[2]
-    y = so3.sphere_harmonics_at_points(p, lmax).to(dtype=x.dtype, device=x.device)
-    on_sphere = torch.einsum("abc,pb->apc", x, y).contiguous().view(-1, c)
+    """Upstream's heads (``ops.reference.heads``) with these weights, for comparison."""
+    from .reference import heads
 
-    def mlp(w: HeadWeights) -> torch.Tensor:
-        h = F.silu(F.linear(on_sphere, w[0], w[1]))
-        h = F.silu(F.linear(h, w[2], w[3]))
-        return F.linear(h, w[4], w[5]).view(-1, p, 1)
+    sh, _, pts = heads_constants(num_points, lmax, x.dtype, x.device)
 
-    node_energy = (torch.sum(mlp(energy), dim=1) / p).view(-1)
-    if forces is None:
-        return node_energy, None
-    pts = so3.sphere_points(p).to(dtype=x.dtype, device=x.device)
-    return node_energy, torch.sum(mlp(forces) * pts.view(1, p, 3), dim=1) / p
+    def layers(w: HeadWeights | None):
+        if w is None:
+            return None
+        return [lambda t, i=i: F.linear(t, w[2 * i], w[2 * i + 1]) for i in range(3)]
+
+    return heads(x, sh, pts, layers(energy), layers(forces))
 
 
 def output_heads(
@@ -196,8 +174,8 @@ def output_heads(
     """(node energies (N,), forces (N, 3) or None when ``forces`` is None) of x (N, (lmax+1)^2, C).
 
     energy / forces: (w1, b1, w2, b2, w3, b3) of each head (:func:`head_weights`); backend
-    "extension" | "triton" | "reference"; tile_atoms: atoms per tile (default about
-    ``TILE_ROWS`` sample rows). Differentiable w.r.t. x and all weights.
+    "extension" | "triton" | "reference"; tile_atoms: atoms per tile (default
+    ``grid_projection.default_tile_atoms``: about ``TILE_ROWS`` sample rows). Differentiable w.r.t. x and all weights.
     """
     if backend == "reference":
         return output_heads_reference(x, num_points, lmax, energy, forces)

@@ -14,7 +14,7 @@ silu'(z + bias) and the bias gradient, one fused pass. Upstream writes the activ
 for a batched GEMM against the mapping and copies the result back: three passes over (E, T*R, C) and
 one more tensor of that size saved for backward.
 
-Backends: "extension" (``csrc/message_ops.cpp``), "triton" (``kernels/tap_elementwise.py``) and
+Backends: "extension" (``csrc/message_combine.cpp``), "triton" (``kernels/tap_elementwise.py``) and
 "reference" (ATen ops; also used for dtypes other than float32/float64).
 """
 

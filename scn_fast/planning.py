@@ -1,0 +1,318 @@
+"""The plan of a forward: for every fused op, the backend that runs it, the variant, and why the
+other backends do not.
+
+The model builds its plan in ``prepare`` (eagerly, before the region ``torch.compile`` captures)
+and the op entry points (``scn_fast.ops.messages``, ``grid``, ``heads``) follow it: no op chooses
+anything on its own. ``explain()`` reports it, per op::
+
+    {"ran": backend, "variant": {...}, "refused": {backend: reason}}
+
+Variants (what each op does beyond its backend):
+
+* ``edge_rotation``: ``split_rotation`` (the extension's rotation writes fc1_edge_proj's two GEMM
+  operands itself: CPU, float32/float64 GEMMs as given, 4 taps in tap order, eager) and
+  ``degree0_input`` (the first interaction's input has degree 0 alone: no rotation, per-atom
+  projection; docs/algebra.md).
+* ``gated_tap_projection``: ``gemm`` ("dense" with one tap, "split_operands", "tap_ordered",
+  "row_blocked" (CPU: per block of consecutive weight rows, weight read in place), "gathered"),
+  ``gate`` / ``split`` (whose kernels run the gate epilogue and the row gathers: "extension",
+  "triton" or "aten"), ``weight_order``, ``precision`` and ``native``.
+* ``tap_combine``: ``fc2`` ("silu_mm": fc2_edge(SiLU(h)) keeping only h, with autograd;
+  "scratch": without autograd, SiLU in place and fc2_edge written into a block reused across
+  calls; "linear": the Linear as it is), ``bf16_input`` (native bf16 GEMM outputs read as they
+  are), ``impl``, ``precision``, ``native``.
+* ``grid_projection``: ``tile_atoms``, ``saved_activations`` (keep fc1's and fc2's
+  pre-activations for the backward: CPU extension with autograd), ``bf16_gemms`` (native bf16
+  GEMMs inside the op), ``precision`` (the GEMM precision, passed to launchers that take it),
+  ``operands`` (the precision the op's inputs and weights are rounded to: "fp32" when its own
+  GEMMs are native bf16), ``native``.
+* ``output_heads``: ``tile_atoms``, ``precision`` (always "fp32": the heads stay float32).
+
+A plan can be built for a device that is not present (``scn_fast.plan(config, device="cuda")``
+on a CPU machine): support is declared as data (``scn_fast.ops.support``), and the GPU's compute
+capability is assumed (``scn_fast.precision.ASSUMED_CUDA_CAPABILITY``) unless given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from . import so3
+from .config import DEFAULTS, resolution_specs
+from .dispatch import OPS, Dispatcher, OpRequest
+from .ops.grid_projection import default_tile_atoms, saves_activations
+from .ops.support import refusal
+from .precision import check_precision, gemm_support
+
+# The split rotation where it applies (tests turn it off to compare with the general path).
+SPLIT_ROTATION = True
+
+_FLOATS = (torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class OpPlan:
+    """One op of a plan: the backend that runs it, its variant, the refused backends' reasons."""
+
+    ran: str | None
+    variant: dict[str, Any]
+    refused: dict[str, str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ran": self.ran, "variant": dict(self.variant), "refused": dict(self.refused)}
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How a forward runs: with autograd recording (``grad``), inside a torch.compile trace."""
+
+    grad: bool
+    compiled: bool = False
+
+
+def run_mode() -> tuple[bool, bool]:
+    """(grad, compiled) now: called where the forward starts, so that a torch.compile trace sees
+    itself (the plan is built after, eagerly)."""
+    return torch.is_grad_enabled(), torch.compiler.is_compiling()
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the planner needs to know of a model: resolutions (lmax, mmax, num_taps argument,
+    taps), channels, grid and heads sizes, and whether fc1_edge_proj is held in tap order."""
+
+    resolutions: tuple[tuple[int, int, int, int], ...]
+    channels: int
+    channels_reduce: int
+    lmax: int
+    num_bands: int | None
+    num_points: int
+    tap_ordered: bool
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every fused op's :class:`OpPlan` for one (device, dtype, precision, mode)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    precision: str
+    native: bool
+    mode: Mode
+    ops: dict[str, OpPlan]
+    gemm_precision: dict[str, Any]
+    shared_basis: bool = False
+    natoms: int | None = None
+
+    def __getitem__(self, op: str) -> OpPlan:
+        return self.ops[op]
+
+    @property
+    def fused_messages(self) -> bool:
+        """Whether the messages run the fused ops (else upstream's dense reference)."""
+        return self.ops["edge_rotation"].ran != "reference"
+
+    def explain(self) -> dict[str, dict]:
+        out = {op: self.ops[op].as_dict() for op in OPS}
+        if self.precision != "fp32":
+            out["gemm_precision"] = dict(self.gemm_precision)
+        return out
+
+
+def _tap_impl(backend: str, dtype: torch.dtype) -> str:
+    return backend if backend in ("extension", "triton") and dtype in _FLOATS else "aten"
+
+
+def build_plan(
+    shape: ModelShape,
+    dispatcher: Dispatcher,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    precision: str,
+    mode: Mode,
+    capability: tuple[int, int] | None = None,
+) -> Plan:
+    """The plan for one forward of a model of ``shape`` (module doc)."""
+    device = torch.device(device)
+    check_precision(precision)
+    native, why = gemm_support(precision, device, capability)
+    dev = device.type
+    lmax0, mmax, _, taps = shape.resolutions[0]
+    cr = shape.channels_reduce
+
+    def decide(op: str, lmax: int, mmax_: int = mmax, channels: int = cr):
+        return dispatcher.decide(OpRequest(op, device, dtype, lmax, mmax_, taps, channels))
+
+    # The edge ops: the fused message path needs both fused, for every resolution.
+    rotate, rotate_refused = decide("edge_rotation", lmax0)
+    scatter, scatter_refused = decide("scatter_aggregation", lmax0)
+    for lm, _, _, _ in shape.resolutions[1:]:
+        rotate = rotate if decide("edge_rotation", lm)[0] == rotate else "reference"
+        scatter = scatter if decide("scatter_aggregation", lm)[0] == scatter else "reference"
+    if "reference" in (rotate, scatter) and rotate != scatter:
+        why_both = "the fused message path needs both edge ops fused"
+        for op_refused, name in ((rotate_refused, rotate), (scatter_refused, scatter)):
+            if name != "reference":
+                op_refused[name] = why_both
+        rotate = scatter = "reference"
+    fused = rotate != "reference"
+    exact = precision == "fp32" or dtype == torch.float64
+    native_bf16 = precision == "bf16" and native and dtype == torch.float32
+    split_rotation = (
+        SPLIT_ROTATION
+        and fused
+        and rotate == scatter == "extension"
+        and shape.tap_ordered
+        and dev == "cpu"
+        and dtype in _FLOATS
+        and exact
+        and mmax == 1
+        and taps == 4
+        and not mode.compiled
+    )
+    ops: dict[str, OpPlan] = {
+        "edge_rotation": OpPlan(
+            rotate,
+            {"split_rotation": split_rotation, "degree0_input": fused} if fused else {},
+            rotate_refused,
+        ),
+        "scatter_aggregation": OpPlan(scatter, {}, scatter_refused),
+    }
+
+    # The tap ops run inside the fused message path, on the edge ops' backend where they can.
+    for op in ("gated_tap_projection", "tap_combine"):
+        if not fused:
+            ops[op] = OpPlan("reference", {}, dict(rotate_refused))
+        else:
+            ops[op] = _follow(op, scatter, dev, dtype, lmax0, mmax)
+    if fused:
+        proj_backend = ops["gated_tap_projection"].ran
+        if taps == 1:
+            gemm = "dense"
+        elif split_rotation:
+            gemm = "split_operands"
+        elif shape.tap_ordered:
+            gemm = "tap_ordered"
+        elif dev == "cpu" and not native_bf16:
+            gemm = "row_blocked"
+        else:
+            gemm = "gathered"
+        ops["gated_tap_projection"] = replace(
+            ops["gated_tap_projection"],
+            variant={
+                "gemm": gemm,
+                "weight_order": "tap" if shape.tap_ordered else "upstream",
+                "gate": _tap_impl(proj_backend, dtype),
+                "split": "extension" if proj_backend == "extension" else "aten",
+                "precision": precision,
+                "native": native,
+            },
+        )
+        combine = ops["tap_combine"].ran
+        if precision == "fp32" and mode.grad:
+            fc2 = "silu_mm"
+        elif precision == "fp32" and not mode.grad and not mode.compiled:
+            fc2 = "scratch"
+        else:
+            fc2 = "linear"
+        bf16_input = native_bf16 and combine == "extension"
+        ops["tap_combine"] = replace(
+            ops["tap_combine"],
+            variant={
+                "fc2": fc2,
+                "bf16_input": bf16_input,
+                "impl": "extension" if bf16_input else _tap_impl(combine, dtype),
+                "precision": precision,
+                "native": native,
+            },
+        )
+
+    # The grid MLP and the heads.
+    if shape.num_bands is None:
+        ops["grid_projection"] = OpPlan(None, {}, {})
+    else:
+        grid, refused = decide("grid_projection", shape.lmax, 0)
+        variant: dict[str, Any] = {"precision": precision, "native": native}
+        if grid != "reference":
+            mats = so3.grid_matrices(shape.lmax, shape.num_bands)
+            points = mats.res_alpha * mats.res_beta
+            bf16_gemms = native_bf16 and grid == "extension"
+            variant.update(
+                tile_atoms=default_tile_atoms(points, device),
+                saved_activations=saves_activations(grid, dev, mode.grad),
+                bf16_gemms=bf16_gemms,
+                operands="fp32" if bf16_gemms else precision,
+            )
+        ops["grid_projection"] = OpPlan(grid, variant, refused)
+    heads, refused = decide("output_heads", shape.lmax, 0, shape.channels)
+    variant = {"precision": "fp32"}
+    if heads != "reference":
+        variant["tile_atoms"] = default_tile_atoms(shape.num_points, device)
+    ops["output_heads"] = OpPlan(heads, variant, refused)
+    report = {
+        "ran": f"{precision} {'native' if native else 'emulated'}",
+        "refused": {} if native else {"native": why},
+    }
+    return Plan(device, dtype, precision, native, mode, ops, report, dispatcher.use_fused)
+
+
+def _follow(
+    op: str, backend: str, device_type: str, dtype: torch.dtype, lmax: int, mmax: int
+) -> OpPlan:
+    """A tap op inside the fused message path: on the edge ops' backend when that supports the
+    request, else in ATen ops inside the fused op ("reference"), with the reason."""
+    others = {b: f"{op} runs on the edge ops' backend ({backend})" for b in ("extension", "triton")}
+    why = refusal(op, backend, device_type, dtype, lmax, mmax)
+    if why is None:
+        others.pop(backend)
+        return OpPlan(backend, {}, others)
+    return OpPlan("reference", {}, {**others, backend: why})
+
+
+def model_shape(config: dict[str, Any], tap_ordered: bool) -> ModelShape:
+    """The :class:`ModelShape` of a configuration (upstream constructor keyword arguments)."""
+    c = {**DEFAULTS, **config}
+    specs = resolution_specs(
+        c["lmax"], c["num_resolutions"], c["hidden_channels"], c["max_num_neighbors"]
+    )
+    res = []
+    for lm, _, _ in specs:
+        taps = len(so3.tap_set(lm, c["mmax"], c["num_taps"]).angles)
+        res.append((lm, c["mmax"], c["num_taps"], taps))
+    return ModelShape(
+        tuple(res),
+        c["sphere_channels"],
+        c["sphere_channels_reduce"],
+        c["lmax"],
+        c["num_bands"] if c["use_grid"] else None,
+        c["num_sphere_samples"],
+        tap_ordered and c["mmax"] == 1 and c["num_taps"] != 1,
+    )
+
+
+def plan(
+    config: dict[str, Any],
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    natoms: int | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+    use_fused: bool = True,
+    training: bool = False,
+    compiled: bool = False,
+    capability: tuple[int, int] | None = None,
+) -> Plan:
+    """The plan a model of ``config`` (upstream constructor keyword arguments, e.g. a preset) would
+    run on ``device`` in ``precision`` for ``natoms`` atoms: built from the declared support alone,
+    so ``device`` need not be present (a CUDA plan on a CPU machine assumes
+    ``capability``, default sm_90). ``training``: autograd records the forward."""
+    dispatcher = Dispatcher(use_fused=use_fused, backend=backend)
+    shape = model_shape(config, tap_ordered=use_fused)
+    p = build_plan(
+        shape, dispatcher, device, dtype, precision, Mode(training, compiled), capability
+    )
+    return replace(p, natoms=natoms)
