@@ -128,19 +128,31 @@ BACKENDS: dict[str, GridBackend] = {
 }
 
 
-def launcher_precision(launcher: Callable, precision: str) -> dict[str, str]:
-    """The one place a GEMM precision reaches a tile launcher: ``{"precision": precision}`` when
-    the launcher takes that keyword (Triton GEMM launchers that choose their tensor-core mode from
-    it), else ``{}`` (the launcher's GEMMs run their operands as given)."""
-    return {"precision": precision} if _takes_precision(launcher) else {}
+def launcher_precision(launcher: Callable, precision: str) -> dict[str, object]:
+    """The one place a GEMM precision reaches a tile launcher.
+
+    A Triton launcher takes ``precision=`` ("fp32" | "tf32" | "bf16") and picks its tensor-core
+    mode from it. An extension op takes ``tf32=``: its float32 GEMMs (the projections in bf16 mode,
+    every GEMM in tf32 mode) run on tf32 tensor cores for that call only on CUDA; CPU ignores it.
+    fp32 is exact IEEE float32 on both. Anything else gets ``{}``."""
+    kind = _precision_keyword(launcher)
+    if kind == "precision":
+        return {"precision": precision}
+    if kind == "tf32":
+        return {"tf32": precision in ("tf32", "bf16")}
+    return {}
 
 
 @functools.lru_cache(maxsize=64)
-def _takes_precision(launcher: Callable) -> bool:
+def _precision_keyword(launcher: Callable) -> str | None:
+    schemas = getattr(launcher, "_schemas", None)  # a torch.ops packet (the extension)
+    if schemas is not None:
+        names = {a.name for schema in schemas.values() for a in schema.arguments}
+        return "tf32" if "tf32" in names else None
     try:
-        return "precision" in inspect.signature(launcher).parameters
-    except (TypeError, ValueError):  # the extension's ops have no Python signature
-        return False
+        return "precision" if "precision" in inspect.signature(launcher).parameters else None
+    except (TypeError, ValueError):
+        return None
 
 
 def get_backend(name: str) -> GridBackend:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .. import so3
 from ..precision import linear_operands
-from .grid_projection import default_tile_atoms, get_backend
+from .grid_projection import default_tile_atoms, get_backend, launcher_precision
 
 _CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
@@ -64,21 +64,24 @@ def _output_heads(
     point_weights: list[torch.Tensor],
     tile_atoms: int,
     backend: str,
+    precision: str = "fp32",
 ) -> list[torch.Tensor]:
     """[out_k (N, d_k)] per head k; weights = (w1, b1, w2, b2, w3, b3) per head, flattened."""
+    fn = get_backend(backend).sphere_heads_forward
     return list(
-        get_backend(backend).sphere_heads_forward(
+        fn(
             x.contiguous(),
             sh.contiguous(),
             [w.contiguous() for w in weights],
             [v.contiguous() for v in point_weights],
             tile_atoms,
+            **launcher_precision(fn, precision),
         )
     )
 
 
 @_output_heads.register_fake
-def _(x, sh, weights, point_weights, tile_atoms, backend):
+def _(x, sh, weights, point_weights, tile_atoms, backend, precision="fp32"):
     return [x.new_empty((x.shape[0], v.shape[1])) for v in point_weights]
 
 
@@ -91,41 +94,46 @@ def _output_heads_backward(
     point_weights: list[torch.Tensor],
     tile_atoms: int,
     backend: str,
+    precision: str = "fp32",
 ) -> list[torch.Tensor]:
     """[dx, then dw1, db1, dw2, db2, dw3, db3 per head]."""
+    fn = get_backend(backend).sphere_heads_backward
     return list(
-        get_backend(backend).sphere_heads_backward(
+        fn(
             [g.contiguous() for g in grads],
             x.contiguous(),
             sh.contiguous(),
             [w.contiguous() for w in weights],
             [v.contiguous() for v in point_weights],
             tile_atoms,
+            **launcher_precision(fn, precision),
         )
     )
 
 
 @_output_heads_backward.register_fake
-def _(grads, x, sh, weights, point_weights, tile_atoms, backend):
+def _(grads, x, sh, weights, point_weights, tile_atoms, backend, precision="fp32"):
     return [torch.empty_like(x), *(torch.empty_like(w) for w in weights)]
 
 
 def _setup_context(ctx, inputs, output):
-    x, sh, weights, point_weights, tile_atoms, backend = inputs
+    x, sh, weights, point_weights, tile_atoms, backend, precision = inputs
     ctx.save_for_backward(x, sh, *weights, *point_weights)
-    ctx.meta = (len(weights), tile_atoms, backend)
+    ctx.meta = (len(weights), tile_atoms, backend, precision)
 
 
 def _backward(ctx, grads):
-    num_weights, tile_atoms, backend = ctx.meta
+    num_weights, tile_atoms, backend, precision = ctx.meta
     x, sh, *rest = ctx.saved_tensors
     weights, point_weights = rest[:num_weights], rest[num_weights:]
     grads = [
         g if g is not None else x.new_zeros((x.shape[0], v.shape[1]))
         for g, v in zip(grads, point_weights, strict=True)
     ]
-    dx, *dws = _output_heads_backward(grads, x, sh, weights, point_weights, tile_atoms, backend)
-    return dx, None, dws, [None] * len(point_weights), None, None
+    dx, *dws = _output_heads_backward(
+        grads, x, sh, weights, point_weights, tile_atoms, backend, precision
+    )
+    return dx, None, dws, [None] * len(point_weights), None, None, None
 
 
 _output_heads.register_autograd(_backward, setup_context=_setup_context)
@@ -170,12 +178,15 @@ def output_heads(
     forces: HeadWeights | None,
     backend: str,
     tile_atoms: int | None = None,
+    precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(node energies (N,), forces (N, 3) or None when ``forces`` is None) of x (N, (lmax+1)^2, C).
 
     energy / forces: (w1, b1, w2, b2, w3, b3) of each head (:func:`head_weights`); backend
     "extension" | "triton" | "reference"; tile_atoms: atoms per tile (default
-    ``grid_projection.default_tile_atoms``: about ``TILE_ROWS`` sample rows). Differentiable w.r.t. x and all weights.
+    ``grid_projection.default_tile_atoms``: about ``TILE_ROWS`` sample rows); precision: the GEMM
+    precision ("fp32" | "tf32" | "bf16"), passed to launchers that take it
+    (``grid_projection.launcher_precision``). Differentiable w.r.t. x and all weights.
     """
     if backend == "reference":
         return output_heads_reference(x, num_points, lmax, energy, forces)
@@ -184,5 +195,5 @@ def output_heads(
     point_weights = [v_energy] + ([v_forces] if forces is not None else [])
     if tile_atoms is None:
         tile_atoms = default_tile_atoms(num_points, x.device)
-    outs = _output_heads(x, sh, weights, point_weights, int(tile_atoms), backend)
+    outs = _output_heads(x, sh, weights, point_weights, int(tile_atoms), backend, precision)
     return outs[0].view(-1), (outs[1] if forces is not None else None)

@@ -64,4 +64,5 @@ def heads(model, x: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tenso
         forces=linear_operands(prec, *forces) if forces is not None else None,
         backend=op.ran,
         tile_atoms=op.variant["tile_atoms"],
+        precision=prec,
     )
