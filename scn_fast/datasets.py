@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from ase import Atoms
 
-from .data import AtomsBatch, read_frames
+from .data import AtomsBatch, read_frames, relative_positions
 from .oc20_lmdb import OC20LmdbDataset, write_oc20_lmdb
 from .readers import (
     AseDbDataset,
@@ -215,11 +215,15 @@ def samples_to_batch(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> AtomsBatch:
-    """The structures of ``samples`` as one ``AtomsBatch`` (positions and cells in ``dtype``)."""
+    """The structures of ``samples`` as one ``AtomsBatch`` (positions and cells in ``dtype``).
+    As in ``AtomsBatch.from_ase``, positions are taken relative to each structure's mean position
+    in float64 before the cast (``origin``), so coordinates far from zero keep their precision."""
     if not samples:
         raise ValueError("a batch needs at least one structure")
     natoms = torch.tensor([len(s) for s in samples], dtype=torch.long)
-    pos = torch.cat([torch.as_tensor(s.positions, dtype=torch.float64) for s in samples])
+    pos, origin = relative_positions(
+        torch.cat([torch.as_tensor(s.positions, dtype=torch.float64) for s in samples]), natoms
+    )
     cell = torch.stack([torch.as_tensor(s.cell, dtype=torch.float64) for s in samples])
     data = AtomsBatch(
         pos=pos.to(dtype),
@@ -228,6 +232,7 @@ def samples_to_batch(
         natoms=natoms,
         batch=torch.repeat_interleave(torch.arange(len(samples)), natoms),
         pbc=torch.stack([torch.as_tensor(s.pbc, dtype=torch.bool) for s in samples]),
+        origin=origin,
     )
     return data.to(device) if device is not None else data
 
