@@ -93,7 +93,9 @@ class StepRunner:
             }
             self._pos_host = None
             self._key = key
-        pos = torch.as_tensor(np.ascontiguousarray(atoms.get_positions()), dtype=dtype)
+        # relative to the mean position, in float64 before the cast (as AtomsBatch.from_ase)
+        pos64 = np.asarray(atoms.get_positions(), dtype=np.float64)
+        pos = torch.as_tensor(np.ascontiguousarray(pos64 - pos64.mean(axis=0)), dtype=dtype)
         if device.type == "cuda":
             if self._pos_host is None:
                 self._pos_host = torch.empty(pos.shape, dtype=dtype).pin_memory()
