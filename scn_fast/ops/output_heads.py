@@ -64,7 +64,7 @@ def _output_heads(
     point_weights: list[torch.Tensor],
     tile_atoms: int,
     backend: str,
-    precision: str = "fp32",
+    precision: str,
 ) -> list[torch.Tensor]:
     """[out_k (N, d_k)] per head k; weights = (w1, b1, w2, b2, w3, b3) per head, flattened."""
     fn = get_backend(backend).sphere_heads_forward
@@ -81,7 +81,7 @@ def _output_heads(
 
 
 @_output_heads.register_fake
-def _(x, sh, weights, point_weights, tile_atoms, backend, precision="fp32"):
+def _(x, sh, weights, point_weights, tile_atoms, backend, precision):
     return [x.new_empty((x.shape[0], v.shape[1])) for v in point_weights]
 
 
@@ -94,7 +94,7 @@ def _output_heads_backward(
     point_weights: list[torch.Tensor],
     tile_atoms: int,
     backend: str,
-    precision: str = "fp32",
+    precision: str,
 ) -> list[torch.Tensor]:
     """[dx, then dw1, db1, dw2, db2, dw3, db3 per head]."""
     fn = get_backend(backend).sphere_heads_backward
@@ -112,7 +112,7 @@ def _output_heads_backward(
 
 
 @_output_heads_backward.register_fake
-def _(grads, x, sh, weights, point_weights, tile_atoms, backend, precision="fp32"):
+def _(grads, x, sh, weights, point_weights, tile_atoms, backend, precision):
     return [torch.empty_like(x), *(torch.empty_like(w) for w in weights)]
 
 
