@@ -43,6 +43,7 @@ import torch
 from . import so3
 from .config import DEFAULTS, resolution_specs
 from .dispatch import OPS, Dispatcher, OpRequest
+from .kernels import tiling
 from .ops.grid_projection import default_tile_atoms, saves_activations
 from .ops.support import refusal
 from .precision import check_precision, gemm_support
@@ -241,7 +242,7 @@ def build_plan(
             points = mats.res_alpha * mats.res_beta
             bf16_gemms = native_bf16 and grid == "extension"
             variant.update(
-                tile_atoms=default_tile_atoms(points, device),
+                tile_atoms=_grid_tile_atoms(shape, grid, dev, dtype, mode.grad, points),
                 saved_activations=saves_activations(grid, dev, mode.grad),
                 bf16_gemms=bf16_gemms,
                 operands="fp32" if bf16_gemms else precision,
@@ -250,13 +251,44 @@ def build_plan(
     heads, refused = decide("output_heads", shape.lmax, 0, shape.channels)
     variant = {"precision": "fp32"}
     if heads != "reference":
-        variant["tile_atoms"] = default_tile_atoms(shape.num_points, device)
+        variant["tile_atoms"] = _heads_tile_atoms(shape, heads, dev, dtype, mode.grad)
     ops["output_heads"] = OpPlan(heads, variant, refused)
     report = {
         "ran": f"{precision} {'native' if native else 'emulated'}",
         "refused": {} if native else {"native": why},
     }
     return Plan(device, dtype, precision, native, mode, ops, report, dispatcher.use_fused)
+
+
+def _grid_tile_atoms(
+    shape: ModelShape, backend: str, dev: str, dtype: torch.dtype, grad: bool, points: int
+) -> int:
+    """Atoms per grid-MLP tile: on a GPU as many as the tile loop's scratch budget holds
+    (``kernels/tiling.py``: ~670 atoms for a scn-t4-b2 training tile in float32, so a 1,000-atom
+    step runs 2 tiles, not 13), on a CPU a cache-sized tile (``default_tile_atoms``)."""
+    if dev != "cuda":
+        return default_tile_atoms(points, dev)
+    return tiling.grid_tile_atoms(
+        shape.lmax,
+        shape.num_bands or 1,
+        shape.channels_reduce,
+        itemsize=dtype.itemsize,
+        backend=backend,
+        training=grad,
+    )
+
+
+def _heads_tile_atoms(
+    shape: ModelShape, backend: str, dev: str, dtype: torch.dtype, grad: bool
+) -> int:
+    """Atoms per output-heads tile: the scratch budget on a GPU, cache-sized on a CPU."""
+    if dev != "cuda":
+        return default_tile_atoms(shape.num_points, dev)
+    c = shape.channels
+    return tiling.heads_tile_atoms(
+        shape.lmax, c, shape.num_points, [c, c], [c, c], [1, 1],
+        itemsize=dtype.itemsize, backend=backend, training=grad,
+    )  # fmt: skip
 
 
 def _follow(

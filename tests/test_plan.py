@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from scn_fast.kernels import tiling
 
 import scn_fast
 import scn_fast.planning as planning
@@ -57,9 +58,19 @@ def test_cuda_plan_on_a_cpu_machine():
     combine = p["tap_combine"].variant
     assert combine["bf16_input"] is False and combine["impl"] == "triton"
     grid = p["grid_projection"].variant
-    assert grid["tile_atoms"] == 16384 // 210 and grid["saved_activations"] is False
+    # GPU tiles from the tile loops' scratch budget (kernels/tiling.py), not a fixed row count:
+    # one inference tile holds the whole 1,000-atom system, a training tile ~670 atoms.
+    assert grid["tile_atoms"] == tiling.grid_tile_atoms(6, 2, 128, training=False) == 1198
+    assert grid["saved_activations"] is False
     assert grid["bf16_gemms"] is False and grid["operands"] == "bf16"
-    assert p["output_heads"].variant == {"precision": "fp32", "tile_atoms": 16384 // 128}
+    heads_tile = tiling.heads_tile_atoms(6, 128, 128, [128] * 2, [128] * 2, [1, 1], training=False)
+    assert p["output_heads"].variant == {"precision": "fp32", "tile_atoms": heads_tile}
+    train = scn_fast.plan(
+        preset("scn-t4-b2"), device="cuda", precision="bf16", natoms=1000, training=True
+    )
+    assert train["grid_projection"].variant["tile_atoms"] == 674
+    cpu = scn_fast.plan(preset("scn-t4-b2"), device="cpu", training=True)
+    assert cpu["grid_projection"].variant["tile_atoms"] < 100  # cache-sized CPU tiles
     assert p.explain()["gemm_precision"]["ran"] == "bf16 native"
     old = scn_fast.plan(
         preset("scn-t4-b2"), device="cuda", precision="tf32", capability=(7, 0), training=True
