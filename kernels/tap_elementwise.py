@@ -45,18 +45,32 @@ def _sigmoid(x):
 
 
 @triton.jit
-def _tap_gate_fwd_kernel(a_ptr, b_ptr, g_ptr, m_ptr, n, H, TAPS: tl.constexpr, BLOCK: tl.constexpr):
+def _gate_lanes(a_ptr, g_ptr, n, H, BLOCK: tl.constexpr):
+    """A program's BLOCK flat (edge, channel) lanes of the (E, H) operands: (offs, mask, edge e,
+    channel h, a[e, h], gate[e, h]) (masked lanes read 0)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    e = offs // H
-    h = offs % H
     a = tl.load(a_ptr + offs, mask=mask, other=0.0)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    return offs, mask, offs // H, offs % H, a, g
+
+
+@triton.jit
+def _load_pair(b_ptr, e, h, H, mask):
+    """(b[e, 0, h], b[e, 1, h]) of the (E, 2, H) pair operand."""
+    return (
+        tl.load(b_ptr + e * 2 * H + h, mask=mask, other=0.0),
+        tl.load(b_ptr + e * 2 * H + H + h, mask=mask, other=0.0),
+    )
+
+
+@triton.jit
+def _tap_gate_fwd_kernel(a_ptr, b_ptr, g_ptr, m_ptr, n, H, TAPS: tl.constexpr, BLOCK: tl.constexpr):
+    offs, mask, e, h, a, g = _gate_lanes(a_ptr, g_ptr, n, H, BLOCK)
     if TAPS == 1:
         tl.store(m_ptr + offs, a * _sigmoid(a) * g, mask=mask)
     else:
-        b0 = tl.load(b_ptr + e * 2 * H + h, mask=mask, other=0.0)
-        b1 = tl.load(b_ptr + e * 2 * H + H + h, mask=mask, other=0.0)
+        b0, b1 = _load_pair(b_ptr, e, h, H, mask)
         base = m_ptr + e * 4 * H + h
         p = a + b0
         tl.store(base, p * _sigmoid(p) * g, mask=mask)
@@ -80,20 +94,14 @@ def _tap_gate_bwd_kernel(
     dm_ptr, a_ptr, b_ptr, g_ptr, da_ptr, db_ptr, dg_ptr, n, H,
     TAPS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    e = offs // H
-    h = offs % H
-    a = tl.load(a_ptr + offs, mask=mask, other=0.0)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    offs, mask, e, h, a, g = _gate_lanes(a_ptr, g_ptr, n, H, BLOCK)
     if TAPS == 1:
         d = tl.load(dm_ptr + offs, mask=mask, other=0.0)
         dg, dp = _dsilu_terms(d, a, g)
         tl.store(dg_ptr + offs, dg, mask=mask)
         tl.store(da_ptr + offs, dp, mask=mask)
     else:
-        b0 = tl.load(b_ptr + e * 2 * H + h, mask=mask, other=0.0)
-        b1 = tl.load(b_ptr + e * 2 * H + H + h, mask=mask, other=0.0)
+        b0, b1 = _load_pair(b_ptr, e, h, H, mask)
         dmb = dm_ptr + e * 4 * H + h
         dg0, dp0 = _dsilu_terms(tl.load(dmb, mask=mask, other=0.0), a + b0, g)
         dg1, dp1 = _dsilu_terms(tl.load(dmb + H, mask=mask, other=0.0), a + b1, g)
