@@ -114,21 +114,34 @@ def _tap_gate_bwd_kernel(
 
 
 @triton.jit
+def _combine_lanes(n, R, C, BLOCK: tl.constexpr):
+    """A program's BLOCK flat lanes of the (E, R, C) messages: (offs, mask, edge e, row r,
+    channel c)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < n, offs // (C * R), (offs // C) % R, offs % C
+
+
+@triton.jit
+def _combine_term(z_ptr, bias_ptr, src_ptr, coef_ptr, e, r, c, j, R, C, J: tl.constexpr, mask):
+    """Term j of row r: (coef[r, j], z[e, s, c] + bias[s % R, c] with s = src[r, j], the flat
+    offset of z[e, s, c])."""
+    s = tl.load(src_ptr + r * J + j, mask=mask, other=0)
+    k = tl.load(coef_ptr + r * J + j, mask=mask, other=0.0)
+    at = (e * R * J + s) * C + c
+    x = tl.load(z_ptr + at, mask=mask, other=0.0)
+    x += tl.load(bias_ptr + (s % R) * C + c, mask=mask, other=0.0)
+    return k, x, at
+
+
+@triton.jit
 def _tap_combine_fwd_kernel(
     z_ptr, bias_ptr, src_ptr, coef_ptr, m_ptr, n, R, C,
     J: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    c = offs % C
-    r = (offs // C) % R
-    e = offs // (C * R)
+    offs, mask, e, r, c = _combine_lanes(n, R, C, BLOCK)
     acc = tl.zeros([BLOCK], dtype=m_ptr.dtype.element_ty)
     for j in tl.static_range(J):
-        s = tl.load(src_ptr + r * J + j, mask=mask, other=0)
-        k = tl.load(coef_ptr + r * J + j, mask=mask, other=0.0)
-        x = tl.load(z_ptr + (e * R * J + s) * C + c, mask=mask, other=0.0)
-        x += tl.load(bias_ptr + (s % R) * C + c, mask=mask, other=0.0)
+        k, x, _ = _combine_term(z_ptr, bias_ptr, src_ptr, coef_ptr, e, r, c, j, R, C, J, mask)
         acc += k * (x * _sigmoid(x))
     tl.store(m_ptr + offs, acc, mask=mask)
 
@@ -138,18 +151,10 @@ def _tap_combine_bwd_kernel(
     dm_ptr, z_ptr, bias_ptr, src_ptr, coef_ptr, dz_ptr, n, R, C,
     J: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    c = offs % C
-    r = (offs // C) % R
-    e = offs // (C * R)
+    offs, mask, e, r, c = _combine_lanes(n, R, C, BLOCK)
     d = tl.load(dm_ptr + offs, mask=mask, other=0.0)
     for j in tl.static_range(J):
-        s = tl.load(src_ptr + r * J + j, mask=mask, other=0)
-        k = tl.load(coef_ptr + r * J + j, mask=mask, other=0.0)
-        at = (e * R * J + s) * C + c
-        x = tl.load(z_ptr + at, mask=mask, other=0.0)
-        x += tl.load(bias_ptr + (s % R) * C + c, mask=mask, other=0.0)
+        k, x, at = _combine_term(z_ptr, bias_ptr, src_ptr, coef_ptr, e, r, c, j, R, C, J, mask)
         sg = _sigmoid(x)
         tl.store(dz_ptr + at, k * d * (sg * (1.0 + x * (1.0 - sg))), mask=mask)
 
