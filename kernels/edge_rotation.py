@@ -371,6 +371,17 @@ def _check_wig(wig, value_dtype: torch.dtype, num_edges: int, entries: int, lmax
 # ----------------------------------------------------------------------------------------------
 
 
+def _launch(label, kernel, grid, args: dict, meta: dict, lmax, mmax, sides, dtype, device) -> None:
+    """``aot.launch`` of a rotation kernel: the resolution's constexprs (LMAX, MMAX, P sides, K
+    Wigner entries, R rows), then the tile's from ``meta`` (its block sizes; ``num_warps`` is the
+    launch's), then the accumulator dtype (float64 for ``dtype`` float64 values, else float32)."""
+    rows, entries = compact_sizes(lmax, mmax)
+    consts = {"LMAX": lmax, "MMAX": mmax, "P": sides, "K": entries, "R": rows}
+    consts.update({k: v for k, v in meta.items() if k != "num_warps"})
+    consts["ACC_DTYPE"] = _acc_dtype(dtype)
+    aot.launch(label, kernel, grid, args, consts, device=device, num_warps=meta["num_warps"])
+
+
 def gather_rotate(x: torch.Tensor, wig: torch.Tensor, idx: torch.Tensor, lmax: int, mmax: int):
     """Gather node features per edge side and rotate them into the edge frame (compact layout).
 
@@ -408,14 +419,10 @@ def gather_rotate(x: torch.Tensor, wig: torch.Tensor, idx: torch.Tensor, lmax: i
     meta = _gather_meta(channels)
     n_rows = num_edges * sides
     grid = (triton.cdiv(n_rows, meta["BLOCK_R"]), triton.cdiv(channels, meta["BLOCK_C"]))
-    aot.launch(
-        "gather_rotate", _gather_rotate_kernel, grid,
-        {"x_ptr": x, "wig_ptr": wig, "idx_ptr": idx, "y_ptr": y, "n_rows": n_rows,
-         "num_nodes": x.shape[0], "C": channels, "x_node_stride": s_x * channels},
-        {"LMAX": lmax, "MMAX": mmax, "P": sides, "K": entries, "R": rows,
-         "BLOCK_R": meta["BLOCK_R"], "BLOCK_C": meta["BLOCK_C"], "ACC_DTYPE": _acc_dtype(x.dtype)},
-        device=device, num_warps=meta["num_warps"],
-    )  # fmt: skip
+    args = {"x_ptr": x, "wig_ptr": wig, "idx_ptr": idx, "y_ptr": y, "n_rows": n_rows,
+            "num_nodes": x.shape[0], "C": channels, "x_node_stride": s_x * channels}  # fmt: skip
+    kernel = _gather_rotate_kernel
+    _launch("gather_rotate", kernel, grid, args, meta, lmax, mmax, sides, x.dtype, device)
     return y
 
 
@@ -478,14 +485,10 @@ def rotate_scatter(
         return out
     meta = _scatter_meta(lmax, channels)
     grid = (num_nodes, triton.cdiv(channels, meta["BLOCK_C"]))
-    aot.launch(
-        "rotate_scatter", _rotate_scatter_kernel, grid,
-        {"m_ptr": m, "wig_ptr": wig, "perm_ptr": perm, "ptr_ptr": ptr, "out_ptr": out,
-         "num_nodes": num_nodes, "num_edges": num_edges, "C": channels},
-        {"LMAX": lmax, "MMAX": mmax, "P": sides, "K": entries, "R": rows,
-         "S_PAD": meta["S_PAD"], "BLOCK_C": meta["BLOCK_C"], "ACC_DTYPE": _acc_dtype(m.dtype)},
-        device=device, num_warps=meta["num_warps"],
-    )  # fmt: skip
+    args = {"m_ptr": m, "wig_ptr": wig, "perm_ptr": perm, "ptr_ptr": ptr, "out_ptr": out,
+            "num_nodes": num_nodes, "num_edges": num_edges, "C": channels}  # fmt: skip
+    kernel = _rotate_scatter_kernel
+    _launch("rotate_scatter", kernel, grid, args, meta, lmax, mmax, sides, m.dtype, device)
     return out
 
 

@@ -45,18 +45,32 @@ def _sigmoid(x):
 
 
 @triton.jit
-def _tap_gate_fwd_kernel(a_ptr, b_ptr, g_ptr, m_ptr, n, H, TAPS: tl.constexpr, BLOCK: tl.constexpr):
+def _gate_lanes(a_ptr, g_ptr, n, H, BLOCK: tl.constexpr):
+    """A program's BLOCK flat (edge, channel) lanes of the (E, H) operands: (offs, mask, edge e,
+    channel h, a[e, h], gate[e, h]) (masked lanes read 0)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    e = offs // H
-    h = offs % H
     a = tl.load(a_ptr + offs, mask=mask, other=0.0)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    return offs, mask, offs // H, offs % H, a, g
+
+
+@triton.jit
+def _load_pair(b_ptr, e, h, H, mask):
+    """(b[e, 0, h], b[e, 1, h]) of the (E, 2, H) pair operand."""
+    return (
+        tl.load(b_ptr + e * 2 * H + h, mask=mask, other=0.0),
+        tl.load(b_ptr + e * 2 * H + H + h, mask=mask, other=0.0),
+    )
+
+
+@triton.jit
+def _tap_gate_fwd_kernel(a_ptr, b_ptr, g_ptr, m_ptr, n, H, TAPS: tl.constexpr, BLOCK: tl.constexpr):
+    offs, mask, e, h, a, g = _gate_lanes(a_ptr, g_ptr, n, H, BLOCK)
     if TAPS == 1:
         tl.store(m_ptr + offs, a * _sigmoid(a) * g, mask=mask)
     else:
-        b0 = tl.load(b_ptr + e * 2 * H + h, mask=mask, other=0.0)
-        b1 = tl.load(b_ptr + e * 2 * H + H + h, mask=mask, other=0.0)
+        b0, b1 = _load_pair(b_ptr, e, h, H, mask)
         base = m_ptr + e * 4 * H + h
         p = a + b0
         tl.store(base, p * _sigmoid(p) * g, mask=mask)
@@ -80,20 +94,14 @@ def _tap_gate_bwd_kernel(
     dm_ptr, a_ptr, b_ptr, g_ptr, da_ptr, db_ptr, dg_ptr, n, H,
     TAPS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    e = offs // H
-    h = offs % H
-    a = tl.load(a_ptr + offs, mask=mask, other=0.0)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    offs, mask, e, h, a, g = _gate_lanes(a_ptr, g_ptr, n, H, BLOCK)
     if TAPS == 1:
         d = tl.load(dm_ptr + offs, mask=mask, other=0.0)
         dg, dp = _dsilu_terms(d, a, g)
         tl.store(dg_ptr + offs, dg, mask=mask)
         tl.store(da_ptr + offs, dp, mask=mask)
     else:
-        b0 = tl.load(b_ptr + e * 2 * H + h, mask=mask, other=0.0)
-        b1 = tl.load(b_ptr + e * 2 * H + H + h, mask=mask, other=0.0)
+        b0, b1 = _load_pair(b_ptr, e, h, H, mask)
         dmb = dm_ptr + e * 4 * H + h
         dg0, dp0 = _dsilu_terms(tl.load(dmb, mask=mask, other=0.0), a + b0, g)
         dg1, dp1 = _dsilu_terms(tl.load(dmb + H, mask=mask, other=0.0), a + b1, g)
@@ -106,21 +114,34 @@ def _tap_gate_bwd_kernel(
 
 
 @triton.jit
+def _combine_lanes(n, R, C, BLOCK: tl.constexpr):
+    """A program's BLOCK flat lanes of the (E, R, C) messages: (offs, mask, edge e, row r,
+    channel c)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < n, offs // (C * R), (offs // C) % R, offs % C
+
+
+@triton.jit
+def _combine_term(z_ptr, bias_ptr, src_ptr, coef_ptr, e, r, c, j, R, C, J: tl.constexpr, mask):
+    """Term j of row r: (coef[r, j], z[e, s, c] + bias[s % R, c] with s = src[r, j], the flat
+    offset of z[e, s, c])."""
+    s = tl.load(src_ptr + r * J + j, mask=mask, other=0)
+    k = tl.load(coef_ptr + r * J + j, mask=mask, other=0.0)
+    at = (e * R * J + s) * C + c
+    x = tl.load(z_ptr + at, mask=mask, other=0.0)
+    x += tl.load(bias_ptr + (s % R) * C + c, mask=mask, other=0.0)
+    return k, x, at
+
+
+@triton.jit
 def _tap_combine_fwd_kernel(
     z_ptr, bias_ptr, src_ptr, coef_ptr, m_ptr, n, R, C,
     J: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    c = offs % C
-    r = (offs // C) % R
-    e = offs // (C * R)
+    offs, mask, e, r, c = _combine_lanes(n, R, C, BLOCK)
     acc = tl.zeros([BLOCK], dtype=m_ptr.dtype.element_ty)
     for j in tl.static_range(J):
-        s = tl.load(src_ptr + r * J + j, mask=mask, other=0)
-        k = tl.load(coef_ptr + r * J + j, mask=mask, other=0.0)
-        x = tl.load(z_ptr + (e * R * J + s) * C + c, mask=mask, other=0.0)
-        x += tl.load(bias_ptr + (s % R) * C + c, mask=mask, other=0.0)
+        k, x, _ = _combine_term(z_ptr, bias_ptr, src_ptr, coef_ptr, e, r, c, j, R, C, J, mask)
         acc += k * (x * _sigmoid(x))
     tl.store(m_ptr + offs, acc, mask=mask)
 
@@ -130,18 +151,10 @@ def _tap_combine_bwd_kernel(
     dm_ptr, z_ptr, bias_ptr, src_ptr, coef_ptr, dz_ptr, n, R, C,
     J: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    c = offs % C
-    r = (offs // C) % R
-    e = offs // (C * R)
+    offs, mask, e, r, c = _combine_lanes(n, R, C, BLOCK)
     d = tl.load(dm_ptr + offs, mask=mask, other=0.0)
     for j in tl.static_range(J):
-        s = tl.load(src_ptr + r * J + j, mask=mask, other=0)
-        k = tl.load(coef_ptr + r * J + j, mask=mask, other=0.0)
-        at = (e * R * J + s) * C + c
-        x = tl.load(z_ptr + at, mask=mask, other=0.0)
-        x += tl.load(bias_ptr + (s % R) * C + c, mask=mask, other=0.0)
+        k, x, at = _combine_term(z_ptr, bias_ptr, src_ptr, coef_ptr, e, r, c, j, R, C, J, mask)
         sg = _sigmoid(x)
         tl.store(dz_ptr + at, k * d * (sg * (1.0 + x * (1.0 - sg))), mask=mask)
 

@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 import torch
 
+# The schema arguments every edge-frame custom op takes after its features (the Wigner rows, the CSR
+# of ``EdgeCSR`` and the resolution), written once for ``edge_rotation`` and ``scatter_aggregation``.
+EDGE_FRAME_ARGS = "Tensor wig, Tensor idx, Tensor perm, Tensor ptr, SymInt lmax, SymInt mmax"
+
 
 @dataclass(frozen=True)
 class EdgeCSR:

@@ -13,21 +13,16 @@ from __future__ import annotations
 import torch
 
 from .backends import get_backend
-from .edge_csr import EdgeCSR
+from .edge_csr import EDGE_FRAME_ARGS, EdgeCSR
 from .layout import edge_layout
 
 
-@torch.library.custom_op("scn_fast::edge_rotation", mutates_args=())
-def _edge_rotation(
-    x: torch.Tensor,
-    wig: torch.Tensor,
-    idx: torch.Tensor,
-    perm: torch.Tensor,
-    ptr: torch.Tensor,
-    lmax: int,
-    mmax: int,
-    backend: str,
-) -> torch.Tensor:
+@torch.library.custom_op(
+    "scn_fast::edge_rotation",
+    mutates_args=(),
+    schema=f"(Tensor x, {EDGE_FRAME_ARGS}, str backend) -> Tensor",
+)
+def _edge_rotation(x, wig, idx, perm, ptr, lmax, mmax, backend):
     return get_backend(backend).gather_rotate(x.contiguous(), wig.contiguous(), idx, lmax, mmax)
 
 
@@ -69,21 +64,15 @@ def edge_rotation(
 
 
 # ----------------------------------------------------------------------------- split form
-@torch.library.custom_op("scn_fast::edge_rotation_split", mutates_args=())
-def _edge_rotation_split(
-    x: torch.Tensor,
-    wig: torch.Tensor,
-    idx: torch.Tensor,
-    perm: torch.Tensor,
-    ptr: torch.Tensor,
-    lmax: int,
-    mmax: int,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    sign: torch.Tensor,
-    n0: int,
-    n_pair: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+_SPLIT_ARGS = "Tensor a, Tensor b, Tensor sign, SymInt n0, SymInt n_pair"
+
+
+@torch.library.custom_op(
+    "scn_fast::edge_rotation_split",
+    mutates_args=(),
+    schema=f"(Tensor x, {EDGE_FRAME_ARGS}, {_SPLIT_ARGS}) -> (Tensor, Tensor)",
+)
+def _edge_rotation_split(x, wig, idx, perm, ptr, lmax, mmax, a, b, sign, n0, n_pair):
     from ..extension import load_extension
 
     ext = load_extension()

@@ -166,95 +166,65 @@ def get_backend(name: str) -> GridBackend:
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("scn_fast::grid_projection", mutates_args=())
-def _grid_projection(
-    x_down: torch.Tensor,
-    x_new: torch.Tensor,
-    to_grid: torch.Tensor,
-    from_grid: torch.Tensor,
-    w1: torch.Tensor,
-    b1: torch.Tensor,
-    w2: torch.Tensor,
-    b2: torch.Tensor,
-    w3: torch.Tensor,
-    b3: torch.Tensor,
-    tile_atoms: int,
-    backend: str,
-    bf16_gemms: bool = False,
-    precision: str = "fp32",
-) -> torch.Tensor:
-    args = [t.contiguous() for t in (x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3)]
-    extra = (True,) if bf16_gemms else ()  # only the extension has bf16 GEMMs (checked by the API)
-    fn = get_backend(backend).grid_mlp_forward
+# The tensors every grid op takes (the inputs, the two projections and the three layers), in schema
+# order; the backward ops return the gradients of _GRAD_OF. The schemas are spelled out from these
+# names (the ones ``torch.library`` would infer from annotated signatures), so each list is written
+# once.
+_GRID_TENSORS = ("x_down", "x_new", "to_grid", "from_grid", "w1", "b1", "w2", "b2", "w3", "b3")
+_GRAD_OF = ("x_down", "x_new", "w1", "b1", "w2", "b2", "w3", "b3")
+_SAVED = ("a1", "a2")  # fc1's and fc2's pre-activations (the saving variant)
+_RECOMPUTE = 'SymInt tile_atoms, str backend, bool bf16_gemms=False, str precision="fp32"'
+_EXTENSION_ONLY = "SymInt tile_atoms, bool bf16_gemms"
+
+
+def _schema(tensors: tuple[str, ...], scalars: str, returns: str) -> str:
+    return f"({', '.join(f'Tensor {t}' for t in tensors)}, {scalars}) -> {returns}"
+
+
+def _named(args: tuple, names: tuple[str, ...] = _GRID_TENSORS) -> dict[str, torch.Tensor]:
+    return dict(zip(names, args, strict=False))
+
+
+def _run_tiles(entry: str, tensors, tile_atoms, backend, bf16_gemms=False, precision="fp32"):
+    """``entry`` of ``backend`` on the contiguous ``tensors`` and the tile size; bf16 GEMMs only on
+    the extension (checked by :func:`grid_projection`), the GEMM precision in the launcher's own
+    keyword (:func:`launcher_precision`)."""
+    args = [t.contiguous() for t in tensors]
+    extra = (True,) if bf16_gemms else ()
+    fn = getattr(get_backend(backend), entry)
     return fn(*args, tile_atoms, *extra, **launcher_precision(fn, precision))
 
 
+@torch.library.custom_op(
+    "scn_fast::grid_projection",
+    mutates_args=(),
+    schema=_schema(_GRID_TENSORS, _RECOMPUTE, "Tensor"),
+)
+def _grid_projection(*args) -> torch.Tensor:
+    """args: the ``_GRID_TENSORS``, tile_atoms, backend[, bf16_gemms[, precision]]."""
+    return _run_tiles("grid_mlp_forward", args[:10], *args[10:])
+
+
 @_grid_projection.register_fake
-def _(
-    x_down,
-    x_new,
-    to_grid,
-    from_grid,
-    w1,
-    b1,
-    w2,
-    b2,
-    w3,
-    b3,
-    tile_atoms,
-    backend,
-    bf16_gemms=False,
-    precision="fp32",
-):
-    return x_down.new_empty((x_down.shape[0], x_down.shape[1], w3.shape[0]))
+def _(*args):
+    t = _named(args)
+    return t["x_down"].new_empty((*t["x_down"].shape[:2], t["w3"].shape[0]))
 
 
-@torch.library.custom_op("scn_fast::grid_projection_backward", mutates_args=())
-def _grid_projection_backward(
-    grad_out: torch.Tensor,
-    x_down: torch.Tensor,
-    x_new: torch.Tensor,
-    to_grid: torch.Tensor,
-    from_grid: torch.Tensor,
-    w1: torch.Tensor,
-    b1: torch.Tensor,
-    w2: torch.Tensor,
-    b2: torch.Tensor,
-    w3: torch.Tensor,
-    b3: torch.Tensor,
-    tile_atoms: int,
-    backend: str,
-    bf16_gemms: bool = False,
-    precision: str = "fp32",
-) -> list[torch.Tensor]:
-    args = [
-        t.contiguous()
-        for t in (grad_out, x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3)
-    ]
-    extra = (True,) if bf16_gemms else ()
-    fn = get_backend(backend).grid_mlp_backward
-    return list(fn(*args, tile_atoms, *extra, **launcher_precision(fn, precision)))
+@torch.library.custom_op(
+    "scn_fast::grid_projection_backward",
+    mutates_args=(),
+    schema=_schema(("grad_out", *_GRID_TENSORS), _RECOMPUTE, "Tensor[]"),
+)
+def _grid_projection_backward(*args) -> list[torch.Tensor]:
+    """args: grad_out, then as :func:`_grid_projection`; the gradients of ``_GRAD_OF``."""
+    return list(_run_tiles("grid_mlp_backward", args[:11], *args[11:]))
 
 
 @_grid_projection_backward.register_fake
-def _(
-    grad_out,
-    x_down,
-    x_new,
-    to_grid,
-    from_grid,
-    w1,
-    b1,
-    w2,
-    b2,
-    w3,
-    b3,
-    tile_atoms,
-    backend,
-    bf16=False,
-    precision="fp32",
-):
-    return [torch.empty_like(t) for t in (x_down, x_new, w1, b1, w2, b2, w3, b3)]
+def _(grad_out, *args):
+    t = _named(args)
+    return [torch.empty_like(t[n]) for n in _GRAD_OF]
 
 
 def _setup_context(ctx, inputs, output):
@@ -277,81 +247,49 @@ _grid_projection.register_autograd(_backward, setup_context=_setup_context)
 # The saving variant (extension, CPU): fc1's and fc2's pre-activations kept for the backward.
 
 
-@torch.library.custom_op("scn_fast::grid_projection_saving", mutates_args=())
-def _grid_projection_saving(
-    x_down: torch.Tensor,
-    x_new: torch.Tensor,
-    to_grid: torch.Tensor,
-    from_grid: torch.Tensor,
-    w1: torch.Tensor,
-    b1: torch.Tensor,
-    w2: torch.Tensor,
-    b2: torch.Tensor,
-    w3: torch.Tensor,
-    b3: torch.Tensor,
-    tile_atoms: int,
-    bf16_gemms: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, A1 (N*G*H1,), A2 (N*G*H2,)): the forward and the pre-activations its backward reads."""
-    args = [t.contiguous() for t in (x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3)]
-    out, a1, a2 = get_backend("extension").grid_mlp_forward_saving(*args, tile_atoms, bf16_gemms)
+_SAVED_ORDER = (*_GRID_TENSORS[:2], *_SAVED, *_GRID_TENSORS[2:])
+
+
+@torch.library.custom_op(
+    "scn_fast::grid_projection_saving",
+    mutates_args=(),
+    schema=_schema(_GRID_TENSORS, _EXTENSION_ONLY, "(Tensor, Tensor, Tensor)"),
+)
+def _grid_projection_saving(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, A1 (N*G*H1,), A2 (N*G*H2,)): the forward and the pre-activations its backward reads.
+    args: the ``_GRID_TENSORS``, tile_atoms, bf16_gemms."""
+    tensors = [t.contiguous() for t in args[:10]]
+    out, a1, a2 = get_backend("extension").grid_mlp_forward_saving(*tensors, *args[10:])
     return out, a1, a2
 
 
 @_grid_projection_saving.register_fake
-def _(x_down, x_new, to_grid, from_grid, w1, b1, w2, b2, w3, b3, tile_atoms, bf16_gemms):
-    rows = x_down.shape[0] * to_grid.shape[0]
+def _(*args):
+    t = _named(args)
+    x_down, rows = t["x_down"], t["x_down"].shape[0] * t["to_grid"].shape[0]
     return (
-        x_down.new_empty((x_down.shape[0], x_down.shape[1], w3.shape[0])),
-        x_down.new_empty(rows * w1.shape[0]),
-        x_down.new_empty(rows * w2.shape[0]),
+        x_down.new_empty((x_down.shape[0], x_down.shape[1], t["w3"].shape[0])),
+        x_down.new_empty(rows * t["w1"].shape[0]),
+        x_down.new_empty(rows * t["w2"].shape[0]),
     )
 
 
-@torch.library.custom_op("scn_fast::grid_projection_backward_saved", mutates_args=())
-def _grid_projection_backward_saved(
-    grad_out: torch.Tensor,
-    x_down: torch.Tensor,
-    x_new: torch.Tensor,
-    a1: torch.Tensor,
-    a2: torch.Tensor,
-    to_grid: torch.Tensor,
-    from_grid: torch.Tensor,
-    w1: torch.Tensor,
-    b1: torch.Tensor,
-    w2: torch.Tensor,
-    b2: torch.Tensor,
-    w3: torch.Tensor,
-    b3: torch.Tensor,
-    tile_atoms: int,
-    bf16_gemms: bool,
-) -> list[torch.Tensor]:
-    args = [
-        t.contiguous()
-        for t in (grad_out, x_down, x_new, a1, a2, to_grid, from_grid, w1, b1, w2, b2, w3, b3)
-    ]
-    return list(get_backend("extension").grid_mlp_backward_saved(*args, tile_atoms, bf16_gemms))
+@torch.library.custom_op(
+    "scn_fast::grid_projection_backward_saved",
+    mutates_args=(),
+    schema=_schema(("grad_out", *_SAVED_ORDER), _EXTENSION_ONLY, "Tensor[]"),
+)
+def _grid_projection_backward_saved(*args) -> list[torch.Tensor]:
+    """args: grad_out, x_down, x_new, a1, a2, the other ``_GRID_TENSORS``, tile_atoms, bf16_gemms;
+    the gradients of ``_GRAD_OF``."""
+    tensors = [t.contiguous() for t in args[:13]]
+    return list(get_backend("extension").grid_mlp_backward_saved(*tensors, *args[13:]))
 
 
 @_grid_projection_backward_saved.register_fake
-def _(
-    grad_out,
-    x_down,
-    x_new,
-    a1,
-    a2,
-    to_grid,
-    from_grid,
-    w1,
-    b1,
-    w2,
-    b2,
-    w3,
-    b3,
-    tile_atoms,
-    bf16_gemms,
-):
-    return [torch.empty_like(t) for t in (x_down, x_new, w1, b1, w2, b2, w3, b3)]
+def _(grad_out, *args):
+    t = _named(args, _SAVED_ORDER)
+    return [torch.empty_like(t[n]) for n in _GRAD_OF]
 
 
 def _saving_setup_context(ctx, inputs, output):
@@ -391,23 +329,19 @@ def saves_activations(backend: str, device_type: str, grad: bool) -> bool:
 def grid_projection_reference(
     x_down: torch.Tensor,
     x_new: torch.Tensor,
-    w1: torch.Tensor,
-    b1: torch.Tensor,
-    w2: torch.Tensor,
-    b2: torch.Tensor,
-    w3: torch.Tensor,
-    b3: torch.Tensor,
+    weights: tuple[torch.Tensor, ...],
     lmax: int,
     num_bands: int,
 ) -> torch.Tensor:
-    """Upstream's computation (``ops.reference.grid``) with these weights, for comparison."""
+    """Upstream's computation (``ops.reference.grid``) with ``weights`` = (w1, b1, w2, b2, w3, b3),
+    for comparison."""
     from .reference import Grid, grid_mlp
 
-    def layer(w: torch.Tensor, b: torch.Tensor):
-        return lambda t: F.linear(t, w, b)
+    def layer(i: int):
+        return lambda t: F.linear(t, weights[2 * i], weights[2 * i + 1])
 
     grid = Grid(lmax, num_bands)
-    return grid_mlp(grid, x_down, x_new, layer(w1, b1), layer(w2, b2), layer(w3, b3), F.silu)
+    return grid_mlp(grid, x_down, x_new, layer(0), layer(1), layer(2), F.silu)
 
 
 def grid_projection(
@@ -446,7 +380,8 @@ def grid_projection(
             f"{x_down.dtype}"
         )
     if backend == "reference":
-        return grid_projection_reference(x_down, x_new, w1, b1, w2, b2, w3, b3, lmax, num_bands)
+        weights = (w1, b1, w2, b2, w3, b3)
+        return grid_projection_reference(x_down, x_new, weights, lmax, num_bands)
     to_grid, from_grid = grid_constants(lmax, num_bands, x_down.dtype, x_down.device)
     if tile_atoms is None:
         tile_atoms = default_tile_atoms(to_grid.shape[0], x_down.device)

@@ -56,63 +56,52 @@ def heads_constants(
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("scn_fast::output_heads", mutates_args=())
-def _output_heads(
-    x: torch.Tensor,
-    sh: torch.Tensor,
-    weights: list[torch.Tensor],
-    point_weights: list[torch.Tensor],
-    tile_atoms: int,
-    backend: str,
-    precision: str,
-) -> list[torch.Tensor]:
+# The arguments both ops share, written once; the schemas are what ``torch.library`` infers from
+# type annotations.
+_HEADS_ARGS = (
+    "Tensor x, Tensor sh, Tensor[] weights, Tensor[] point_weights, SymInt tile_atoms, str backend, "
+    'str precision="fp32"'
+)
+
+
+def _launch(entry: str, lead: list, x, sh, weights, point_weights, tile_atoms, backend, precision):
+    """``entry`` of ``backend`` on contiguous operands (``lead``: the list-of-tensors argument before
+    x, if any), with the GEMM precision in the launcher's keyword (:func:`launcher_precision`)."""
+    fn = getattr(get_backend(backend), entry)
+    lists = [[t.contiguous() for t in ts] for ts in (weights, point_weights)]
+    tensors = (x.contiguous(), sh.contiguous(), *lists)
+    return list(fn(*lead, *tensors, tile_atoms, **launcher_precision(fn, precision)))
+
+
+@torch.library.custom_op(
+    "scn_fast::output_heads", mutates_args=(), schema=f"({_HEADS_ARGS}) -> Tensor[]"
+)
+def _output_heads(x, sh, weights, point_weights, tile_atoms, backend, precision="fp32"):
     """[out_k (N, d_k)] per head k; weights = (w1, b1, w2, b2, w3, b3) per head, flattened."""
-    fn = get_backend(backend).sphere_heads_forward
-    return list(
-        fn(
-            x.contiguous(),
-            sh.contiguous(),
-            [w.contiguous() for w in weights],
-            [v.contiguous() for v in point_weights],
-            tile_atoms,
-            **launcher_precision(fn, precision),
-        )
-    )
+    args = (x, sh, weights, point_weights, tile_atoms, backend, precision)
+    return _launch("sphere_heads_forward", [], *args)
 
 
 @_output_heads.register_fake
-def _(x, sh, weights, point_weights, tile_atoms, backend, precision):
+def _(x, sh, weights, point_weights, tile_atoms, backend, precision="fp32"):
     return [x.new_empty((x.shape[0], v.shape[1])) for v in point_weights]
 
 
-@torch.library.custom_op("scn_fast::output_heads_backward", mutates_args=())
+@torch.library.custom_op(
+    "scn_fast::output_heads_backward",
+    mutates_args=(),
+    schema=f"(Tensor[] grads, {_HEADS_ARGS}) -> Tensor[]",
+)
 def _output_heads_backward(
-    grads: list[torch.Tensor],
-    x: torch.Tensor,
-    sh: torch.Tensor,
-    weights: list[torch.Tensor],
-    point_weights: list[torch.Tensor],
-    tile_atoms: int,
-    backend: str,
-    precision: str,
-) -> list[torch.Tensor]:
+    grads, x, sh, weights, point_weights, tile_atoms, backend, precision="fp32"
+):
     """[dx, then dw1, db1, dw2, db2, dw3, db3 per head]."""
-    fn = get_backend(backend).sphere_heads_backward
-    return list(
-        fn(
-            [g.contiguous() for g in grads],
-            x.contiguous(),
-            sh.contiguous(),
-            [w.contiguous() for w in weights],
-            [v.contiguous() for v in point_weights],
-            tile_atoms,
-            **launcher_precision(fn, precision),
-        )
-    )
+    args = (x, sh, weights, point_weights, tile_atoms, backend, precision)
+    return _launch("sphere_heads_backward", [[g.contiguous() for g in grads]], *args)
 
 
 @_output_heads_backward.register_fake
-def _(grads, x, sh, weights, point_weights, tile_atoms, backend, precision):
+def _(grads, x, sh, weights, point_weights, tile_atoms, backend, precision="fp32"):
     return [torch.empty_like(x), *(torch.empty_like(w) for w in weights)]
 
 
@@ -133,7 +122,10 @@ def _backward(ctx, grads):
     dx, *dws = _output_heads_backward(
         grads, x, sh, weights, point_weights, tile_atoms, backend, precision
     )
-    return dx, None, dws, [None] * len(point_weights), None, None, None
+    grad_inputs = (dx, None, dws, [None] * len(point_weights), None, None, None)
+    # One entry per argument the call passed: the dispatcher drops a trailing precision equal to
+    # its default ("fp32") before autograd sees the inputs, and a Tensor[] op checks the count.
+    return grad_inputs[: len(ctx.needs_input_grad)]
 
 
 _output_heads.register_autograd(_backward, setup_context=_setup_context)

@@ -13,22 +13,16 @@ from __future__ import annotations
 import torch
 
 from .backends import get_backend
-from .edge_csr import EdgeCSR
+from .edge_csr import EDGE_FRAME_ARGS, EdgeCSR
 from .layout import edge_layout
 
 
-@torch.library.custom_op("scn_fast::scatter_aggregation", mutates_args=())
-def _scatter_aggregation(
-    m: torch.Tensor,
-    wig: torch.Tensor,
-    idx: torch.Tensor,
-    perm: torch.Tensor,
-    ptr: torch.Tensor,
-    lmax: int,
-    mmax: int,
-    num_nodes: int,
-    backend: str,
-) -> torch.Tensor:
+@torch.library.custom_op(
+    "scn_fast::scatter_aggregation",
+    mutates_args=(),
+    schema=f"(Tensor m, {EDGE_FRAME_ARGS}, SymInt num_nodes, str backend) -> Tensor",
+)
+def _scatter_aggregation(m, wig, idx, perm, ptr, lmax, mmax, num_nodes, backend):
     return get_backend(backend).rotate_scatter(
         m.contiguous(), wig.contiguous(), perm, ptr, lmax, mmax, num_nodes
     )
