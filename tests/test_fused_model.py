@@ -10,7 +10,15 @@ import torch
 from scn_fast import SphericalChannelNetwork
 from scn_fast.tap_order import to_upstream_layout
 
-from .conftest import GOLDEN_FILES, TOL, energy_error, force_error, golden_inputs, load_golden
+from .conftest import (
+    GOLDEN_FILES,
+    TOL,
+    energy_error,
+    energy_forces_grads,
+    force_error,
+    golden_inputs,
+    load_golden,
+)
 
 EDGE_OPS = ("edge_rotation", "scatter_aggregation")
 
@@ -232,18 +240,7 @@ def test_resolutions_without_edges(formula, backend):
     )
     fused.load_state_dict(ref.state_dict())
     fused.double()
-    results = []
-    for model in (ref, fused):
-        model.zero_grad(set_to_none=True)
-        out = model(data)
-        (out["energy"].pow(2).sum() + out["forces"].pow(2).sum()).backward()
-        grads = {
-            n: to_upstream_layout(model, n, p.grad.detach())
-            for n, p in model.named_parameters()
-            if p.grad is not None
-        }
-        results.append((out["energy"].detach(), out["forces"].detach(), grads))
-    (e0, f0, g0), (e1, f1, g1) = results
+    (e0, f0, g0), (e1, f1, g1) = (energy_forces_grads(m, data) for m in (ref, fused))
     assert _rel(e1, e0) <= 1e-9 and (f1 - f0).abs().max() <= 1e-9 * max(f0.abs().max(), 1e-12)
     assert set(g1) == set(g0)
     for key in g0:
