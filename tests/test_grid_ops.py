@@ -14,10 +14,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
@@ -32,6 +28,7 @@ from scn_fast.ops import reference
 from scn_fast.ops.reference import Grid
 
 from .conftest import TOL, rel_max_error
+from .cuda_compile import triton_compile_main
 
 BACKENDS = ["extension", "triton"]
 TOLS = {torch.float32: TOL["op_fp32"], torch.float64: TOL["op_fp64"]}
@@ -620,21 +617,7 @@ def test_dispatcher_picks_fused_grid_backend():
 def test_triton_kernels_compile_for_sm80_sm90(tmp_path):
     """Every specialisation of the grid/heads GEMM kernel that the launchers use compiles to a cubin
     for sm_80 and sm_90 (kernels/grid_projection.py compile_main, TRITON_INTERPRET unset)."""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    report = tmp_path / "compile.json"
-    code = (
-        "import sys; from scn_fast.kernels import grid_projection as g; "
-        f"sys.exit(g.compile_main(json_path={str(report)!r}))"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200
-    )
-    print(proc.stdout)
-    assert proc.returncode == 0, f"compilation failed:\n{proc.stdout}\n{proc.stderr[-5000:]}"
-    results = json.loads(report.read_text())
-    assert {r["arch"] for r in results} == {"sm_80", "sm_90"}
-    assert all(r["ok"] and r["cubin_bytes"] > 0 for r in results)
+    results = triton_compile_main("grid_projection", tmp_path, timeout=1200)
     kinds = {r["kernel"] for r in results}
     assert any("HAS_A2=True" in k for k in kinds) and any("EPI=2" in k for k in kinds)
     assert any("BIAS=2" in k for k in kinds) and any("STORE_PRE=True" in k for k in kinds)
