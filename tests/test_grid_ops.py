@@ -245,6 +245,20 @@ def test_grid_edge_sizes(backend, atoms, ran):
         assert all(torch.count_nonzero(p.grad) == 0 for p in grid_params(layers))
 
 
+def assert_fp32_grid_matches(out, ref, xd, xn, layers, ran, backend: str) -> None:
+    """The fused grid output ``out`` and the gradients of x_down, x_new and every layer parameter
+    (for one random output gradient) within the float32 op tolerance of the reference ``ref``; the
+    backend's backward ran."""
+    assert rel_max_error(out, ref) <= TOL["op_fp32"]
+    gout = torch.randn_like(ref)
+    inputs = [xd, xn, *grid_params(layers)]
+    for a, b in zip(
+        torch.autograd.grad(out, inputs, gout), torch.autograd.grad(ref, inputs, gout), strict=True
+    ):
+        assert rel_max_error(a, b) <= TOL["op_fp32"]
+    assert backward_ran(ran, backend, saved_by_default(backend, xd)) >= 1
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grid_large_activations(backend, ran):
     """Pre-activations far beyond +-87 (the clamp of the extension's float32 exp) and channel
@@ -256,14 +270,7 @@ def test_grid_large_activations(backend, ran):
             m.weight.mul_(40.0)
     ref = reference_grid(Grid(2, 2), xd, xn, *layers)
     out = gp.grid_mlp(xd, xn, *layers, lmax=2, num_bands=2, backend=backend, tile_atoms=3)
-    assert rel_max_error(out, ref) <= TOL["op_fp32"]
-    gout = torch.randn_like(ref)
-    inputs = [xd, xn, *grid_params(layers)]
-    for a, b in zip(
-        torch.autograd.grad(out, inputs, gout), torch.autograd.grad(ref, inputs, gout), strict=True
-    ):
-        assert rel_max_error(a, b) <= TOL["op_fp32"]
-    assert backward_ran(ran, backend, saved_by_default(backend, xd)) >= 1
+    assert_fp32_grid_matches(out, ref, xd, xn, layers, ran, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -637,14 +644,7 @@ def test_cuda_grid_scn_t4_b2(backend, bands, ran):
     xd, xn, layers = make_grid_problem(6, bands, 128, 200, torch.float32, "cuda")
     ref = reference_grid(Grid(6, bands), xd, xn, *layers)
     out = gp.grid_mlp(xd, xn, *layers, lmax=6, num_bands=bands, backend=backend, tile_atoms=64)
-    assert rel_max_error(out, ref) <= TOL["op_fp32"]
-    gout = torch.randn_like(ref)
-    inputs = [xd, xn, *grid_params(layers)]
-    for a, b in zip(
-        torch.autograd.grad(out, inputs, gout), torch.autograd.grad(ref, inputs, gout), strict=True
-    ):
-        assert rel_max_error(a, b) <= TOL["op_fp32"]
-    assert backward_ran(ran, backend, saved_by_default(backend, xd)) >= 1
+    assert_fp32_grid_matches(out, ref, xd, xn, layers, ran, backend)
 
 
 @pytest.mark.gpu
