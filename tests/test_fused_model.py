@@ -49,27 +49,26 @@ def check_golden(g: dict, out: dict, dtype: torch.dtype) -> None:
         assert force_error(out["forces"], truth["forces"]) <= limit
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("name", GOLDEN_FILES)
-def test_extension_reproduces_golden(name, dtype):
-    g = load_golden(name)
-    model = build(g, dtype, use_fused=True, backend="extension").eval()
+def check_fused_golden(g: dict, dtype: torch.dtype, backend: str) -> None:
+    """The fused model on ``backend`` (golden weights, eval, no autograd) ran its fused ops and
+    reproduces the golden file's outputs at ``dtype``'s tolerance."""
+    model = build(g, dtype, use_fused=True, backend=backend).eval()
     torch.manual_seed(g["seed"])
     with torch.no_grad():
         out = model(golden_inputs(g))
-    assert_ran(model, "extension")
+    assert_ran(model, backend)
     check_golden(g, out, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("name", GOLDEN_FILES)
+def test_extension_reproduces_golden(name, dtype):
+    check_fused_golden(load_golden(name), dtype, "extension")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_triton_interpreter_reproduces_golden_small(dtype):
-    g = load_golden("tiny__pt_bulk_rattled.pt")
-    model = build(g, dtype, use_fused=True, backend="triton").eval()
-    torch.manual_seed(g["seed"])
-    with torch.no_grad():
-        out = model(golden_inputs(g))
-    assert_ran(model, "triton")
-    check_golden(g, out, dtype)
+    check_fused_golden(load_golden("tiny__pt_bulk_rattled.pt"), dtype, "triton")
 
 
 def _loss_grads(model: SphericalChannelNetwork, g: dict) -> dict[str, torch.Tensor]:
