@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, LMAXES, backend_params, edge_inputs
+from conftest import DEVICES, LMAXES, backend_params, edge_inputs, op_step
 
 from scn_fast.ops import edge_rotation
 
@@ -34,14 +34,7 @@ def test_reference(run_op, device, lmax, direction):
     x = inp.x.clone().requires_grad_(direction != "fwd")
     grad = torch.randn(inp.edge_index.shape[1] * inp.T, 2 * inp.R * x.shape[-1], device=device)
 
-    def fn():
-        if direction == "fwd":
-            with torch.no_grad():
-                return reference_rotation(x, inp)
-        x.grad = None
-        reference_rotation(x, inp).backward(grad)
-        return x.grad
-
+    fn = op_step(direction, lambda: reference_rotation(x, inp), [x], x, grad)
     run_op(fn, device, f"edge_rotation L{lmax} {direction} {device}")
 
 
@@ -53,12 +46,8 @@ def test_fused(run_op, device, backend, lmax, direction):
     x = inp.x.clone().requires_grad_(direction != "fwd")
     grad = torch.randn(inp.edge_index.shape[1], 2, inp.R, x.shape[-1], device=device)
 
-    def fn():
-        if direction == "fwd":
-            with torch.no_grad():
-                return edge_rotation(x, inp.wig, inp.csr_both, lmax, inp.mmax, backend)
-        x.grad = None
-        edge_rotation(x, inp.wig, inp.csr_both, lmax, inp.mmax, backend).backward(grad)
-        return x.grad
+    def fused() -> torch.Tensor:
+        return edge_rotation(x, inp.wig, inp.csr_both, lmax, inp.mmax, backend)
 
+    fn = op_step(direction, fused, [x], x, grad)
     run_op(fn, device, f"edge_rotation L{lmax} {direction} {device}")

@@ -24,6 +24,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import op_step
 from torch import nn
 
 from scn_fast import so3
@@ -90,16 +91,7 @@ class GridProblem:
         )
 
     def step(self, fn: Callable[[], torch.Tensor], direction: str) -> Callable[[], object]:
-        def run():
-            if direction == "fwd":
-                with torch.no_grad():
-                    return fn()
-            for p in self.params:
-                p.grad = None
-            fn().backward(self.gout)
-            return self.xd.grad
-
-        return run
+        return op_step(direction, fn, self.params, self.xd, self.gout)
 
     def gemm_floor(self, direction: str) -> Callable[[], None]:
         """The fused op's GEMMs alone (the extension's calls, same shapes and order): forward; for
@@ -223,17 +215,11 @@ class HeadsProblem:
         )
 
     def step(self, fn, direction: str):
-        def run():
-            if direction == "fwd":
-                with torch.no_grad():
-                    return fn()
-            for p in self.params:
-                p.grad = None
-            e, f = fn()
-            ((e * self.ge).sum() + (f * self.gf).sum()).backward()
-            return self.x.grad
+        def loss(out: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            e, f = out
+            return (e * self.ge).sum() + (f * self.gf).sum()
 
-        return run
+        return op_step(direction, fn, self.params, self.x, loss=loss)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -13,7 +13,7 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import DEVICES, LMAXES, N_ATOMS, backend_params, edge_inputs
+from conftest import DEVICES, LMAXES, N_ATOMS, backend_params, edge_inputs, op_step
 
 from scn_fast.ops import scatter_aggregation
 
@@ -53,14 +53,7 @@ def test_reference(run_op, device, lmax, direction, reduce):
     m = _messages(inp, device).requires_grad_(direction != "fwd")
     grad = torch.randn(N_ATOMS, inp.S, m.shape[-1], device=device)
 
-    def fn():
-        if direction == "fwd":
-            with torch.no_grad():
-                return reference_scatter(m, inp, reduce)
-        m.grad = None
-        reference_scatter(m, inp, reduce).backward(grad)
-        return m.grad
-
+    fn = op_step(direction, lambda: reference_scatter(m, inp, reduce), [m], m, grad)
     run_op(fn, device, f"scatter_aggregation L{lmax} {direction} {device}")
 
 
@@ -76,12 +69,5 @@ def test_fused(run_op, device, backend, lmax, direction):
         combined = _combine_taps(m, inp).view(-1, 1, inp.R, m.shape[-1])
         return scatter_aggregation(combined, inp.wig, inp.csr_target, lmax, inp.mmax, backend)
 
-    def fn():
-        if direction == "fwd":
-            with torch.no_grad():
-                return fused(m)
-        m.grad = None
-        fused(m).backward(grad)
-        return m.grad
-
+    fn = op_step(direction, lambda: fused(m), [m], m, grad)
     run_op(fn, device, f"scatter_aggregation L{lmax} {direction} {device}")

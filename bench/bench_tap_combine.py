@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CHANNELS, DEVICES, E_EDGES, LMAXES, backend_params
+from conftest import CHANNELS, DEVICES, E_EDGES, LMAXES, backend_params, op_step
 from torch.nn.functional import silu
 
 from scn_fast import so3
@@ -32,14 +32,7 @@ def _run(run_op, device, lmax, direction, fn, label):
     mapping, z, b = _operands(lmax, device, direction != "fwd")
     grad = torch.randn(E_EDGES, mapping.shape[1], CHANNELS, device=device)
 
-    def call():
-        if direction == "fwd":
-            with torch.no_grad():
-                return fn(z, b, mapping)
-        z.grad = b.grad = None
-        fn(z, b, mapping).backward(grad)
-        return b.grad
-
+    call = op_step(direction, lambda: fn(z, b, mapping), [z, b], b, grad)
     run_op(call, device, f"tap_combine L{lmax} {direction} {device}")
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, HIDDEN, LMAXES, backend_params, edge_inputs
+from conftest import DEVICES, HIDDEN, LMAXES, backend_params, edge_inputs, op_step
 from torch.nn.functional import linear, silu
 
 from scn_fast.ops import gated_tap_projection
@@ -44,15 +44,10 @@ def test_reference(run_op, device, lmax, direction):
     inp, _, w, b, a, gate = _operands(lmax, device, direction != "fwd")
     grad = torch.randn(a.shape[0] // inp.T, inp.T, HIDDEN, device=device)
 
-    def fn():
-        out = lambda: silu(linear(a, w, b)).view(-1, inp.T, HIDDEN) * gate.unsqueeze(1)  # noqa: E731
-        if direction == "fwd":
-            with torch.no_grad():
-                return out()
-        a.grad = w.grad = b.grad = gate.grad = None
-        out().backward(grad)
-        return w.grad
+    def reference() -> torch.Tensor:
+        return silu(linear(a, w, b)).view(-1, inp.T, HIDDEN) * gate.unsqueeze(1)
 
+    fn = op_step(direction, reference, [a, w, b, gate], w, grad)
     run_op(fn, device, f"tap_projection L{lmax} {direction} {device}")
 
 
@@ -67,13 +62,8 @@ def test_fused(run_op, device, backend, lmax, direction, weight_order):
     grad = torch.randn(y.shape[0], inp.T, HIDDEN, device=device)
     kw = {"backend": backend, "weight_order": weight_order}
 
-    def fn():
-        out = lambda: gated_tap_projection(y, w, b, gate, lmax, inp.mmax, -1, **kw)  # noqa: E731
-        if direction == "fwd":
-            with torch.no_grad():
-                return out()
-        y.grad = w.grad = b.grad = gate.grad = None
-        out().backward(grad)
-        return w.grad
+    def fused() -> torch.Tensor:
+        return gated_tap_projection(y, w, b, gate, lmax, inp.mmax, -1, **kw)
 
+    fn = op_step(direction, fused, [y, w, b, gate], w, grad)
     run_op(fn, device, f"tap_projection L{lmax} {direction} {device}")

@@ -12,7 +12,7 @@ CUDA allocator peak, or CPU peak RSS, above what was held before) in ``benchmark
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,6 +117,35 @@ def backend_params() -> list[Any]:
             marks = [pytest.mark.skip(reason=why)] if why else []
             out.append(pytest.param(device, b, id=f"{device}-{b}", marks=marks))
     return out
+
+
+def op_step(
+    direction: str,
+    forward: Callable[[], Any],
+    inputs: Sequence[torch.Tensor],
+    wrt: torch.Tensor,
+    grad: torch.Tensor | None = None,
+    loss: Callable[[Any], torch.Tensor] | None = None,
+) -> Callable[[], Any]:
+    """The benchmarked call of one op. ``direction`` "fwd": ``forward()`` without autograd, its
+    output returned. "fwd+bwd": the ``inputs``' gradients cleared, then ``forward().backward(grad)``
+    (or ``loss(forward()).backward()`` when ``loss`` is given, for ops with several outputs), and
+    ``wrt.grad`` returned."""
+
+    def step() -> Any:
+        if direction == "fwd":
+            with torch.no_grad():
+                return forward()
+        for t in inputs:
+            t.grad = None
+        out = forward()
+        if loss is None:
+            out.backward(grad)
+        else:
+            loss(out).backward()
+        return wrt.grad
+
+    return step
 
 
 @pytest.fixture

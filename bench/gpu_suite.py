@@ -193,7 +193,7 @@ def run_command(
         text=True,
         errors="replace",  # compiler output is not always UTF-8
         env=env,
-        start_new_session=True,
+        preexec_fn=os.setsid,  # its own process group, so _kill_group reaches its children
     )
     pump = _stream(proc, log_path)
     try:

@@ -19,6 +19,7 @@ import io
 import json
 import math
 import tarfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,17 +109,23 @@ def ops_summary(benchmark_json: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _table(head: str, body: Iterable[str]) -> str:
+    """A text table: the header line, a rule as wide as it, then the body's lines."""
+    return "\n".join([head, "-" * len(head), *body])
+
+
 def format_ops(ops: list[dict[str, Any]]) -> str:
     if not ops:
         return "(no op benchmark ran)"
-    head = f"{'op benchmark':<58} {'median_s':>10} {'spread':>6} {'trust':<5}"
-    lines = [head, "-" * len(head)]
-    for o in ops:
-        sp = "-" if o["spread"] is None else f"{o['spread']:.0%}"
-        trust = {True: "noisy", False: "ok", None: "-"}[o["noisy"]]
-        med = "-" if o["median_s"] is None else f"{o['median_s']:.4g}"
-        lines.append(f"{o['name'][:58]:<58} {med:>10} {sp:>6} {trust:<5}")
-    return "\n".join(lines)
+
+    def rows() -> Iterator[str]:
+        for o in ops:
+            sp = "-" if o["spread"] is None else f"{o['spread']:.0%}"
+            trust = {True: "noisy", False: "ok", None: "-"}[o["noisy"]]
+            med = "-" if o["median_s"] is None else f"{o['median_s']:.4g}"
+            yield f"{o['name'][:58]:<58} {med:>10} {sp:>6} {trust:<5}"
+
+    return _table(f"{'op benchmark':<58} {'median_s':>10} {'spread':>6} {'trust':<5}", rows())
 
 
 # ----------------------------------------------------------------------------- smoke
@@ -135,18 +142,20 @@ def format_smoke(records: list[dict[str, Any]]) -> str:
         f"{'backend':<10} {'prec':<4} {'mode':<9} {'status':<6} {'E_err':>8} {'F_err':>8} "
         f"{'F_limit':>8} {'grad_err':>8}"
     )
-    lines = [head, "-" * len(head)]
-    for r in records:
-        lines.append(
-            f"{r['backend']:<10} {r['precision']:<4} {r['mode']:<9} {r['status']:<6} "
-            f"{_err(r.get('energy_err_rel')):>8} {_err(r.get('max_force_err_rel')):>8} "
-            f"{_err(r.get('force_err_limit')):>8} {_err(r.get('max_grad_err_rel')):>8}"
-        )
-        if r.get("reason"):
-            lines.append(f"    reason: {r['reason']}")
-        if r.get("explain") is not None:
-            lines.append("    explain: " + json.dumps(r["explain"], sort_keys=True, default=str))
-    return "\n".join(lines)
+
+    def rows() -> Iterator[str]:
+        for r in records:
+            yield (
+                f"{r['backend']:<10} {r['precision']:<4} {r['mode']:<9} {r['status']:<6} "
+                f"{_err(r.get('energy_err_rel')):>8} {_err(r.get('max_force_err_rel')):>8} "
+                f"{_err(r.get('force_err_limit')):>8} {_err(r.get('max_grad_err_rel')):>8}"
+            )
+            if r.get("reason"):
+                yield f"    reason: {r['reason']}"
+            if r.get("explain") is not None:
+                yield "    explain: " + json.dumps(r["explain"], sort_keys=True, default=str)
+
+    return _table(head, rows())
 
 
 # ----------------------------------------------------------------------------- stages
@@ -154,10 +163,11 @@ def format_stages(stages: list[dict[str, Any]]) -> str:
     head = (
         f"{'stage':<8} {'status':<9} {'elapsed_s':>9} {'ended_at_s':>10} {'deadline_s':>10}  note"
     )
-    lines = [head, "-" * len(head)]
-    for s in stages:
-        lines.append(
+    return _table(
+        head,
+        (
             f"{s['stage']:<8} {s['status']:<9} {s.get('elapsed_s', 0):>9.1f} "
             f"{s.get('ended_at_s', 0):>10.1f} {s.get('deadline_s', 0):>10.0f}  {s.get('note') or ''}"
-        )
-    return "\n".join(lines)
+            for s in stages
+        ),
+    )

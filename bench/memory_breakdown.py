@@ -5,27 +5,21 @@
 Every tensor an operator returns during the call (aten ops, the ``scn_fast::*`` custom ops, the
 workspaces they allocate from Python) is tracked by its storage until the storage is freed; at the
 largest total the live storages are listed, largest first, with the operator and shape that made
-them. Weights, inputs, workspaces and anything else allocated before the call are not counted; temporaries a C++ op
-allocates and frees inside itself are not seen. The fused ops' CPU workspaces
-(``scn_fast/ops/workspace.py``: buffers kept between calls, grown to the largest request) are listed
-separately. Prints one JSON line.
+them. Weights, inputs and anything else allocated before the call are not counted; temporaries a
+C++ op allocates and frees inside itself are not seen. Prints one JSON line.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from typing import Any
 
 import torch
+from memory_setup import model_and_slab, slab_parser
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-
-from scn_fast import AtomsBatch, SphericalChannelNetwork
-from scn_fast.presets import preset
-from scn_fast.systems import slab_of_size
 
 
 class LiveStorages(TorchDispatchMode):
@@ -62,27 +56,13 @@ class LiveStorages(TorchDispatchMode):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--natoms", type=int, required=True)
-    p.add_argument("--preset", default="scn-t4-b2")
-    p.add_argument("--fused", action="store_true")
-    p.add_argument("--threads", type=int)
+    p = slab_parser(__doc__)
     p.add_argument("--top", type=int, default=12)
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = SphericalChannelNetwork(
-        **preset(args.preset), use_fused=args.fused, deterministic_frames=True
-    ).eval()
-    atoms = slab_of_size(args.natoms)
-    data = AtomsBatch.from_ase([atoms])
+    model, atoms, data = model_and_slab(args)
     with torch.no_grad():
         model(data)  # warm: constants and backend choices made outside the census
-    from scn_fast.ops import workspace as ws
-
-    buffers = getattr(ws._local, "buffers", {}) or {}
-    held = [*model.parameters(), *model.buffers(), *buffers.values()]
+    held = [*model.parameters(), *model.buffers()]
     mode = LiveStorages({t.untyped_storage().data_ptr() for t in held})
     start = time.perf_counter()
     with torch.no_grad(), mode:
@@ -98,10 +78,6 @@ def main() -> None:
                 "peak_live_gb": round(mode.peak / 2**30, 4),
                 "peak_live_kb_per_atom": round(mode.peak / 1024 / n, 1),
                 "peak_after_op": mode.peak_op,
-                "workspaces_mb": {
-                    name: round(buf.untyped_storage().nbytes() / 2**20, 2)
-                    for (name, _), buf in buffers.items()
-                },
                 "largest_at_peak": [
                     {"mb": round(b / 2**20, 2), "op": op, "shape": list(shape)}
                     for b, op, shape in mode.at_peak[: args.top]

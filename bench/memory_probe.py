@@ -10,16 +10,12 @@ built), peak RSS, and with ``--profile`` the largest allocations by operator (to
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import time
 
 import torch
-
-from scn_fast import AtomsBatch, SphericalChannelNetwork
-from scn_fast.presets import preset
-from scn_fast.systems import slab_of_size
+from memory_setup import model_and_slab, slab_parser
 
 
 def _rss_gb() -> float:
@@ -31,21 +27,10 @@ def _rss_gb() -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--natoms", type=int, required=True)
-    p.add_argument("--preset", default="scn-t4-b2")
-    p.add_argument("--fused", action="store_true")
-    p.add_argument("--threads", type=int)
+    p = slab_parser(__doc__)
     p.add_argument("--profile", action="store_true")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = SphericalChannelNetwork(
-        **preset(args.preset), use_fused=args.fused, deterministic_frames=True
-    ).eval()
-    atoms = slab_of_size(args.natoms)
-    data = AtomsBatch.from_ase([atoms])
+    model, atoms, data = model_and_slab(args)
     st = model.read_input(data)
     graph = model.generate_graph(data, st)
     ctx = model.edge_context(st, graph)

@@ -16,7 +16,21 @@ import torch
 
 
 @dataclass
-class AtomsBatch:
+class _StructureTensors:
+    """The six tensors of B structures with N atoms in all (the fields ``AtomsBatch`` and
+    ``Structure`` share): pos (N, 3), cell (B, 3, 3), atomic_numbers (N,), natoms (B,), batch (N,),
+    pbc (B, 3)."""
+
+    pos: torch.Tensor
+    cell: torch.Tensor
+    atomic_numbers: torch.Tensor
+    natoms: torch.Tensor
+    batch: torch.Tensor
+    pbc: torch.Tensor
+
+
+@dataclass
+class AtomsBatch(_StructureTensors):
     """A batch of B structures with N atoms in all, atoms of each structure contiguous.
 
     pos (N, 3) float, cell (B, 3, 3) float (rows are lattice vectors), atomic_numbers (N,) int64,
@@ -26,12 +40,6 @@ class AtomsBatch:
     positions (absolute position of atom n = pos[n] + origin[batch[n]]); None when pos is absolute.
     """
 
-    pos: torch.Tensor
-    cell: torch.Tensor
-    atomic_numbers: torch.Tensor
-    natoms: torch.Tensor
-    batch: torch.Tensor
-    pbc: torch.Tensor
     edge_index: torch.Tensor | None = None
     cell_offsets: torch.Tensor | None = None
     neighbors: torch.Tensor | None = None
@@ -119,16 +127,9 @@ def relative_positions(
 
 
 @dataclass
-class Structure:
+class Structure(_StructureTensors):
     """Validated model input. pos (N, 3), cell (B, 3, 3) in the model's dtype; atomic_numbers,
     natoms, batch int64; pbc (B, 3) bool."""
-
-    pos: torch.Tensor
-    cell: torch.Tensor
-    atomic_numbers: torch.Tensor
-    natoms: torch.Tensor
-    batch: torch.Tensor
-    pbc: torch.Tensor
 
 
 def _field(data: Any, name: str) -> Any:

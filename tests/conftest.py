@@ -41,6 +41,23 @@ def rel_max_error(a: torch.Tensor, ref: torch.Tensor) -> float:
     )
 
 
+def energy_forces_grads(model: torch.nn.Module, data) -> tuple:
+    """One forward + backward of ``model`` on ``data`` with the loss sum(E^2) + sum(F^2):
+    (energy [n_structures], forces [n_atoms, 3], {parameter name: gradient in upstream's layout}),
+    all detached. The comparison quantities of the fused-vs-reference model tests."""
+    from scn_fast.tap_order import to_upstream_layout
+
+    model.zero_grad(set_to_none=True)
+    out = model(data)
+    (out["energy"].pow(2).sum() + out["forces"].pow(2).sum()).backward()
+    grads = {
+        n: to_upstream_layout(model, n, p.grad.detach())
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    }
+    return out["energy"].detach(), out["forces"].detach(), grads
+
+
 def elementwise_backend(name: str) -> str:
     """``name``, after skipping the test when it is "triton" and Triton can run neither here (its
     interpreter) nor on a CUDA device: the backend argument of the message MLP's fused ops."""

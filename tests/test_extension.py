@@ -7,11 +7,6 @@ The extension is built once per test module (module fixture); the CUDA checks co
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
-import subprocess
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -20,6 +15,8 @@ import torch
 from scn_fast import extension
 from scn_fast.extension import csrc_dir, extension_status, load_extension
 from scn_fast.ops import edge_layout, reference
+
+from .cuda_compile import compile_sm80_sm90, spill_stores
 
 # ------------------------------------------------------------------------------------------------
 # Reference: the ops' reference backend (scn_fast.ops.reference), in float64
@@ -253,63 +250,36 @@ SCATTER_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("name", "mutate", "message"), GATHER_ERRORS, ids=[c[0] for c in GATHER_ERRORS]
-)
-def test_gather_rotate_bad_input(ext, name, mutate, message):
-    args = _good_gather()
-    mutate(args)
-    with pytest.raises(RuntimeError, match=message):
-        ext.gather_rotate(**args)
+BAD_INPUTS = [
+    *(("gather_rotate", _good_gather, *case) for case in GATHER_ERRORS),
+    *(("rotate_scatter", _good_scatter, *case) for case in SCATTER_ERRORS),
+]
 
 
 @pytest.mark.parametrize(
-    ("name", "mutate", "message"), SCATTER_ERRORS, ids=[c[0] for c in SCATTER_ERRORS]
+    ("op", "good", "name", "mutate", "message"),
+    BAD_INPUTS,
+    ids=[f"{c[0]}-{c[2]}" for c in BAD_INPUTS],
 )
-def test_rotate_scatter_bad_input(ext, name, mutate, message):
-    args = _good_scatter()
+def test_bad_input_is_named(ext, op, good, name, mutate, message):
+    """Each op's good arguments with one thing broken: a RuntimeError naming the problem."""
+    args = good()
     mutate(args)
     with pytest.raises(RuntimeError, match=message):
-        ext.rotate_scatter(**args)
+        getattr(ext, op)(**args)
 
 
 # ------------------------------------------------------------------------------------------------
 # CUDA
 
 
-def _nvcc() -> str | None:
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    candidates = [shutil.which("nvcc")]
-    for home in (CUDA_HOME, os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
-        if home:
-            candidates.append(str(Path(home) / "bin" / "nvcc"))
-    return next((c for c in candidates if c and Path(c).exists()), None)
-
-
 @pytest.mark.gpu_compile
 def test_cuda_kernels_compile_for_sm80_sm90(tmp_path):
     """edge_ops_kernels.cu compiles for A100 and H100 with torch's nvcc defines, without spills."""
-    nvcc = _nvcc()
-    if nvcc is None:
-        pytest.skip("nvcc is not installed")
     src = csrc_dir()
     assert src is not None
-    cmd = [
-        nvcc, "-std=c++17", "-O3", "-c", str(src / "cuda" / "edge_ops_kernels.cu"),
-        "-o", str(tmp_path / "edge_ops_kernels.o"),
-        "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
-        "--resource-usage",
-        # as torch.utils.cpp_extension compiles it
-        "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-        "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-        "--expt-relaxed-constexpr", "--compiler-options", "-fPIC",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log
-    assert (tmp_path / "edge_ops_kernels.o").stat().st_size > 0
-    spills = re.findall(r"(\d+) bytes spill stores", log)
+    log = compile_sm80_sm90(src / "cuda" / "edge_ops_kernels.cu", tmp_path / "edge_ops_kernels.o")
+    spills = spill_stores(log)
     assert spills and all(s == "0" for s in spills), "register spills:\n" + log
 
 

@@ -10,7 +10,15 @@ import torch
 from scn_fast import SphericalChannelNetwork
 from scn_fast.tap_order import to_upstream_layout
 
-from .conftest import GOLDEN_FILES, TOL, energy_error, force_error, golden_inputs, load_golden
+from .conftest import (
+    GOLDEN_FILES,
+    TOL,
+    energy_error,
+    energy_forces_grads,
+    force_error,
+    golden_inputs,
+    load_golden,
+)
 
 EDGE_OPS = ("edge_rotation", "scatter_aggregation")
 
@@ -41,27 +49,26 @@ def check_golden(g: dict, out: dict, dtype: torch.dtype) -> None:
         assert force_error(out["forces"], truth["forces"]) <= limit
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("name", GOLDEN_FILES)
-def test_extension_reproduces_golden(name, dtype):
-    g = load_golden(name)
-    model = build(g, dtype, use_fused=True, backend="extension").eval()
+def check_fused_golden(g: dict, dtype: torch.dtype, backend: str) -> None:
+    """The fused model on ``backend`` (golden weights, eval, no autograd) ran its fused ops and
+    reproduces the golden file's outputs at ``dtype``'s tolerance."""
+    model = build(g, dtype, use_fused=True, backend=backend).eval()
     torch.manual_seed(g["seed"])
     with torch.no_grad():
         out = model(golden_inputs(g))
-    assert_ran(model, "extension")
+    assert_ran(model, backend)
     check_golden(g, out, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("name", GOLDEN_FILES)
+def test_extension_reproduces_golden(name, dtype):
+    check_fused_golden(load_golden(name), dtype, "extension")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_triton_interpreter_reproduces_golden_small(dtype):
-    g = load_golden("tiny__pt_bulk_rattled.pt")
-    model = build(g, dtype, use_fused=True, backend="triton").eval()
-    torch.manual_seed(g["seed"])
-    with torch.no_grad():
-        out = model(golden_inputs(g))
-    assert_ran(model, "triton")
-    check_golden(g, out, dtype)
+    check_fused_golden(load_golden("tiny__pt_bulk_rattled.pt"), dtype, "triton")
 
 
 def _loss_grads(model: SphericalChannelNetwork, g: dict) -> dict[str, torch.Tensor]:
@@ -232,18 +239,7 @@ def test_resolutions_without_edges(formula, backend):
     )
     fused.load_state_dict(ref.state_dict())
     fused.double()
-    results = []
-    for model in (ref, fused):
-        model.zero_grad(set_to_none=True)
-        out = model(data)
-        (out["energy"].pow(2).sum() + out["forces"].pow(2).sum()).backward()
-        grads = {
-            n: to_upstream_layout(model, n, p.grad.detach())
-            for n, p in model.named_parameters()
-            if p.grad is not None
-        }
-        results.append((out["energy"].detach(), out["forces"].detach(), grads))
-    (e0, f0, g0), (e1, f1, g1) = results
+    (e0, f0, g0), (e1, f1, g1) = (energy_forces_grads(m, data) for m in (ref, fused))
     assert _rel(e1, e0) <= 1e-9 and (f1 - f0).abs().max() <= 1e-9 * max(f0.abs().max(), 1e-12)
     assert set(g1) == set(g0)
     for key in g0:

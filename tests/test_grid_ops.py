@@ -14,10 +14,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
@@ -32,6 +28,7 @@ from scn_fast.ops import reference
 from scn_fast.ops.reference import Grid
 
 from .conftest import TOL, rel_max_error
+from .cuda_compile import triton_compile_main
 
 BACKENDS = ["extension", "triton"]
 TOLS = {torch.float32: TOL["op_fp32"], torch.float64: TOL["op_fp64"]}
@@ -248,6 +245,20 @@ def test_grid_edge_sizes(backend, atoms, ran):
         assert all(torch.count_nonzero(p.grad) == 0 for p in grid_params(layers))
 
 
+def assert_fp32_grid_matches(out, ref, xd, xn, layers, ran, backend: str) -> None:
+    """The fused grid output ``out`` and the gradients of x_down, x_new and every layer parameter
+    (for one random output gradient) within the float32 op tolerance of the reference ``ref``; the
+    backend's backward ran."""
+    assert rel_max_error(out, ref) <= TOL["op_fp32"]
+    gout = torch.randn_like(ref)
+    inputs = [xd, xn, *grid_params(layers)]
+    for a, b in zip(
+        torch.autograd.grad(out, inputs, gout), torch.autograd.grad(ref, inputs, gout), strict=True
+    ):
+        assert rel_max_error(a, b) <= TOL["op_fp32"]
+    assert backward_ran(ran, backend, saved_by_default(backend, xd)) >= 1
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grid_large_activations(backend, ran):
     """Pre-activations far beyond +-87 (the clamp of the extension's float32 exp) and channel
@@ -259,14 +270,7 @@ def test_grid_large_activations(backend, ran):
             m.weight.mul_(40.0)
     ref = reference_grid(Grid(2, 2), xd, xn, *layers)
     out = gp.grid_mlp(xd, xn, *layers, lmax=2, num_bands=2, backend=backend, tile_atoms=3)
-    assert rel_max_error(out, ref) <= TOL["op_fp32"]
-    gout = torch.randn_like(ref)
-    inputs = [xd, xn, *grid_params(layers)]
-    for a, b in zip(
-        torch.autograd.grad(out, inputs, gout), torch.autograd.grad(ref, inputs, gout), strict=True
-    ):
-        assert rel_max_error(a, b) <= TOL["op_fp32"]
-    assert backward_ran(ran, backend, saved_by_default(backend, xd)) >= 1
+    assert_fp32_grid_matches(out, ref, xd, xn, layers, ran, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -620,21 +624,7 @@ def test_dispatcher_picks_fused_grid_backend():
 def test_triton_kernels_compile_for_sm80_sm90(tmp_path):
     """Every specialisation of the grid/heads GEMM kernel that the launchers use compiles to a cubin
     for sm_80 and sm_90 (kernels/grid_projection.py compile_main, TRITON_INTERPRET unset)."""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    report = tmp_path / "compile.json"
-    code = (
-        "import sys; from scn_fast.kernels import grid_projection as g; "
-        f"sys.exit(g.compile_main(json_path={str(report)!r}))"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200
-    )
-    print(proc.stdout)
-    assert proc.returncode == 0, f"compilation failed:\n{proc.stdout}\n{proc.stderr[-5000:]}"
-    results = json.loads(report.read_text())
-    assert {r["arch"] for r in results} == {"sm_80", "sm_90"}
-    assert all(r["ok"] and r["cubin_bytes"] > 0 for r in results)
+    results = triton_compile_main("grid_projection", tmp_path, timeout=1200)
     kinds = {r["kernel"] for r in results}
     assert any("HAS_A2=True" in k for k in kinds) and any("EPI=2" in k for k in kinds)
     assert any("BIAS=2" in k for k in kinds) and any("STORE_PRE=True" in k for k in kinds)
@@ -654,14 +644,7 @@ def test_cuda_grid_scn_t4_b2(backend, bands, ran):
     xd, xn, layers = make_grid_problem(6, bands, 128, 200, torch.float32, "cuda")
     ref = reference_grid(Grid(6, bands), xd, xn, *layers)
     out = gp.grid_mlp(xd, xn, *layers, lmax=6, num_bands=bands, backend=backend, tile_atoms=64)
-    assert rel_max_error(out, ref) <= TOL["op_fp32"]
-    gout = torch.randn_like(ref)
-    inputs = [xd, xn, *grid_params(layers)]
-    for a, b in zip(
-        torch.autograd.grad(out, inputs, gout), torch.autograd.grad(ref, inputs, gout), strict=True
-    ):
-        assert rel_max_error(a, b) <= TOL["op_fp32"]
-    assert backward_ran(ran, backend, saved_by_default(backend, xd)) >= 1
+    assert_fp32_grid_matches(out, ref, xd, xn, layers, ran, backend)
 
 
 @pytest.mark.gpu

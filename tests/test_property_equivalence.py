@@ -22,9 +22,8 @@ import torch
 
 from scn_fast import AtomsBatch, SphericalChannelNetwork
 from scn_fast.smearing import DISTANCE_FUNCTIONS
-from scn_fast.tap_order import to_upstream_layout
 
-from .conftest import TOL, elementwise_backend
+from .conftest import TOL, elementwise_backend, energy_forces_grads
 
 hypothesis = pytest.importorskip("hypothesis")
 st = hypothesis.strategies
@@ -95,18 +94,6 @@ def configurations(draw, small: bool = False) -> dict:
     }
 
 
-def _outputs(model: SphericalChannelNetwork, data) -> tuple:
-    model.zero_grad(set_to_none=True)
-    out = model(data)
-    (out["energy"].pow(2).sum() + out["forces"].pow(2).sum()).backward()
-    grads = {
-        n: to_upstream_layout(model, n, p.grad.detach())
-        for n, p in model.named_parameters()
-        if p.grad is not None
-    }
-    return out["energy"].detach(), out["forces"].detach(), grads
-
-
 def check_equivalence(config: dict, system: str, seed: int, backend: str) -> None:
     """Reference and fused model with the same weights, float64: outputs and every parameter
     gradient within the fused_fp64 row (relative to the largest reference value)."""
@@ -118,8 +105,8 @@ def check_equivalence(config: dict, system: str, seed: int, backend: str) -> Non
     )
     fused.load_state_dict(ref.state_dict())
     fused.double()
-    e0, f0, g0 = _outputs(ref, data)
-    e1, f1, g1 = _outputs(fused, data)
+    e0, f0, g0 = energy_forces_grads(ref, data)
+    e1, f1, g1 = energy_forces_grads(fused, data)
     report = fused.explain()
     if "edge_rotation" in report:  # absent when no structure has an edge
         assert report["edge_rotation"]["ran"] == backend, report

@@ -7,21 +7,8 @@ import pytest
 import torch
 
 from scn_fast import AtomsBatch, SphericalChannelNetwork, preset
-from scn_fast.tap_order import to_upstream_layout
 
-from .conftest import TOL
-
-
-def _grads(model: SphericalChannelNetwork, data) -> tuple:
-    model.zero_grad(set_to_none=True)
-    out = model(data)
-    (out["energy"].pow(2).sum() + out["forces"].pow(2).sum()).backward()
-    grads = {
-        n: to_upstream_layout(model, n, p.grad.detach())
-        for n, p in model.named_parameters()
-        if p.grad is not None
-    }
-    return out["energy"].detach(), out["forces"].detach(), grads
+from .conftest import TOL, energy_forces_grads
 
 
 @pytest.mark.parametrize("backend", ["extension", "triton"])
@@ -42,8 +29,8 @@ def test_one_tap_resolution_without_edges_trains(knobs, backend):
     fused = SphericalChannelNetwork(**cfg, use_fused=True, backend=backend)
     fused.load_state_dict(ref.state_dict())
     fused.double()
-    e0, f0, g0 = _grads(ref, data)
-    e1, f1, g1 = _grads(fused, data)
+    e0, f0, g0 = energy_forces_grads(ref, data)
+    e1, f1, g1 = energy_forces_grads(fused, data)
     assert fused.explain()["edge_rotation"]["ran"] == backend
     tol = TOL["fused_fp64"]
     assert (e1 - e0).abs().max() <= tol["energy"] * max(1.0, float(e0.abs().max()))

@@ -4,11 +4,6 @@ mapping), gradcheck, determinism, bad input; and the Triton kernels' GPU compila
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch.nn.functional import silu
@@ -17,6 +12,7 @@ from scn_fast import so3
 from scn_fast.ops.tap_combine import combine_tables, tap_combine
 
 from .conftest import TOL, elementwise_backend, rel_max_error
+from .cuda_compile import triton_compile_main
 
 CONFIGS = [(6, 1, -1), (4, 1, -1), (3, 0, -1), (5, 1, 1), (1, 1, -1)]
 BACKENDS = ["reference", "extension", "triton"]
@@ -131,20 +127,7 @@ def test_extension_rejects_bad_input():
 def test_triton_kernels_compile_for_sm80_sm90(tmp_path):
     """Every specialisation of the tap_gate / tap_combine kernels compiles to a cubin for sm_80 and
     sm_90 (kernels/tap_elementwise.py compile_main, TRITON_INTERPRET unset)."""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    report = tmp_path / "compile.json"
-    code = (
-        "import sys; from scn_fast.kernels import tap_elementwise as t; "
-        f"sys.exit(t.compile_main(json_path={str(report)!r}))"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, f"compilation failed:\n{proc.stdout}\n{proc.stderr[-5000:]}"
-    results = json.loads(report.read_text())
-    assert {r["arch"] for r in results} == {"sm_80", "sm_90"}
-    assert all(r["ok"] and r["cubin_bytes"] > 0 for r in results)
+    results = triton_compile_main("tap_elementwise", tmp_path, timeout=900)
     assert {r["kernel"].split("[")[0] for r in results} == {
         "tap_gate_fwd",
         "tap_gate_bwd",
