@@ -56,11 +56,12 @@ def heads_constants(
 # ----------------------------------------------------------------------------------------------
 
 
-# The arguments both ops share, written once; the schemas are what ``torch.library`` infers from
-# type annotations.
+# The arguments both ops share, written once. ``precision`` has no default on purpose: the
+# dispatcher drops a trailing argument equal to its default before autograd sees the inputs, and
+# the Tensor[] autograd wrapper then counts one gradient too many.
 _HEADS_ARGS = (
     "Tensor x, Tensor sh, Tensor[] weights, Tensor[] point_weights, SymInt tile_atoms, str backend, "
-    'str precision="fp32"'
+    "str precision"
 )
 
 
@@ -76,14 +77,14 @@ def _launch(entry: str, lead: list, x, sh, weights, point_weights, tile_atoms, b
 @torch.library.custom_op(
     "scn_fast::output_heads", mutates_args=(), schema=f"({_HEADS_ARGS}) -> Tensor[]"
 )
-def _output_heads(x, sh, weights, point_weights, tile_atoms, backend, precision="fp32"):
+def _output_heads(x, sh, weights, point_weights, tile_atoms, backend, precision):
     """[out_k (N, d_k)] per head k; weights = (w1, b1, w2, b2, w3, b3) per head, flattened."""
     args = (x, sh, weights, point_weights, tile_atoms, backend, precision)
     return _launch("sphere_heads_forward", [], *args)
 
 
 @_output_heads.register_fake
-def _(x, sh, weights, point_weights, tile_atoms, backend, precision="fp32"):
+def _(x, sh, weights, point_weights, tile_atoms, backend, precision):
     return [x.new_empty((x.shape[0], v.shape[1])) for v in point_weights]
 
 
@@ -92,16 +93,14 @@ def _(x, sh, weights, point_weights, tile_atoms, backend, precision="fp32"):
     mutates_args=(),
     schema=f"(Tensor[] grads, {_HEADS_ARGS}) -> Tensor[]",
 )
-def _output_heads_backward(
-    grads, x, sh, weights, point_weights, tile_atoms, backend, precision="fp32"
-):
+def _output_heads_backward(grads, x, sh, weights, point_weights, tile_atoms, backend, precision):
     """[dx, then dw1, db1, dw2, db2, dw3, db3 per head]."""
     args = (x, sh, weights, point_weights, tile_atoms, backend, precision)
     return _launch("sphere_heads_backward", [[g.contiguous() for g in grads]], *args)
 
 
 @_output_heads_backward.register_fake
-def _(grads, x, sh, weights, point_weights, tile_atoms, backend, precision="fp32"):
+def _(grads, x, sh, weights, point_weights, tile_atoms, backend, precision):
     return [torch.empty_like(x), *(torch.empty_like(w) for w in weights)]
 
 
@@ -122,10 +121,7 @@ def _backward(ctx, grads):
     dx, *dws = _output_heads_backward(
         grads, x, sh, weights, point_weights, tile_atoms, backend, precision
     )
-    grad_inputs = (dx, None, dws, [None] * len(point_weights), None, None, None)
-    # One entry per argument the call passed: the dispatcher drops a trailing precision equal to
-    # its default ("fp32") before autograd sees the inputs, and a Tensor[] op checks the count.
-    return grad_inputs[: len(ctx.needs_input_grad)]
+    return dx, None, dws, [None] * len(point_weights), None, None, None
 
 
 _output_heads.register_autograd(_backward, setup_context=_setup_context)
