@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .bucketing import Bucketer, BucketPolicy, Capacity, pad_graph, resolution_counts
-from .data import AtomsBatch
+from .data import AtomsBatch, relative_positions
 
 TIMING_KEYS = ("transfer", "graph", "model", "total")
 
@@ -94,8 +94,8 @@ class StepRunner:
             self._pos_host = None
             self._key = key
         # relative to the mean position, in float64 before the cast (as AtomsBatch.from_ase)
-        pos64 = np.asarray(atoms.get_positions(), dtype=np.float64)
-        pos = torch.as_tensor(np.ascontiguousarray(pos64 - pos64.mean(axis=0)), dtype=dtype)
+        pos64 = torch.as_tensor(np.asarray(atoms.get_positions(), dtype=np.float64))
+        pos = relative_positions(pos64, torch.tensor([pos64.shape[0]]))[0].to(dtype)
         if device.type == "cuda":
             if self._pos_host is None:
                 self._pos_host = torch.empty(pos.shape, dtype=dtype).pin_memory()
