@@ -78,6 +78,7 @@ class TapRows:
         return [v for run in self.runs1 for v in run]
 
 
+@so3._on_cpu
 @cache
 def _tap_rows_cpu(lmax: int, mmax: int, num_taps: int) -> TapRows:
     sym = tap_symmetry(lmax, mmax, num_taps)
