@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from scn_fast.kernels import aot
 
 from scn_fast import AtomsBatch, SphericalChannelNetwork, preset
-from scn_fast.kernels import aot
 from scn_fast.launches import LaunchRecorder, record_step
 from scn_fast.systems import slab_of_size
 
