@@ -59,6 +59,16 @@ def edge_layout(lmax: int, mmax: int) -> EdgeLayout:
     return EdgeLayout(lmax, mmax, tuple(rows), tuple(row_off), tuple(entry_off), r, k)
 
 
+_J: dict[tuple, torch.Tensor] = {}
+
+
+def wigner_j(l: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``so3.wigner_j(l)`` (2l+1, 2l+1) in ``dtype`` on ``device``, moved there once and cached
+    (not copied from host memory at every call)."""
+    key = (l, dtype, torch.device(device))
+    return so3.cached_constant(_J, key, lambda: so3.wigner_j(l).to(dtype=dtype, device=device))
+
+
 def compact_wigner(frames: torch.Tensor, lmax: int, mmax: int) -> torch.Tensor:
     """wig (E, K): the kept rows of each degree's Wigner-D block of the frames (E, 3, 3), detached.
 
@@ -75,7 +85,7 @@ def compact_wigner(frames: torch.Tensor, lmax: int, mmax: int) -> torch.Tensor:
     for l in range(lmax + 1):
         mm = min(l, mmax)
         rows = slice(l - mm, l + mm + 1)
-        j = so3.wigner_j(l).to(dtype=frames.dtype, device=frames.device)
+        j = wigner_j(l, frames.dtype, frames.device)
         left = so3.z_rotation(alpha, l)[:, rows, :] @ j
         block = left @ so3.z_rotation(beta, l) @ j @ so3.z_rotation(gamma, l)
         parts.append(block.reshape(e, -1))

@@ -31,6 +31,7 @@ from .tap_combine import combine_tables, identical_taps, tap_combine
 from .tap_projection import (
     gated_tap_projection,
     gated_tap_projection_split,
+    has_tap_order,
     scratch,
     tap_rows,
 )
@@ -179,7 +180,7 @@ def prepare_constants(edges: EdgeContext, grid, num_points: int, lmax: int) -> N
         edges.csr(r)
         combine_tables(res.lmax, res.mmax, res.taps_arg, like.dtype, like.device)
         identical_taps(res.lmax, res.mmax, res.taps_arg, like.dtype, like.device)
-        if plan["edge_rotation"].variant["split_rotation"]:
+        if has_tap_order(res.lmax, res.mmax, res.taps_arg):  # the 4-tap projection's row tables
             tap_rows(res.lmax, res.mmax, res.taps_arg, like.device)
     if grid is not None:
         if plan["grid_projection"].ran == "reference":
