@@ -7,6 +7,12 @@ the math is documented there and in ``scn_fast/ops/tap_projection.py`` / ``scn_f
 * ``tap_combine_forward(z (E, Q, C), bias (R, C), src (R, J), coef (R, J)) -> m (E, R, C)``:
   ``m[e, r] = sum_j coef[r, j] silu(z[e, src[r, j]] + bias[src[r, j] % R])``.
 * ``tap_combine_backward(dm, z, bias, src, coef) -> (dz, dbias)``.
+* ``tap_split(y3 (E, 2R, C), y0_rows (n0,), pair_rows (2 n1,), pair_signs (2 n1,)) -> (y0 (E, n0, C),
+  pair (E, 2 n1, C))``: the 4-tap projection's two GEMM operands in one pass,
+  ``y0[e, k] = y3[e, y0_rows[k]]``, ``pair[e, k] = pair_signs[k] * y3[e, pair_rows[k]]``
+  (``scn_fast/ops/tap_rows.py``; the extension's ``tap_split``).
+* ``tap_assemble(dy0, dpair, a, b, sign) -> dy (E, 2R, C)``: its adjoint, ``dy[e, r] = dy0[e, a[r]]``
+  where ``b[r] < 0`` (an m = 0 row), else ``dpair[e, a[r]] + sign[r] * dpair[e, b[r]]``.
 
 One program per BLOCK flat output elements, float32 or float64 (accumulated in the input's type).
 CPU tensors only under ``TRITON_INTERPRET=1`` (:func:`is_interpreted`); :func:`launch_configs` finds
@@ -31,8 +37,10 @@ __all__ = [
     "launch_configs",
     "tap_combine_backward",
     "tap_combine_forward",
+    "tap_assemble",
     "tap_gate_backward",
     "tap_gate_forward",
+    "tap_split",
 ]
 
 BLOCK = 1024
@@ -159,6 +167,49 @@ def _tap_combine_bwd_kernel(
         tl.store(dz_ptr + at, k * d * (sg * (1.0 + x * (1.0 - sg))), mask=mask)
 
 
+@triton.jit
+def _tap_split_kernel(
+    y_ptr, rows0_ptr, rows1_ptr, sign1_ptr, y0_ptr, pair_ptr, n, R2, K0, K1, C,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Lanes over (edge, k, channel) of [y0 | pair] (K0 + K1 rows per edge): one gather (and tap
+    1's sign) per lane, written to y0 or pair."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    k_all = K0 + K1
+    e, k, c = offs // (k_all * C), (offs // C) % k_all, offs % C
+    first = k < K0
+    k1 = k - K0
+    row0 = tl.load(rows0_ptr + k, mask=mask & first, other=0)
+    row1 = tl.load(rows1_ptr + k1, mask=mask & (k >= K0), other=0)
+    sign = tl.load(sign1_ptr + k1, mask=mask & (k >= K0), other=1.0)
+    row = tl.where(first, row0, row1)
+    v = tl.load(y_ptr + (e * R2 + row) * C + c, mask=mask, other=0.0)
+    v = tl.where(first, v, v * sign.to(v.dtype))
+    tl.store(y0_ptr + (e * K0 + k) * C + c, v, mask=mask & first)
+    tl.store(pair_ptr + (e * K1 + k1) * C + c, v, mask=mask & (k >= K0))
+
+
+@triton.jit
+def _tap_assemble_kernel(
+    dy0_ptr, dpair_ptr, a_ptr, b_ptr, sign_ptr, dy_ptr, n, R2, K0, K1, C,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Lanes over (edge, row, channel) of dy: an m = 0 row from dy0, an m = +-1 row from its two
+    places in dpair."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    e, r, c = offs // (R2 * C), (offs // C) % R2, offs % C
+    ia = tl.load(a_ptr + r, mask=mask, other=0)
+    ib = tl.load(b_ptr + r, mask=mask, other=-1)
+    sign = tl.load(sign_ptr + r, mask=mask, other=0.0)
+    m0 = ib < 0
+    v0 = tl.load(dy0_ptr + (e * K0 + ia) * C + c, mask=mask & m0, other=0.0)
+    va = tl.load(dpair_ptr + (e * K1 + ia) * C + c, mask=mask & (ib >= 0), other=0.0)
+    vb = tl.load(dpair_ptr + (e * K1 + ib) * C + c, mask=mask & (ib >= 0), other=0.0)
+    tl.store(dy_ptr + offs, tl.where(m0, v0, va + sign.to(va.dtype) * vb), mask=mask)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
@@ -270,6 +321,68 @@ def tap_combine_backward(dm, z, bias, src, coef) -> tuple[torch.Tensor, torch.Te
     return dz, dz.view(e, j, r, c).sum((0, 1))
 
 
+def _check_index(name: str, t: torch.Tensor, size: int, like: torch.Tensor, dtype) -> None:
+    if t.dim() != 1 or t.numel() != size:
+        raise ValueError(f"{name} must be ({size},), got {tuple(t.shape)}")
+    if t.dtype != dtype or t.device != like.device or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous {dtype} tensor on {like.device}")
+
+
+def tap_split(
+    y3: torch.Tensor, y0_rows: torch.Tensor, pair_rows: torch.Tensor, pair_signs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y0 (E, n0, C), pair (E, 2 n1, C)) of y3 (E, 2R, C) (module doc); the row tables are
+    ``TapRows.y0_rows``, ``pair_rows`` (int64) and ``pair_signs`` (float64)."""
+    if y3.dim() != 3:
+        raise ValueError(f"y3 must be (E, 2R, C), got {tuple(y3.shape)}")
+    e, r2, c = y3.shape
+    _check("y3", y3, (e, r2, c), y3)
+    k0, k1 = y0_rows.numel(), pair_rows.numel()
+    _check_index("y0_rows", y0_rows, k0, y3, torch.int64)
+    _check_index("pair_rows", pair_rows, k1, y3, torch.int64)
+    _check_index("pair_signs", pair_signs, k1, y3, torch.float64)
+    y0, pair = y3.new_empty((e, k0, c)), y3.new_empty((e, k1, c))
+    n = e * (k0 + k1) * c
+    if n:
+        aot.launch(
+            "tap_split", _tap_split_kernel, (triton.cdiv(n, BLOCK),),
+            {"y_ptr": y3, "rows0_ptr": y0_rows, "rows1_ptr": pair_rows, "sign1_ptr": pair_signs,
+             "y0_ptr": y0, "pair_ptr": pair, "n": n, "R2": r2, "K0": k0, "K1": k1, "C": c},
+            {"BLOCK": BLOCK}, device=y3.device, num_warps=NUM_WARPS,
+        )  # fmt: skip
+    return y0, pair
+
+
+def tap_assemble(
+    dy0: torch.Tensor, dpair: torch.Tensor, a: torch.Tensor, b: torch.Tensor, sign: torch.Tensor
+) -> torch.Tensor:
+    """dy (E, 2R, C) from dy0 (E, n0, C) and dpair (E, 2 n1, C), the adjoint of :func:`tap_split`
+    (module doc); a, b (2R,) int64 and sign (2R,) float64 are ``TapRows.assemble_a`` / ``_b`` /
+    ``_sign``."""
+    if dy0.dim() != 3 or dpair.dim() != 3:
+        raise ValueError(
+            f"dy0 and dpair must be (E, n0, C) and (E, 2 n1, C), got {tuple(dy0.shape)}, "
+            f"{tuple(dpair.shape)}"
+        )
+    e, k0, c = dy0.shape
+    k1, r2 = dpair.shape[1], a.numel()
+    _check("dy0", dy0, (e, k0, c), dy0)
+    _check("dpair", dpair, (e, k1, c), dy0)
+    _check_index("a", a, r2, dy0, torch.int64)
+    _check_index("b", b, r2, dy0, torch.int64)
+    _check_index("sign", sign, r2, dy0, torch.float64)
+    dy = dy0.new_empty((e, r2, c))
+    n = dy.numel()
+    if n:
+        aot.launch(
+            "tap_assemble", _tap_assemble_kernel, (triton.cdiv(n, BLOCK),),
+            {"dy0_ptr": dy0, "dpair_ptr": dpair, "a_ptr": a, "b_ptr": b, "sign_ptr": sign,
+             "dy_ptr": dy, "n": n, "R2": r2, "K0": k0, "K1": k1, "C": c},
+            {"BLOCK": BLOCK}, device=dy0.device, num_warps=NUM_WARPS,
+        )  # fmt: skip
+    return dy
+
+
 # ----------------------------------------------------------------------------------------------
 # Ahead-of-time compile descriptions
 # ----------------------------------------------------------------------------------------------
@@ -303,6 +416,14 @@ def launch_configs(
             )
             tap_combine_forward(z, bias, src, coef)
             tap_combine_backward(empty(num_edges, rows, channels), z, bias, src, coef)
+        # the 4-tap projection's split and its adjoint (m = 0 rows: about half of the rows)
+        n0 = rows // 2 + 1
+        n1 = rows - n0
+        y3 = empty(num_edges, 2 * rows, channels)
+        idx0, idx1 = empty(2 * n0, dt=torch.int64), empty(4 * n1, dt=torch.int64)
+        y0, pair = tap_split(y3, idx0, idx1, empty(4 * n1, dt=torch.float64))
+        ab = empty(2 * rows, dt=torch.int64)
+        tap_assemble(y0, pair, ab, ab, empty(2 * rows, dt=torch.float64))
     return aot.configs_of(launches)
 
 

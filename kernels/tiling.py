@@ -4,8 +4,8 @@ Pure functions (no Triton, no device): the plan calls them with the problem's si
 loop (``kernels/grid_mlp.py``, ``kernels/sphere_heads.py``, ``csrc/grid_ops.cpp``) allocates its
 scratch buffers once per call for ``n`` atoms and reuses them across tiles, so a tile of ``n`` atoms
 holds ``n * per_atom`` numbers. On a GPU the number of launches per call is proportional to the
-number of tiles, so tiles should be as large as the budget allows: with the default 1 GiB budget
-a scn-t4-b2 training tile holds ~670 atoms (float32), against 78 for a fixed 16,384 grid rows.
+number of tiles, so tiles should be as large as the budget allows: with the default 2 GiB budget
+a scn-t4-b2 training tile holds ~1,350 atoms (float32), against 78 for a fixed 16,384 grid rows.
 
 Per-atom scratch, in numbers, with S = (L+1)^2 coefficients, G = 2(L+1)(2L+3) grid points, b bands,
 C channels, H1 = 2bC, H2 = 2C, C3 = C (the grid MLP's widths):
@@ -31,9 +31,11 @@ __all__ = [
     "tile_atoms_for_budget",
 ]
 
-# Scratch budget of one tile loop on a GPU (bytes): ~1% of an 80 GB device, ~670 atoms per
-# scn-t4-b2 training tile in float32. CPU tiles stay small (cache-sized) and are chosen elsewhere.
-DEFAULT_BUDGET_BYTES = 1 << 30
+# Scratch budget of one tile loop on a GPU (bytes): ~2.5% of an 80 GB device (a 1,000-atom
+# scn-t4-b2 training step keeps ~23 GB of activations), ~1,350 atoms per scn-t4-b2 training tile in
+# float32, so a 1,000-atom step runs one tile per block (each tile is ~20 launches of a training
+# step). CPU tiles stay small (cache-sized) and are chosen elsewhere.
+DEFAULT_BUDGET_BYTES = 2 << 30
 
 
 def _grid_sizes(lmax: int, num_bands: int, channels: int) -> tuple[int, int, int, int, int]:
@@ -109,7 +111,7 @@ def grid_tile_atoms(
     num_atoms: int | None = None,
 ) -> int:
     """Atoms per grid-MLP tile within ``budget_bytes`` of scratch (scn-t4-b2, float32, training,
-    1 GiB: 674 atoms with the Triton backend)."""
+    2 GiB: 1,349 atoms with the Triton backend)."""
     per_atom = grid_scratch_per_atom(lmax, num_bands, channels, backend=backend, training=training)
     return tile_atoms_for_budget(budget_bytes, per_atom, itemsize, num_atoms)
 

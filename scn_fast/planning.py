@@ -264,8 +264,8 @@ def _grid_tile_atoms(
     shape: ModelShape, backend: str, dev: str, dtype: torch.dtype, grad: bool, points: int
 ) -> int:
     """Atoms per grid-MLP tile: on a GPU as many as the tile loop's scratch budget holds
-    (``kernels/tiling.py``: ~670 atoms for a scn-t4-b2 training tile in float32, so a 1,000-atom
-    step runs 2 tiles, not 13), on a CPU a cache-sized tile (``default_tile_atoms``)."""
+    (``kernels/tiling.py``: ~1,350 atoms for a scn-t4-b2 training tile in float32, so a 1,000-atom
+    step runs 1 tile, not 13), on a CPU a cache-sized tile (``default_tile_atoms``)."""
     if dev != "cuda":
         return default_tile_atoms(points, dev)
     return tiling.grid_tile_atoms(

@@ -36,10 +36,17 @@ def _split_input(
     y: torch.Tensor, rows: TapRows, dtype: torch.dtype, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y (E, 2, R, C) -> y0 (E, 2 R0 C) and [y1; y1'] (2E, 2 R1 C) (rows interleaved by edge), in
-    dtype, in scratch of this call: the extension's one-pass ``tap_split`` (gather
+    dtype, in scratch of this call: the extension's or Triton's one-pass ``tap_split`` (gather
     and tap 1's signs together) where it applies, else gathers and a sign pass."""
     e, _, r, c = y.shape
     y3 = y.reshape(e, 2 * r, c)
+    if backend == "triton" and dtype == y.dtype and dtype in (torch.float32, torch.float64):
+        from ..kernels import tap_elementwise
+
+        y0, pair = tap_elementwise.tap_split(
+            y3.contiguous(), rows.y0_rows, rows.pair_rows, rows.pair_signs
+        )
+        return y0.view(e, rows.n0 * c), pair.view(2 * e, rows.n1 * c)
     y0 = scratch((e, rows.n0, c), dtype, y.device, backend)
     if backend == "extension" and dtype == y.dtype and dtype in (torch.float32, torch.float64):
         pair = scratch((e, 2 * rows.n1, c), dtype, y.device, backend)
@@ -110,9 +117,19 @@ def _assemble_dy(dy: torch.Tensor, dpair: torch.Tensor, rows: TapRows) -> torch.
 
 def _assemble(dy0: torch.Tensor, dpair: torch.Tensor, rows: TapRows, backend: str) -> torch.Tensor:
     """dy (E, 2R, C) from the gradients of the split's two parts, dy0 (E, n0, C) and dpair
-    (E, 2 n1, C): the extension's one pass (``tap_assemble``) or ATen ops."""
+    (E, 2 n1, C): the extension's or Triton's one pass (``tap_assemble``), or ATen ops."""
     if backend == "extension" and dy0.dtype in (torch.float32, torch.float64):
         return _ext().tap_assemble(
+            dy0.contiguous(),
+            dpair.contiguous(),
+            rows.assemble_a,
+            rows.assemble_b,
+            rows.assemble_sign,
+        )
+    if backend == "triton" and dy0.dtype in (torch.float32, torch.float64):
+        from ..kernels import tap_elementwise
+
+        return tap_elementwise.tap_assemble(
             dy0.contiguous(),
             dpair.contiguous(),
             rows.assemble_a,
