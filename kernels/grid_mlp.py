@@ -67,6 +67,14 @@ def _first_layer(xd, xn, w1_kt, to_grid, b1, buf, n, s, g, b, h1w, prec, pre=Non
     return q, h1
 
 
+def _weight_grad(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """out = a @ b for the first tile, out += a @ b for the others (cuBLAS, in the call's scope)."""
+    if first:
+        torch.mm(a, b, out=out)
+    else:
+        out.addmm_(a, b)
+
+
 def grid_mlp_forward(
     x_down: torch.Tensor,
     x_new: torch.Tensor,
@@ -152,15 +160,17 @@ def grid_mlp_backward(
     gemm.check_precision(precision, x_down.dtype)
     n_atoms, s, c, g, b, h1w, h2w, c3 = _grid_sizes(x_down, to_grid, w2, w3)
     dx_down, dx_new = torch.empty_like(x_down), torch.empty_like(x_new)
-    dw1_kt = x_down.new_zeros((b, 2, c, h1w))
-    dw2, dw3 = torch.zeros_like(w2), torch.zeros_like(w3)
+    if n_atoms == 0:
+        dw1 = x_down.new_zeros((h1w, h1w))
+        return [dx_down, dx_new, dw1, torch.zeros_like(b1), torch.zeros_like(w2),
+                torch.zeros_like(b2), torch.zeros_like(w3), torch.zeros_like(b3)]  # fmt: skip
+    # weight gradients: written by the first tile's GEMMs, accumulated by the others (no fill)
+    dw1_kt = x_down.new_empty((b, 2, c, h1w))
+    dw2, dw3 = torch.empty_like(w2), torch.empty_like(w3)
 
     def dw1() -> torch.Tensor:
         return dw1_kt.permute(3, 1, 0, 2).reshape(h1w, h1w)
 
-    if n_atoms == 0:
-        return [dx_down, dx_new, dw1(), torch.zeros_like(b1), dw2, torch.zeros_like(b2), dw3,
-                torch.zeros_like(b3)]  # fmt: skip
     tiles = tiles_of(n_atoms, tile_atoms)
     nt = tiles[0][1]
     dtype = x_down.dtype
@@ -194,6 +204,7 @@ def grid_mlp_backward(
     )
     with cublas_scope(device, precision):
         for z0, n in tiles:
+            first = z0 == 0
             rows = g * n
             xd = x_down[z0 : z0 + n].transpose(0, 1)
             xn = x_new[z0 : z0 + n].transpose(0, 1)
@@ -209,7 +220,7 @@ def grid_mlp_backward(
             mm(from_grid, h2.view(g, n * h2w), u.permute(1, 0, 2).unsqueeze(0), precision=proj)
             # fc3 through the back-projection: out[z, i] = U[(z, i)] w3^T + fsum[i] b3
             go = grad_out[z0 : z0 + n]  # (n, S, C3), contiguous
-            dw3.addmm_(go.view(n * s, c3).t(), u.view(n * s, h2w))
+            _weight_grad(dw3, go.view(n * s, c3).t(), u.view(n * s, h2w), first)
             du = buf.get("du", s * n, h2w)
             mm(go.transpose(0, 1), w3g, du, precision=precision)  # rows (i, z)
             # dA2 = (F^T dU) * silu'(A2), into H2's buffer; its column sums -> db2
@@ -223,7 +234,7 @@ def grid_mlp_backward(
                 colsum=sums2.take(gemm.row_blocks(g, n * h2w, dtype, proj)),
                 precision=proj,
             )
-            dw2.addmm_(da2.t(), h1.view(rows, h1w))
+            _weight_grad(dw2, da2.t(), h1.view(rows, h1w), first)
             # dA1 = (dA2 w2) * silu'(A1), into H1's buffer; its column sums -> db1
             da1 = h1.view(rows, h1w)
             mm(
@@ -241,7 +252,7 @@ def grid_mlp_backward(
             for k in range(b):
                 dq_k = dq[k].view(n * s, h1w)  # rows (z, i)
                 for side, (x, dx) in enumerate(((x_down, dx_down), (x_new, dx_new))):
-                    dw1_kt[k, side].addmm_(x[z0 : z0 + n].view(n * s, c).t(), dq_k)
+                    _weight_grad(dw1_kt[k, side], x[z0 : z0 + n].view(n * s, c).t(), dq_k, first)
                     mm(
                         dq_k,
                         w1_k[k, side],

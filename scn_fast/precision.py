@@ -166,10 +166,19 @@ def gemm_mm(
     precision: str,
     native: bool,
     out: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """a @ b of two :func:`gemm_inputs` operands: a float32 result (float64 for float64 operands),
     or written into ``out`` (any strided view; a bf16 ``out`` keeps native bf16 GEMMs' bf16 result
-    as it is)."""
+    as it is). ``bias`` (N,), without ``out``: a @ b + bias in one GEMM (``addmm``: one launch on
+    a GPU, not two) for float32 / float64 operands; added to the float32 result otherwise."""
+    if bias is not None:
+        if out is not None:
+            raise ValueError("gemm_mm: bias is for a new result, not with out")
+        if a.dtype in (torch.float32, torch.float64):
+            with _cuda_tf32(precision == "tf32" and native):
+                return torch.addmm(bias, a, b)
+        return gemm_mm(a, b, precision, native).add_(bias)
     if out is not None and out.dtype == a.dtype:
         with _cuda_tf32(precision == "tf32" and native):
             return torch.mm(a, b, out=out)

@@ -126,11 +126,12 @@ def test_grid_tile_atoms_from_budget():
     per_atom = 2 * 49 * 512 + 2 * 210 * 512 + 2 * 210 * 256 + 2 * 49 * 256
     assert tiling.grid_scratch_per_atom(6, 2, 128) == per_atom
     atoms = tiling.grid_tile_atoms(6, 2, 128)
-    assert atoms == (1 << 30) // (4 * per_atom) and 300 <= atoms <= 1000  # not 78
+    # the 2 GiB default: one tile holds a 1,000-atom training step (a fixed 16,384 rows held 78)
+    assert atoms == (2 << 30) // (4 * per_atom) and 1000 <= atoms <= 2000
     assert tiling.grid_tile_atoms(6, 2, 128, training=False) > atoms
     assert tiling.grid_tile_atoms(6, 2, 128, backend="extension") < atoms
     assert tiling.grid_tile_atoms(6, 2, 128, itemsize=8) == atoms // 2
-    assert tiling.grid_tile_atoms(6, 2, 128, budget_bytes=1 << 31) in (2 * atoms, 2 * atoms + 1)
+    assert tiling.grid_tile_atoms(6, 2, 128, budget_bytes=1 << 32) in (2 * atoms, 2 * atoms + 1)
     assert tiling.grid_tile_atoms(6, 2, 128, num_atoms=100) == 100
     assert tiling.grid_tile_atoms(6, 2, 128, budget_bytes=1) == 1
 
@@ -140,7 +141,7 @@ def test_heads_tile_atoms_from_budget():
     atoms = tiling.heads_tile_atoms(*args)
     per_atom = 49 * 256 + 3 * 128 * 256 + 2 * 128 * 128 + 3 * 128
     assert tiling.heads_scratch_per_atom(*args) == per_atom
-    assert atoms == (1 << 30) // (4 * per_atom)
+    assert atoms == (2 << 30) // (4 * per_atom)
 
 
 def test_tile_budget_errors():

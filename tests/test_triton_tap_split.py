@@ -10,9 +10,9 @@ import importlib
 
 import pytest
 import torch
+from scn_fast.kernels import tap_elementwise
 from torch.nn.functional import silu
 
-from scn_fast.kernels import tap_elementwise
 from scn_fast.ops import edge_layout, gated_tap_projection, tap_symmetry
 from scn_fast.ops.tap_projection import to_tap_order
 from scn_fast.ops.tap_rows import tap_rows
@@ -36,9 +36,7 @@ def test_triton_tap_split_matches_the_gathers_and_assemble_is_its_adjoint(lmax, 
     assert torch.equal(pair.reshape(2 * edges, rows.n1 * 5), want_pair)
     g0 = torch.randn(y0.shape, generator=gen, dtype=torch.float64).to(dtype)
     gp = torch.randn(pair.shape, generator=gen, dtype=torch.float64).to(dtype)
-    dy = tap_elementwise.tap_assemble(
-        g0, gp, rows.assemble_a, rows.assemble_b, rows.assemble_sign
-    )
+    dy = tap_elementwise.tap_assemble(g0, gp, rows.assemble_a, rows.assemble_b, rows.assemble_sign)
     assert dy.shape == y3.shape
     torch.testing.assert_close(dy, tb._assemble(g0, gp.clone(), rows, "reference"), rtol=0, atol=0)
     lhs = (y0.double() * g0.double()).sum() + (pair.double() * gp.double()).sum()
@@ -48,9 +46,9 @@ def test_triton_tap_split_matches_the_gathers_and_assemble_is_its_adjoint(lmax, 
 def test_triton_tap_split_checks_its_tables():
     rows = tap_rows(2, 1, -1, torch.device("cpu"))
     y3 = torch.randn(3, 2 * edge_layout(2, 1).R, 4)
-    with pytest.raises(ValueError, match="pair_signs must be a contiguous torch.float64"):
+    with pytest.raises(ValueError, match=r"pair_signs must be a contiguous torch\.float64"):
         tap_elementwise.tap_split(y3, rows.y0_rows, rows.pair_rows, rows.pair_signs.float())
-    with pytest.raises(ValueError, match="y0_rows must be a contiguous torch.int64"):
+    with pytest.raises(ValueError, match=r"y0_rows must be a contiguous torch\.int64"):
         tap_elementwise.tap_split(y3, rows.y0_rows.int(), rows.pair_rows, rows.pair_signs)
 
 

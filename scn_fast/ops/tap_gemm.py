@@ -133,7 +133,10 @@ def _project(
     split = _split_input(y, rows, _gathered_dtype(y, precision, native), backend)
     y0, pair = gemm_inputs(split, precision, native)
     w0, w1 = _weight_operands(weight, rows, c, precision, native, backend, tap_ordered)
-    a = gemm_mm(y0, w0.t(), precision, native).add_(bias)
+    if backend == "triton":  # the bias in the GEMM: one launch (the Triton path runs on GPUs)
+        a = gemm_mm(y0, w0.t(), precision, native, bias=bias)
+    else:
+        a = gemm_mm(y0, w0.t(), precision, native).add_(bias)
     b = gemm_mm(pair, w1.t(), precision, native).view(e, 2, h)
     return _Projection(a, b)
 
