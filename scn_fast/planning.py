@@ -45,7 +45,7 @@ from .config import DEFAULTS, resolution_specs
 from .dispatch import OPS, Dispatcher, OpRequest
 from .kernels import tiling
 from .ops.grid_projection import default_tile_atoms, saves_activations
-from .ops.support import refusal
+from .ops.support import preferred, refusal
 from .precision import check_precision, gemm_support
 
 # The split rotation where it applies (tests turn it off to compare with the general path).
@@ -295,8 +295,13 @@ def _follow(
     op: str, backend: str, device_type: str, dtype: torch.dtype, lmax: int, mmax: int
 ) -> OpPlan:
     """A tap op inside the fused message path: on the edge ops' backend when that supports the
-    request, else in ATen ops inside the fused op ("reference"), with the reason."""
+    request (or on the backend ``ops.support.PREFERRED`` names for this device type, when that
+    one supports it: Triton's fused gate and combine on CUDA), else in ATen ops inside the fused
+    op ("reference"), with the reason."""
     others = {b: f"{op} runs on the edge ops' backend ({backend})" for b in ("extension", "triton")}
+    better = preferred(op, backend, device_type)
+    if better is not None and refusal(op, better[0], device_type, dtype, lmax, mmax) is None:
+        return OpPlan(better[0], {}, {backend: better[1]})
     why = refusal(op, backend, device_type, dtype, lmax, mmax)
     if why is None:
         others.pop(backend)

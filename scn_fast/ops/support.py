@@ -83,6 +83,38 @@ SUPPORT: dict[str, dict[str, Support]] = {
 }
 
 
+# Where a backend supports an op but another backend's code is better on a device type, the plan
+# runs the preferred one (when it supports the request) and records why the other was passed over:
+# (op, device type) -> (preferred, passed over, reason). On CUDA the extension's gate, combine,
+# split and assemble are ATen compositions (csrc/message_gate.cpp, message_combine.cpp: their CUDA
+# kernels in csrc/cuda/message_kernels.cu are not registered yet), with (E, 4, H) and (E, 4R, C)
+# temporaries; Triton has fused kernels for all four (kernels/tap_elementwise.py).
+PREFERRED: dict[tuple[str, str], tuple[str, str, str]] = {
+    ("gated_tap_projection", "cuda"): (
+        "triton",
+        "extension",
+        "the extension's CUDA gate, split and assemble are ATen compositions with (E, 4, H) "
+        "temporaries; Triton has fused kernels",
+    ),
+    ("tap_combine", "cuda"): (
+        "triton",
+        "extension",
+        "the extension's CUDA tap combination is an ATen composition with (E, 4R, C) "
+        "temporaries; Triton has a fused kernel",
+    ),
+}
+
+
+def preferred(op: str, backend: str, device_type: str) -> tuple[str, str] | None:
+    """(preferred backend, reason) when :data:`PREFERRED` passes ``backend`` over for ``op`` on
+    ``device_type``, else None (the caller still checks that the preferred one supports the
+    request)."""
+    entry = PREFERRED.get((op, device_type))
+    if entry is None or entry[1] != backend:
+        return None
+    return entry[0], entry[2]
+
+
 # ----------------------------------------------------------------------------- runtime facts
 def extension_unavailable() -> str | None:
     """Why the C++ extension cannot run at all (None when it can or may still build)."""
