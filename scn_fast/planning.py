@@ -25,7 +25,7 @@ Variants (what each op does beyond its backend):
   pre-activations for the backward: CPU extension with autograd), ``bf16_gemms`` (native bf16
   GEMMs inside the op), ``precision`` (the GEMM precision, passed to launchers that take it),
   ``operands`` (the precision the op's inputs and weights are rounded to: "fp32" when its own
-  GEMMs are native bf16), ``native``.
+  GEMMs are native bf16, or are the Triton grid's with a native precision), ``native``.
 * ``output_heads``: ``tile_atoms``, ``precision`` (always "fp32": the heads stay float32).
 
 A plan can be built for a device that is not present (``scn_fast.plan(config, device="cuda")``
@@ -241,11 +241,14 @@ def build_plan(
             mats = so3.grid_matrices(shape.lmax, shape.num_bands)
             points = mats.res_alpha * mats.res_beta
             bf16_gemms = native_bf16 and grid == "extension"
+            # the Triton grid's GEMMs take the precision themselves (tf32 / bf16 operands in
+            # registers) where it is native: its inputs and weights are not rounded beforehand
+            own_precision = bf16_gemms or (grid == "triton" and native and not exact)
             variant.update(
                 tile_atoms=_grid_tile_atoms(shape, grid, dev, dtype, mode.grad, points),
                 saved_activations=saves_activations(grid, dev, mode.grad),
                 bf16_gemms=bf16_gemms,
-                operands="fp32" if bf16_gemms else precision,
+                operands="fp32" if own_precision else precision,
             )
         ops["grid_projection"] = OpPlan(grid, variant, refused)
     heads, refused = decide("output_heads", shape.lmax, 0, shape.channels)

@@ -204,6 +204,10 @@ class _LowPrecisionLinear(torch.autograd.Function):
         ctx.dtypes = (x.dtype, weight.dtype)
         if keep_bf16 and bias is None and xs.dtype == torch.bfloat16:
             return torch.mm(xs, ws.t())  # the native GEMM's bf16 result, as it is
+        if bias is not None and precision == "tf32" and native and xs.dtype == bias.dtype:
+            # native TF32 (a GPU's tensor cores): the bias in the GEMM, one launch
+            with _cuda_tf32(True):
+                return torch.addmm(bias, xs, ws.t()).to(x.dtype)
         out = _mm(xs, ws.t(), precision, native)
         if bias is not None:
             out = out + bias
