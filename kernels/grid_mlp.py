@@ -107,8 +107,10 @@ def grid_mlp_forward(
     nt = tiles[0][1]
     wdt = weight_dtype(precision, x_down.dtype)
     proj = projection_precision(precision)
-    w1_kt = w1.view(h1w, 2, b, c).permute(2, 1, 3, 0).to(wdt).contiguous()  # (b, 2, C, H1)
-    w2t, w3t = w2.t().to(wdt).contiguous(), w3.t().to(wdt).contiguous()
+    # weights as the GEMMs' B operands, read in place through strided views (no copy per call;
+    # bf16: one conversion each)
+    w1_kt = w1.view(h1w, 2, b, c).permute(2, 1, 3, 0).to(wdt)  # (b, 2, C, H1)
+    w2t, w3t = w2.t().to(wdt), w3.t().to(wdt)
     fsum = from_grid.sum(1)
     buf = Buffers(
         x_down, {"q": b * s * nt * h1w, "h1": g * nt * h1w, "h2": g * nt * h2w, "u": s * nt * h2w}
@@ -177,10 +179,10 @@ def grid_mlp_backward(
     wdt = weight_dtype(precision, dtype)
     proj = projection_precision(precision)
     w1_view = w1.view(h1w, 2, b, c)
-    w1_kt = w1_view.permute(2, 1, 3, 0).to(wdt).contiguous()  # (b, 2, C, H1)
-    w1_k = w1_view.permute(2, 1, 0, 3).to(wdt).contiguous()  # (b, 2, H1, C)
+    w1_kt = w1_view.permute(2, 1, 3, 0).to(wdt)  # (b, 2, C, H1), strided views (no copy)
+    w1_k = w1_view.permute(2, 1, 0, 3).to(wdt)  # (b, 2, H1, C)
     w2g, w3g = w2.to(wdt), w3.to(wdt)
-    w2t = w2g.t().contiguous()
+    w2t = w2g.t()
     fsum = from_grid.sum(1)
     to_grid_t, from_grid_t = to_grid.t(), from_grid.t()
     # db1: column sums of dA1 (G*n, H1); db2: of dA2 (G, n*H2), columns (z, h) folded to h.
