@@ -76,12 +76,12 @@ def sphere_heads_forward(
     nt = tiles[0][1]
     wdt = weight_dtype(precision, x.dtype)
     proj = projection_precision(precision)
-    w1cat_t = torch.cat([weights[6 * k] for k in range(heads)]).t().to(wdt).contiguous()  # (C, D1)
+    w1cat_t = torch.cat([weights[6 * k] for k in range(heads)]).t().to(wdt)  # (C, D1), a view
     b1cat = torch.cat([weights[6 * k + 1] for k in range(heads)])
     vs = [v / p for v in point_weights]
     vs_t = [v.t() for v in vs]
     vsum = [v.sum(0) for v in vs]
-    w2t = [weights[6 * k + 2].t().to(wdt).contiguous() for k in range(heads)]
+    w2t = [weights[6 * k + 2].t().to(wdt) for k in range(heads)]  # strided B operands
     w3t = [weights[6 * k + 4].t().to(wdt) for k in range(heads)]  # (D2, 1)
     buf = Buffers(
         x,
@@ -155,14 +155,14 @@ def sphere_heads_backward(
     proj = projection_precision(precision)
     w1cat = torch.cat([weights[6 * k] for k in range(heads)])  # (D1, C)
     w1cat_g = w1cat.to(wdt)
-    w1cat_t = w1cat_g.t().contiguous()
+    w1cat_t = w1cat_g.t()  # a strided B operand (no copy)
     b1cat = torch.cat([weights[6 * k + 1] for k in range(heads)])
     dw1cat = torch.zeros_like(w1cat)
     vs = [v / p for v in point_weights]
     vs_t = [v.t() for v in vs]
     vsum = [v.sum(0) for v in vs]
     w2g = [weights[6 * k + 2].to(wdt) for k in range(heads)]
-    w2t = [w.t().contiguous() for w in w2g]
+    w2t = [w.t() for w in w2g]
     w3g = [weights[6 * k + 4].to(wdt) for k in range(heads)]  # (1, D2)
     # db1: column sums of dA1 (P*n, D1) (all heads share its row blocks); db2_k: of dA2_k.
     sums1 = ColumnSums(
