@@ -185,7 +185,7 @@ def _tap_split_kernel(
     sign = tl.load(sign1_ptr + k1, mask=mask & (k >= K0), other=1.0)
     row = tl.where(first, row0, row1)
     v = tl.load(y_ptr + (e * R2 + row) * C + c, mask=mask, other=0.0)
-    v = tl.where(first, v, v * sign.to(v.dtype))
+    v = tl.where(first, v, v * sign.to(v.dtype)).to(y0_ptr.dtype.element_ty)
     tl.store(y0_ptr + (e * K0 + k) * C + c, v, mask=mask & first)
     tl.store(pair_ptr + (e * K1 + k1) * C + c, v, mask=mask & (k >= K0))
 
@@ -329,19 +329,31 @@ def _check_index(name: str, t: torch.Tensor, size: int, like: torch.Tensor, dtyp
 
 
 def tap_split(
-    y3: torch.Tensor, y0_rows: torch.Tensor, pair_rows: torch.Tensor, pair_signs: torch.Tensor
+    y3: torch.Tensor,
+    y0_rows: torch.Tensor,
+    pair_rows: torch.Tensor,
+    pair_signs: torch.Tensor,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y0 (E, n0, C), pair (E, 2 n1, C)) of y3 (E, 2R, C) (module doc); the row tables are
-    ``TapRows.y0_rows``, ``pair_rows`` (int64) and ``pair_signs`` (float64)."""
+    ``TapRows.y0_rows``, ``pair_rows`` (int64) and ``pair_signs`` (float64). ``out_dtype``: y3's
+    (default), or bfloat16 for a float32 y3 (native bf16 GEMM operands: gathered and rounded to
+    nearest even in the same pass)."""
     if y3.dim() != 3:
         raise ValueError(f"y3 must be (E, 2R, C), got {tuple(y3.shape)}")
     e, r2, c = y3.shape
     _check("y3", y3, (e, r2, c), y3)
+    out_dtype = y3.dtype if out_dtype is None else out_dtype
+    if out_dtype not in (y3.dtype, torch.bfloat16) or (
+        out_dtype == torch.bfloat16 and y3.dtype != torch.float32
+    ):
+        raise ValueError(f"out_dtype must be y3's dtype or bfloat16 (float32 y3), got {out_dtype}")
     k0, k1 = y0_rows.numel(), pair_rows.numel()
     _check_index("y0_rows", y0_rows, k0, y3, torch.int64)
     _check_index("pair_rows", pair_rows, k1, y3, torch.int64)
     _check_index("pair_signs", pair_signs, k1, y3, torch.float64)
-    y0, pair = y3.new_empty((e, k0, c)), y3.new_empty((e, k1, c))
+    y0 = y3.new_empty((e, k0, c), dtype=out_dtype)
+    pair = y3.new_empty((e, k1, c), dtype=out_dtype)
     n = e * (k0 + k1) * c
     if n:
         aot.launch(
@@ -422,6 +434,8 @@ def launch_configs(
         y3 = empty(num_edges, 2 * rows, channels)
         idx0, idx1 = empty(2 * n0, dt=torch.int64), empty(4 * n1, dt=torch.int64)
         y0, pair = tap_split(y3, idx0, idx1, empty(4 * n1, dt=torch.float64))
+        if dtype == torch.float32:
+            tap_split(y3, idx0, idx1, empty(4 * n1, dt=torch.float64), torch.bfloat16)
         ab = empty(2 * rows, dt=torch.int64)
         tap_assemble(y0, pair, ab, ab, empty(2 * rows, dt=torch.float64))
     return aot.configs_of(launches)

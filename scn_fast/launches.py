@@ -253,3 +253,37 @@ def record_step(
         if recorded:
             record.triton = list(launches)
     return record
+
+
+def record_table(
+    config: str = "scn-t4-b2",
+    atoms_list: tuple[int, ...] = (100, 1000, 2000),
+    precisions: tuple[str, ...] = ("fp32", "tf32", "bf16"),
+    device: str = "cuda",
+) -> dict[tuple[str, str, int], tuple[int, int]]:
+    """{(mode, precision, atoms): (Triton launches, ATen launches)} of one step of ``config`` on
+    the built-in Cu slab of each size (``scn_fast.systems.slab_of_size``), training and inference,
+    as :func:`record_step` records them for ``device`` (a few seconds per entry on a CPU)."""
+    from .data import AtomsBatch
+    from .model import SphericalChannelNetwork
+    from .presets import preset
+    from .systems import slab_of_size
+
+    with torch.device("meta"):  # weights are never read
+        model = SphericalChannelNetwork(**preset(config), use_fused=True, deterministic_frames=True)
+    table = {}
+    for atoms in atoms_list:
+        data = AtomsBatch.from_ase([slab_of_size(atoms)])
+        for precision in precisions:
+            model.precision = precision
+            for mode in ("training", "inference"):
+                rec = record_step(model, data, device, training=mode == "training")
+                if rec.host_ops:
+                    raise RuntimeError(f"host work inside the step: {rec.host_ops}")
+                table[(mode, precision, atoms)] = (len(rec.triton), len(rec.aten))
+    return table
+
+
+if __name__ == "__main__":
+    for key, value in record_table().items():
+        print(f"    {key!r}: {value!r},", flush=True)

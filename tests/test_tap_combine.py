@@ -125,14 +125,17 @@ def test_extension_rejects_bad_input():
 
 @pytest.mark.gpu_compile
 def test_triton_kernels_compile_for_sm80_sm90(tmp_path):
-    """Every specialisation of the tap_gate / tap_combine kernels compiles to a cubin for sm_80 and
-    sm_90 (kernels/tap_elementwise.py compile_main, TRITON_INTERPRET unset)."""
+    """Every specialisation of the tap_gate / tap_combine / tap_split / tap_assemble kernels
+    compiles to a cubin for sm_80 and sm_90 (kernels/tap_elementwise.py compile_main,
+    TRITON_INTERPRET unset)."""
     results = triton_compile_main("tap_elementwise", tmp_path, timeout=900)
     assert {r["kernel"].split("[")[0] for r in results} == {
         "tap_gate_fwd",
         "tap_gate_bwd",
         "tap_combine_fwd",
         "tap_combine_bwd",
+        "tap_split",
+        "tap_assemble",
     }
 
 

@@ -100,3 +100,21 @@ def test_triton_split_path_gradcheck_float64(gemm, edges):
         )
 
     assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_triton_tap_split_into_bfloat16():
+    """float32 y gathered into bf16 GEMM operands in the same pass (native bf16 GEMMs on a GPU;
+    the interpreter truncates where a GPU rounds to nearest even: within one bf16 ulp)."""
+    rows = tap_rows(6, 1, -1, torch.device("cpu"))
+    y3 = torch.randn(4, 2 * edge_layout(6, 1).R, 8, generator=torch.Generator().manual_seed(3))
+    y0, pair = tap_elementwise.tap_split(
+        y3, rows.y0_rows, rows.pair_rows, rows.pair_signs, torch.bfloat16
+    )
+    assert y0.dtype == pair.dtype == torch.bfloat16
+    want0, want_pair = tb._split_input(y3.view(4, 2, -1, 8), rows, torch.float32, "reference")
+    torch.testing.assert_close(y0.float().view(4, -1), want0, rtol=2**-7, atol=0)
+    torch.testing.assert_close(pair.float().view(8, -1), want_pair, rtol=2**-7, atol=0)
+    with pytest.raises(ValueError, match="out_dtype"):
+        tap_elementwise.tap_split(
+            y3.double(), rows.y0_rows, rows.pair_rows, rows.pair_signs, torch.bfloat16
+        )
