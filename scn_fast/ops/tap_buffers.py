@@ -32,17 +32,14 @@ def _pair_rows(y3: torch.Tensor, rows: TapRows, dtype: torch.dtype, backend: str
     return _signs_of_tap1(pair, rows)
 
 
-def _triton_split(src: torch.dtype, dtype: torch.dtype) -> bool:
-    """Whether Triton's ``tap_split`` gathers y (of dtype ``src``) into ``dtype``: float32 /
-    float64 as they are, float32 into bfloat16 compiled (Triton's interpreter truncates float32 to
-    bfloat16 where a GPU rounds to nearest even, so interpreted runs take the ATen gathers)."""
-    if dtype == src and dtype in (torch.float32, torch.float64):
+def _triton_split(y: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether Triton's ``tap_split`` gathers y into ``dtype``: float32 / float64 as they are,
+    float32 into bfloat16 off the CPU (Triton's interpreter, which runs the kernels on CPU
+    tensors, truncates float32 to bfloat16 where a GPU rounds to nearest even, so interpreted
+    runs take the ATen gathers)."""
+    if dtype == y.dtype and dtype in (torch.float32, torch.float64):
         return True
-    if dtype == torch.bfloat16 and src == torch.float32:
-        from ..kernels import tap_elementwise
-
-        return not tap_elementwise.is_interpreted()
-    return False
+    return dtype == torch.bfloat16 and y.dtype == torch.float32 and y.device.type != "cpu"
 
 
 def _split_input(
@@ -53,7 +50,7 @@ def _split_input(
     and tap 1's signs together) where it applies, else gathers and a sign pass."""
     e, _, r, c = y.shape
     y3 = y.reshape(e, 2 * r, c)
-    if backend == "triton" and _triton_split(y.dtype, dtype):
+    if backend == "triton" and _triton_split(y, dtype):
         from ..kernels import tap_elementwise
 
         y0, pair = tap_elementwise.tap_split(
