@@ -178,7 +178,10 @@ class EdgeBlock(nn.Module):
         x_down = x_down.view(-1, s, cr)
         x_new = x.new_zeros((x.shape[0], s, cr))
         for r, (res, block) in enumerate(zip(self.resolutions, self.message_blocks, strict=True)):
-            block(x_down, x_edge, ctx, r, x_new[:, : res.sphere_basis, :], degree0_input)
+            # the whole tensor when the resolution covers every coefficient: an in-place add into
+            # it is not an add into a view (autograd's copy of the base is not needed)
+            out = x_new if res.sphere_basis == s else x_new[:, : res.sphere_basis, :]
+            block(x_down, x_edge, ctx, r, out, degree0_input)
         if self.grid is not None:
             x_new = ops.grid(self, x_down, x_new, ctx.plan)
         if c != cr:
