@@ -19,7 +19,9 @@ units), tf32 and bf16 (tensor cores; the reference keeps its rotations and grid 
 on FMA units, the fused paths run them in tf32). Known omissions: graph construction and the edge
 frames / Wigner rows (``prepare``), the optimizer, the output heads' backward (small).
 
-The numbers are estimates (+-50%); ``docs/gpu.md`` says how to check each line on a GPU.
+The numbers are estimates (+-50%); ``docs/gpu.md`` says how to check each line on a GPU. The
+launches of the Triton path are also *recorded* from the code that runs on the GPU
+(``scn_fast.launches``, :data:`RECORDED_LAUNCHES`); :func:`launch_table` sets both side by side.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "DEVICES",
+    "RECORDED_LAUNCHES",
     "Device",
     "Op",
     "Shapes",
@@ -36,9 +39,36 @@ __all__ = [
     "block_ops",
     "breakdown_table",
     "heads_ops",
+    "launch_table",
     "markdown_table",
     "step_cost",
 ]
+
+# Kernel launches of one Triton-path step of scn-t4-b2 on the built-in Cu slab of each size, recorded
+# on a CPU machine by ``python -m scn_fast.launches`` (``scn_fast.launches.record_table``: the CUDA
+# plan, the model's forward and backward and the launchers' tile loops run on meta tensors; every
+# Triton launch and every ATen op that launches a kernel is counted). (mode, precision, atoms) ->
+# (Triton launches, ATen launches). tests/test_launch_count.py checks the fp32 training entries.
+RECORDED_LAUNCHES: dict[tuple[str, str, int], tuple[int, int]] = {
+    ("training", "fp32", 100): (496, 1284),
+    ("inference", "fp32", 100): (192, 382),
+    ("training", "tf32", 100): (496, 1262),
+    ("inference", "tf32", 100): (192, 382),
+    ("training", "bf16", 100): (496, 2282),
+    ("inference", "bf16", 100): (192, 896),
+    ("training", "fp32", 1000): (496, 1284),
+    ("inference", "fp32", 1000): (192, 382),
+    ("training", "tf32", 1000): (496, 1262),
+    ("inference", "tf32", 1000): (192, 382),
+    ("training", "bf16", 1000): (496, 2282),
+    ("inference", "bf16", 1000): (192, 896),
+    ("training", "fp32", 2000): (724, 1356),
+    ("inference", "fp32", 2000): (192, 382),
+    ("training", "tf32", 2000): (724, 1334),
+    ("inference", "tf32", 2000): (192, 382),
+    ("training", "bf16", 2000): (724, 2354),
+    ("inference", "bf16", 2000): (192, 896),
+}
 
 # Fractions of peak that big GEMMs and streaming kernels reach (cuBLAS / Triton on Hopper).
 GEMM_EFF = {"fma": 0.70, "tc": 0.60}
@@ -372,6 +402,24 @@ def markdown_table(
     return "\n".join(rows)
 
 
+def launch_table(device: str = "H100") -> str:
+    """Launches per step of the Triton path: predicted by this model and recorded from the code
+    (:data:`RECORDED_LAUNCHES`), with the host time each implies at :data:`HOST_S` per launch."""
+    rows = [
+        "| atoms | mode | precision | predicted | recorded: Triton | recorded: ATen | recorded "
+        "| host ms, recorded |",
+        "|---:|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for (mode, precision, atoms), (tri, aten) in RECORDED_LAUNCHES.items():
+        c = step_cost("triton", precision, atoms, mode == "training", device)
+        host = tri * HOST_S["triton"] + aten * HOST_S["aten"]
+        rows.append(
+            f"| {atoms} | {mode} | {precision} | {c.launches:.0f} | {tri} | {aten} | "
+            f"{tri + aten} | {1e3 * host:.0f} |"
+        )
+    return "\n".join(rows)
+
+
 def breakdown_table(atoms: int = 1000, training: bool = True, device: str = "H100") -> str:
     """Predicted device milliseconds per part of the step (the distance block, each message
     resolution, the grid MLP, the output heads, the residual adds) per path and precision: the
@@ -402,3 +450,5 @@ if __name__ == "__main__":
         print(markdown_table(training=training, device=dev))
     print(f"\ndevice ms per part, training, 1,000 atoms, {DEVICES[dev].name}\n")
     print(breakdown_table(device=dev))
+    print("\nlaunches per step, Triton path: predicted and recorded\n")
+    print(launch_table(dev))

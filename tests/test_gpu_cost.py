@@ -95,3 +95,4 @@ def test_docs_print_the_current_tables():
     assert gpu_cost.markdown_table(training=False, device="H100") in text
     assert gpu_cost.markdown_table(training=True, device="H200") in text
     assert gpu_cost.breakdown_table(device="H100") in text
+    assert gpu_cost.launch_table("H100") in text
