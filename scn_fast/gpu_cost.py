@@ -205,8 +205,9 @@ def block_ops(path: str, sh: Shapes, training: bool = True) -> list[Op]:
                 _mem(p + "index_add", e * s * c + n * s * c),
             ]
         else:
-            gate_l = 1 if path == "triton" else 8  # the extension's gate on CUDA: ATen ops
-            comb_l = 1 if path == "triton" else 6
+            # the gate and the tap combination: Triton's fused kernels on both fused paths (on
+            # CUDA the plan prefers them to the extension's ATen compositions, ops.support)
+            gate_l = comb_l = 1
             ops += [
                 Op(
                     p + "gather_rotate",
@@ -220,11 +221,11 @@ def block_ops(path: str, sh: Shapes, training: bool = True) -> list[Op]:
                 _gemm(
                     p + "fc1_edge_proj(a,b)", e * t, 2 * r * c * f, h, launches=2, saved=3 * e * h
                 ),
-                _mem(p + "tap_gate", e * t * h + 4 * e * h, gate_l, eng),
+                _mem(p + "tap_gate", e * t * h + 4 * e * h, gate_l, "triton"),
                 _gemm(p + "fc1_edge", e * t, h, h),
                 _mem(p + "silu", e * t * h, saved=e * t * h),
                 _gemm(p + "fc2_edge", e * t, h, r * c, saved=e * t * h),
-                _mem(p + "tap_combine", e * t * r * c + e * r * c, comb_l, eng),
+                _mem(p + "tap_combine", e * t * r * c + e * r * c, comb_l, "triton"),
                 Op(
                     p + "rotate_scatter",
                     2.0 * e * k * c,
