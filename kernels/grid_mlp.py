@@ -36,6 +36,7 @@ from .tile_loop import (
     projection_precision,
     tiles_of,
     weight_dtype,
+    weight_grad,
 )
 
 __all__ = ["grid_mlp_backward", "grid_mlp_forward"]
@@ -65,14 +66,6 @@ def _first_layer(xd, xn, w1_kt, to_grid, b1, buf, n, s, g, b, h1w, prec, pre=Non
         precision=projection_precision(prec),
     )
     return q, h1
-
-
-def _weight_grad(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
-    """out = a @ b for the first tile, out += a @ b for the others (cuBLAS, in the call's scope)."""
-    if first:
-        torch.mm(a, b, out=out)
-    else:
-        out.addmm_(a, b)
 
 
 def grid_mlp_forward(
@@ -222,7 +215,7 @@ def grid_mlp_backward(
             mm(from_grid, h2.view(g, n * h2w), u.permute(1, 0, 2).unsqueeze(0), precision=proj)
             # fc3 through the back-projection: out[z, i] = U[(z, i)] w3^T + fsum[i] b3
             go = grad_out[z0 : z0 + n]  # (n, S, C3), contiguous
-            _weight_grad(dw3, go.view(n * s, c3).t(), u.view(n * s, h2w), first)
+            weight_grad(dw3, go.view(n * s, c3).t(), u.view(n * s, h2w), first)
             du = buf.get("du", s * n, h2w)
             mm(go.transpose(0, 1), w3g, du, precision=precision)  # rows (i, z)
             # dA2 = (F^T dU) * silu'(A2), into H2's buffer; its column sums -> db2
@@ -236,7 +229,7 @@ def grid_mlp_backward(
                 colsum=sums2.take(gemm.row_blocks(g, n * h2w, dtype, proj)),
                 precision=proj,
             )
-            _weight_grad(dw2, da2.t(), h1.view(rows, h1w), first)
+            weight_grad(dw2, da2.t(), h1.view(rows, h1w), first)
             # dA1 = (dA2 w2) * silu'(A1), into H1's buffer; its column sums -> db1
             da1 = h1.view(rows, h1w)
             mm(
@@ -254,7 +247,7 @@ def grid_mlp_backward(
             for k in range(b):
                 dq_k = dq[k].view(n * s, h1w)  # rows (z, i)
                 for side, (x, dx) in enumerate(((x_down, dx_down), (x_new, dx_new))):
-                    _weight_grad(dw1_kt[k, side], x[z0 : z0 + n].view(n * s, c).t(), dq_k, first)
+                    weight_grad(dw1_kt[k, side], x[z0 : z0 + n].view(n * s, c).t(), dq_k, first)
                     mm(
                         dq_k,
                         w1_k[k, side],

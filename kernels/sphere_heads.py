@@ -30,6 +30,7 @@ from .tile_loop import (
     projection_precision,
     tiles_of,
     weight_dtype,
+    weight_grad,
 )
 
 __all__ = ["sphere_heads_backward", "sphere_heads_forward"]
@@ -145,9 +146,10 @@ def sphere_heads_backward(
     grads = [gr.contiguous() for gr in grads]
     n_atoms, s, c, p, heads, d1, d2, dout, off, d1_all = _heads_sizes(x, sh, weights, point_weights)
     dx = torch.empty_like(x)
-    dws = [torch.zeros_like(w) for w in weights]
     if n_atoms == 0:
-        return [dx, *dws]
+        return [dx, *(torch.zeros_like(w) for w in weights)]
+    # every gradient is written once below (the weight GEMMs' by the first tile): no fills
+    dws = [torch.empty_like(w) for w in weights]
     tiles = tiles_of(n_atoms, tile_atoms)
     nt = tiles[0][1]
     dtype = x.dtype
@@ -157,7 +159,7 @@ def sphere_heads_backward(
     w1cat_g = w1cat.to(wdt)
     w1cat_t = w1cat_g.t()  # a strided B operand (no copy)
     b1cat = torch.cat([weights[6 * k + 1] for k in range(heads)])
-    dw1cat = torch.zeros_like(w1cat)
+    dw1cat = torch.empty_like(w1cat)
     vs = [v / p for v in point_weights]
     vs_t = [v.t() for v in vs]
     vsum = [v.sum(0) for v in vs]
@@ -188,6 +190,7 @@ def sphere_heads_backward(
     sh_t = sh.t()
     with cublas_scope(device, precision):
         for z0, n in tiles:
+            first = z0 == 0
             rows = p * n
             xt = x[z0 : z0 + n].transpose(0, 1)
             q = buf.get("q", s * n, d1_all)
@@ -207,7 +210,11 @@ def sphere_heads_backward(
                 r = buf.get("r", n, dout[k], d2[k])
                 mm(vs_t[k], h2.view(p, n * d2[k]), r.permute(1, 0, 2).unsqueeze(0), precision=proj)
                 gk = grads[k][z0 : z0 + n]  # (n, d_k), contiguous
-                dws[6 * k + 4].view(-1).addmv_(r.view(n * dout[k], d2[k]).t(), gk.view(-1))
+                dw3 = dws[6 * k + 4].view(-1)
+                if first:
+                    torch.mv(r.view(n * dout[k], d2[k]).t(), gk.view(-1), out=dw3)
+                else:
+                    dw3.addmv_(r.view(n * dout[k], d2[k]).t(), gk.view(-1))
                 # dA2 = ((V/P) g^T)[p, z] w3[h] * silu'(A2): a rank-1 GEMM, into H2's buffer
                 vg = buf.get("vg", p, n)
                 mm(vs[k], gk.t(), vg, precision=proj)
@@ -221,19 +228,20 @@ def sphere_heads_backward(
                     colsum=sums2[k].take(gemm.row_blocks(rows, d2[k], dtype, precision)),
                     precision=precision,
                 )
-                dws[6 * k + 2].addmm_(da2.t(), h1r[:, cols])
+                weight_grad(dws[6 * k + 2], da2.t(), h1r[:, cols], first)
                 mm(da2, w2g[k], da1[:, cols], epi=EPI_DSILU, z=a1r[:, cols],
                    colsum=slot1[:, cols], precision=precision)  # fmt: skip
             # dQ = sh^T dA1 into Q's buffer, in (atom, coefficient) row order (n, S, D1)
             dq = q.view(n, s, d1_all)
             mm(sh_t, da1.view(p, n * d1_all), dq.permute(1, 0, 2).unsqueeze(0), precision=proj)
             dq_r = dq.view(n * s, d1_all)
-            dw1cat.addmm_(dq_r.t(), x[z0 : z0 + n].view(n * s, c))
+            weight_grad(dw1cat, dq_r.t(), x[z0 : z0 + n].view(n * s, c), first)
             mm(dq_r, w1cat_g, dx[z0 : z0 + n].view(n * s, c), precision=precision)
     db1cat = sums1.total()
     for k in range(heads):
         dws[6 * k].copy_(dw1cat[off[k] : off[k] + d1[k]])
         dws[6 * k + 1].copy_(db1cat[off[k] : off[k] + d1[k]])
-        dws[6 * k + 3].copy_(sums2[k].total())
-        dws[6 * k + 5].fill_(0).add_((grads[k].sum(0) * vsum[k]).sum())
+        dws[6 * k + 3] = sums2[k].total()
+        b3 = weights[6 * k + 5]  # one output per point: the bias gradient is one number
+        dws[6 * k + 5] = (grads[k].sum(0) * vsum[k]).sum().reshape(b3.shape).to(b3.dtype)
     return [dx, *dws]

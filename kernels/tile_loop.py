@@ -34,6 +34,7 @@ __all__ = [
     "projection_precision",
     "tiles_of",
     "weight_dtype",
+    "weight_grad",
 ]
 
 _FLOATS = (torch.float32, torch.float64)
@@ -112,3 +113,11 @@ class Buffers:
         for s in shape:
             numel *= s
         return self._flat[name][:numel].view(*shape)
+
+
+def weight_grad(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """out = a @ b for the first tile, out += a @ b for the others (cuBLAS, in the call's scope)."""
+    if first:
+        torch.mm(a, b, out=out)
+    else:
+        out.addmm_(a, b)
