@@ -12,16 +12,19 @@ resolution, fit the budget (docs/large_systems.md):
 
 with n0 / n1 the tap-projection operand rows of degree 0 / the m = +-1 pair (split layout), T taps,
 R rows kept per edge frame, H the resolution's hidden width, C' the reduced channels and K_w the
-compact Wigner row length: an upper bound on the tensors alive at the peak of one resolution's
-messages (measured census at 102 atoms, scn-t4-b2: 134 KB per near edge and 68 KB per far edge in
-float32).
+compact Wigner row length (the tensors alive at the peak of one resolution's messages, from a census
+at 102 atoms: ~118 KB per near edge and ~58 KB per far edge at scn-t4-b2 in float32), times
+:data:`PEAK_FACTOR`, what the process's peak memory grows by per byte of those tensors: the
+temporaries the ops allocate and free inside themselves and the allocator's slack (measured on CPU,
+scn-t4-b2, 486 atoms, budgets of 64 MB to 512 MB: 2.2; on CUDA an estimate, 1.5, until measured).
 
 A training step keeps, without checkpointing, those intermediates for every block (~50 MB per atom
 at scn-t4-b2); with ``checkpoint="edges"`` each chunk's messages are recomputed in the backward and
 only the block inputs stay (:func:`activation_bytes`).
 
-Budgets (``memory_budget="auto"``): CUDA 10% of the device memory, capped at 2 GiB; CPU 5% of the
-machine's memory, capped at 1 GiB. ``None`` runs every resolution in one chunk.
+Budgets (``memory_budget="auto"``): CUDA 10% of the device memory, capped at 8 GiB (a 1,000-atom
+scn-t4-b2 forward stays one chunk per resolution on an 80 GB GPU); CPU 5% of the machine's memory,
+capped at 1 GiB. ``None`` runs every resolution in one chunk.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from .ops.layout import edge_layout
 GIB = 1 << 30
 # Budget shares and caps per device type ("auto").
 BUDGET_SHARE = {"cuda": 0.10, "cpu": 0.05}
-BUDGET_CAP = {"cuda": 2 * GIB, "cpu": 1 * GIB}
+BUDGET_CAP = {"cuda": 8 * GIB, "cpu": 1 * GIB}
 # Memory assumed for a CUDA device that is not present (a plan built on a CPU machine): an
 # 80 GB H100 / A100.
 ASSUMED_CUDA_MEMORY = 80 * 10**9
@@ -48,6 +51,9 @@ CHECKPOINT_SHARE = 0.5
 # Edges per atom the "largest system" estimates assume (40 neighbours, 12 of them near).
 EDGES_PER_ATOM = 40
 CHECKPOINT_CHOICES = ("auto", "edges", "off")
+# Peak-memory growth per byte of the message tensors a chunk holds, per device type (module doc;
+# CPU measured, CUDA estimated).
+PEAK_FACTOR = {"cpu": 2.2, "cuda": 1.5}
 
 
 def device_memory(device: torch.device | str) -> int:
@@ -98,9 +104,16 @@ def resolve_budget(budget: int | str | None, device: torch.device | str, memory:
 
 
 def bytes_per_edge(
-    lmax: int, mmax: int, taps: int, hidden: int, channels: int, itemsize: int
+    lmax: int,
+    mmax: int,
+    taps: int,
+    hidden: int,
+    channels: int,
+    itemsize: int,
+    device_type: str = "cpu",
 ) -> int:
-    """Peak bytes per edge of one resolution's fused messages (module doc)."""
+    """Peak bytes per edge of one resolution's fused messages on ``device_type``,
+    :data:`PEAK_FACTOR` included (module doc)."""
     rows = so3.sphere_basis_reduce(lmax, mmax)
     n0 = lmax + 1
     n1 = rows - n0
@@ -113,7 +126,7 @@ def bytes_per_edge(
         + rows * channels
         + wigner
     )
-    return itemsize * numbers
+    return int(PEAK_FACTOR.get(device_type, PEAK_FACTOR["cpu"]) * itemsize * numbers)
 
 
 @dataclass(frozen=True)
@@ -217,22 +230,29 @@ def memory_plan(
     checkpoint: str,
     compiled: bool,
     memory: int | None = None,
+    gaussians: int = 0,
+    edge_channels: int = 128,
 ) -> MemoryPlan:
     """The :class:`MemoryPlan` of a model: ``resolutions`` (lmax, mmax, num_taps argument, taps),
     ``hidden`` width per resolution, channels C and C', the grid's points per atom and fc1/fc2
-    widths (0 without a grid), the number of interaction blocks."""
+    widths (0 without a grid), the number of interaction blocks, the distance basis size
+    (``gaussians``) and the edge features' width (``edge_channels``)."""
     itemsize = torch.empty(0, dtype=dtype).element_size()
     memory = device_memory(device) if memory is None else memory
     per_edge = tuple(
-        bytes_per_edge(lm, mm, taps, h, channels_reduce, itemsize)
+        bytes_per_edge(lm, mm, taps, h, channels_reduce, itemsize, torch.device(device).type)
         for (lm, mm, _, taps), h in zip(resolutions, hidden, strict=True)
     )
     s = (resolutions[0][0] + 1) ** 2
+    wig = max(edge_layout(lm, mm).K for lm, mm, _, _ in resolutions)
     # node tensors (x, x_new, the block output, accumulators) and, per edge at 40 per atom, the
-    # indices, frames, Wigner rows, distance basis and edge features kept for the forward
-    per_atom = itemsize * (4 * s * channels) + EDGES_PER_ATOM * (64 + 9 * itemsize + 700)
+    # distance basis, edge features and their pre-activations, frames, Wigner rows and six index
+    # columns kept for the forward (scn-t4-b2, float32: ~240 KB per atom; measured at 4,902 atoms
+    # with a 1 GiB budget: 224 KB per atom besides the budget)
+    per_edge_tables = itemsize * (gaussians + 3 * edge_channels + 9 + wig) + 6 * 8
+    per_atom = itemsize * (4 * s * channels) + EDGES_PER_ATOM * per_edge_tables
     # per block, checkpointed: the block input and output, x_edge and its pre-activations
-    per_atom_block_saved = itemsize * (3 * s * channels_reduce + EDGES_PER_ATOM * 3 * 128)
+    per_atom_block_saved = itemsize * (3 * s * channels_reduce + EDGES_PER_ATOM * 3 * edge_channels)
     grid_saved = itemsize * grid_points * sum(grid_width)
     resolved = resolve_budget(budget, device, memory)
     why = None

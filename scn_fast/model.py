@@ -349,6 +349,8 @@ class SphericalChannelNetwork(nn.Module):
             use_fused and has_tap_order(lmax, mmax, num_taps),
             tuple(r.hidden for r in self.resolutions),
             num_interactions,
+            self.num_gaussians,
+            num_basis_functions,
         )
         self.energy_fc1 = Linear(sphere_channels, sphere_channels)
         self.energy_fc2 = Linear(sphere_channels, sphere_channels_reduce)

@@ -95,6 +95,8 @@ class ModelShape:
     tap_ordered: bool
     hidden: tuple[int, ...] = ()
     blocks: int = 1
+    gaussians: int = 0
+    edge_channels: int = 128
 
 
 @dataclass(frozen=True)
@@ -311,6 +313,7 @@ def build_plan(
     mem = memory_plan(
         shape.resolutions, hidden, shape.channels, cr, points, widths, shape.blocks,
         device, dtype, memory_budget, checkpoint, mode.compiled, device_memory,
+        shape.gaussians, shape.edge_channels,
     )  # fmt: skip
     p = Plan(device, dtype, precision, native, mode, ops, report, dispatcher.use_fused, None, mem)
     return p.with_checkpointing() if checkpoint == "edges" and mode.grad and fused else p
@@ -381,6 +384,8 @@ def model_shape(config: dict[str, Any], tap_ordered: bool) -> ModelShape:
         tap_ordered and c["mmax"] == 1 and c["num_taps"] != 1,
         hidden,
         c["num_interactions"],
+        int(c["cutoff"] / c["distance_resolution"]),
+        c["num_basis_functions"],
     )
 
 
