@@ -310,8 +310,8 @@ class SphericalChannelNetwork(nn.Module):
         self.direct_forces = direct_forces
         self.precision = precision  # property: checked, applied to every Linear at forward
         self.deterministic_frames = deterministic_frames
-        self.memory_budget = check_budget(memory_budget)
-        self.activation_checkpointing = check_checkpoint(activation_checkpointing)
+        self.memory_budget = memory_budget  # properties: checked
+        self.activation_checkpointing = activation_checkpointing
         self.dispatcher = Dispatcher(use_fused=use_fused, backend=backend)
         self.act = nn.SiLU()
 
@@ -369,6 +369,25 @@ class SphericalChannelNetwork(nn.Module):
     @precision.setter
     def precision(self, value: str) -> None:
         self._precision = check_precision(value)
+
+    @property
+    def memory_budget(self) -> int | str | None:
+        """Bytes of message intermediates per edge chunk, "auto" or None (``scn_fast.memory_plan``);
+        settable."""
+        return self._memory_budget
+
+    @memory_budget.setter
+    def memory_budget(self, value: int | str | None) -> None:
+        self._memory_budget = check_budget(value)
+
+    @property
+    def activation_checkpointing(self) -> str:
+        """ "auto", "edges" or "off" (True / False accepted when set); settable."""
+        return self._activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, value: str | bool) -> None:
+        self._activation_checkpointing = check_checkpoint(value)
 
     def plan_for(
         self, device: torch.device, dtype: torch.dtype, grad: bool, compiled: bool = False
