@@ -1,11 +1,14 @@
 """Time and peak resident memory of one inference call on a Cu(111)+CO slab of about N atoms.
 
     python bench/memory_probe.py --natoms 100 --preset scn-t4-b2 --fused [--threads 2] [--profile]
+        [--memory-budget auto|none|BYTES] [--checkpoint auto|edges|off] [--training]
 
 Run one size per process: the peak RSS (``ru_maxrss``) of a process only grows. Prints one JSON
 line: atoms, edges per resolution, seconds of the call, RSS before the call (model and inputs
-built), peak RSS, and with ``--profile`` the largest allocations by operator (torch.profiler,
-``profile_memory``; the profiled call is a second, slower one).
+built), peak RSS, the plan's memory report (edge chunks, checkpointing), and with ``--profile``
+the largest allocations by operator (torch.profiler, ``profile_memory``; the profiled call is a
+second, slower one). ``--training``: one training step instead (forward, a loss on energy and
+forces, backward into the parameters' gradients).
 """
 
 from __future__ import annotations
@@ -26,19 +29,34 @@ def _rss_gb() -> float:
     return float("nan")
 
 
+def chunk_counts(model, data) -> list[int]:
+    """Edge chunks per resolution of the plan ``model`` ran (1: unchunked)."""
+    _, ctx = model.prepare(data, grad=False)
+    return [len(ctx.chunks(r) or [None]) for r in range(len(ctx.bounds) - 1)]
+
+
 def main() -> None:
     p = slab_parser(__doc__)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--training", action="store_true")
     args = p.parse_args()
     model, atoms, data = model_and_slab(args)
+    if args.training:
+        model.train()
     st = model.read_input(data)
     graph = model.generate_graph(data, st)
     ctx = model.edge_context(st, graph)
     counts = [hi - lo for lo, hi in zip(ctx.bounds[:-1], ctx.bounds[1:], strict=True)]
     before = _rss_gb()
     start = time.perf_counter()
-    with torch.no_grad():
-        model(data)
+    if args.training:
+        out = model(data)
+        loss = out["energy"].square().sum() + out["forces"].square().sum()
+        loss.backward()
+        del out, loss
+    else:
+        with torch.no_grad():
+            model(data)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     record = {
@@ -50,7 +68,10 @@ def main() -> None:
         "seconds": round(seconds, 2),
         "rss_before_gb": round(before, 3),
         "peak_rss_gb": round(peak, 3),
+        "mode": "training" if args.training else "inference",
         "backends": {k: v["ran"] for k, v in model.explain().items()},
+        "memory_plan": model.explain()["memory"]["variant"],
+        "chunks_per_resolution": chunk_counts(model, data),
     }
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

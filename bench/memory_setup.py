@@ -15,13 +15,27 @@ from scn_fast.systems import slab_of_size
 
 def slab_parser(doc: str) -> argparse.ArgumentParser:
     """A parser described by ``doc``'s first line, with --natoms (required), --preset (default
-    scn-t4-b2), --fused and --threads; a script adds its own options to it."""
+    scn-t4-b2), --fused, --threads, --memory-budget ("auto", "none" or bytes) and
+    --checkpoint ("auto", "edges", "off"); a script adds its own options to it."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--natoms", type=int, required=True)
     p.add_argument("--preset", default="scn-t4-b2")
     p.add_argument("--fused", action="store_true")
     p.add_argument("--threads", type=int)
+    p.add_argument(
+        "--memory-budget",
+        default="auto",
+        help='bytes of message intermediates per edge chunk, "auto" or "none" (unchunked)',
+    )
+    p.add_argument("--checkpoint", default="auto", choices=("auto", "edges", "off"))
     return p
+
+
+def memory_budget(text: str) -> int | str | None:
+    """--memory-budget's value: "auto", None ("none") or a number of bytes (e.g. 256e6)."""
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    return int(float(text))
 
 
 def model_and_slab(
@@ -33,7 +47,11 @@ def model_and_slab(
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = SphericalChannelNetwork(
-        **preset(args.preset), use_fused=args.fused, deterministic_frames=True
+        **preset(args.preset),
+        use_fused=args.fused,
+        deterministic_frames=True,
+        memory_budget=memory_budget(args.memory_budget),
+        activation_checkpointing=args.checkpoint,
     ).eval()
     atoms = slab_of_size(args.natoms)
     return model, atoms, AtomsBatch.from_ase([atoms])

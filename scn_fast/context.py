@@ -5,6 +5,7 @@ Shapes: N atoms, E edges, S_L = (lmax+1)^2 coefficients of a resolution, R its r
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,6 +64,21 @@ class Resolution:
         """Dense rotations of edge frames (E, 3, 3): wigner (E*T, R, S_L) per (edge, tap),
         edge-major, and wigner_inv (E, S_L, R) (``ops.reference.tap_wigner``)."""
         return tap_wigner(frames, self.lmax, self.mmax, list(self.taps.angles))
+
+
+@dataclass(frozen=True)
+class EdgeChunk:
+    """One chunk of a resolution's edges: the edges of targets [t0, t1) (``edges``: their positions
+    within the resolution, a slice when the edges are grouped by target, else an index tensor),
+    their compact Wigner rows ``wig`` (E_c, K), their grouping by [source, target] over all N
+    atoms (``both``) and by target over the chunk's own targets (``target``: node t0 is row 0)."""
+
+    t0: int
+    t1: int
+    edges: slice | torch.Tensor
+    wig: torch.Tensor
+    both: EdgeCSR
+    target: EdgeCSR
 
 
 @dataclass
@@ -141,6 +157,49 @@ class EdgeContext:
             both = edge_csr(ei.t(), self.num_nodes)
             self._cache[key] = (both, both.side(1))
         return self._cache[key]
+
+    def chunks(self, r: int) -> list[EdgeChunk] | None:
+        """Resolution r's edges in target-aligned chunks of at most the plan's
+        ``memory.edge_chunk[r]`` edges (a target with more edges than that is a chunk of its own),
+        or None when they fit one chunk (the unchunked path). Every target's edges stay in one
+        chunk, in their order, so its messages are summed as without chunks."""
+        key = ("chunks", r)
+        if key not in self._cache:
+            self._cache[key] = self._build_chunks(r)
+        return self._cache[key]
+
+    def _build_chunks(self, r: int) -> list[EdgeChunk] | None:
+        memory = self.plan.memory
+        limit = None if memory is None else memory.edge_chunk[r]
+        lo, hi = self.bounds[r], self.bounds[r + 1]
+        if limit is None or hi - lo <= limit:
+            return None
+        ei = self.edge_index[:, lo:hi]
+        _, target = self.csr(r)
+        wig = self.compact(r)
+        ptr = target.ptr[0].tolist()
+        grouped = bool((ei[1, 1:] >= ei[1, :-1]).all())
+        chunks, t0, n = [], 0, self.num_nodes
+        while t0 < n:
+            # the last target t1 whose edges from t0 on fit the limit (at least one target)
+            t1 = max(t0 + 1, bisect_right(ptr, ptr[t0] + limit, t0) - 1)
+            a, b = ptr[t0], ptr[t1]
+            if b > a:
+                sel = slice(a, b) if grouped else target.perm[0, a:b]
+                idx = ei[:, sel].t()
+                local = (idx[:, 1:] - t0).contiguous()
+                chunks.append(
+                    EdgeChunk(
+                        t0,
+                        t1,
+                        sel,
+                        wig[sel],
+                        edge_csr(idx, n),
+                        edge_csr(local, t1 - t0),
+                    )
+                )
+            t0 = t1
+        return chunks
 
 
 def mark_sizes_dynamic(st: Structure, ctx: EdgeContext) -> None:

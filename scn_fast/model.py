@@ -29,6 +29,7 @@ from .graph import (
     radius_graph_pbc,
     validate_structure,
 )
+from .memory_plan import check_budget, check_checkpoint
 from .neighbours import rank_edges
 from .ops.reference import Grid
 from .ops.tap_projection import has_tap_order
@@ -197,7 +198,11 @@ class SphericalChannelNetwork(nn.Module):
     scn_fast's use_fused, backend (``scn_fast.dispatch.BACKEND_CHOICES``: "auto" or a backend name;
     the plan, ``scn_fast.planning``, decides per op), precision ("fp32", "tf32", "bf16": GEMM
     operands rounded, float32 accumulation; scn_fast.precision),
-    deterministic_frames (each edge frame's roll a pure function of its edge vector).
+    deterministic_frames (each edge frame's roll a pure function of its edge vector),
+    memory_budget ("auto", bytes, or None: the fused messages run in target-aligned edge chunks
+    of at most this many bytes of intermediates; "auto" from the device's memory) and
+    activation_checkpointing ("auto", "edges"/True, "off"/False: recompute each chunk's messages
+    in the backward; "auto" when a training step would not fit otherwise): ``scn_fast.memory_plan``.
 
     forward(data) -> {"energy": (B,), "forces": (N, 3)} for any object with pos, cell,
     atomic_numbers, natoms, batch, pbc (and edge_index, cell_offsets, neighbors when otf_graph=False).
@@ -238,6 +243,8 @@ class SphericalChannelNetwork(nn.Module):
         backend: str = "auto",
         precision: str = "fp32",
         deterministic_frames: bool = False,
+        memory_budget: int | str | None = "auto",
+        activation_checkpointing: str | bool = "auto",
     ) -> None:
         super().__init__()
         self.model_config: dict[str, Any] = {
@@ -306,6 +313,8 @@ class SphericalChannelNetwork(nn.Module):
         self.direct_forces = direct_forces
         self.precision = precision  # property: checked, applied to every Linear at forward
         self.deterministic_frames = deterministic_frames
+        self.memory_budget = memory_budget  # properties: checked
+        self.activation_checkpointing = activation_checkpointing
         self.dispatcher = Dispatcher(use_fused=use_fused, backend=backend)
         self.act = nn.SiLU()
 
@@ -341,6 +350,10 @@ class SphericalChannelNetwork(nn.Module):
             num_bands if use_grid else None,
             num_sphere_samples,
             use_fused and has_tap_order(lmax, mmax, num_taps),
+            tuple(r.hidden for r in self.resolutions),
+            num_interactions,
+            self.num_gaussians,
+            num_basis_functions,
         )
         self.energy_fc1 = Linear(sphere_channels, sphere_channels)
         self.energy_fc2 = Linear(sphere_channels, sphere_channels_reduce)
@@ -360,6 +373,25 @@ class SphericalChannelNetwork(nn.Module):
     def precision(self, value: str) -> None:
         self._precision = check_precision(value)
 
+    @property
+    def memory_budget(self) -> int | str | None:
+        """Bytes of message intermediates per edge chunk, "auto" or None (``scn_fast.memory_plan``);
+        settable."""
+        return self._memory_budget
+
+    @memory_budget.setter
+    def memory_budget(self, value: int | str | None) -> None:
+        self._memory_budget = check_budget(value)
+
+    @property
+    def activation_checkpointing(self) -> str:
+        """ "auto", "edges" or "off" (True / False accepted when set); settable."""
+        return self._activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, value: str | bool) -> None:
+        self._activation_checkpointing = check_checkpoint(value)
+
     def plan_for(
         self, device: torch.device, dtype: torch.dtype, grad: bool, compiled: bool = False
     ) -> Plan:
@@ -369,11 +401,13 @@ class SphericalChannelNetwork(nn.Module):
         over sphere points that cancels strongly (bf16 there moves max |F| by 20-30%, measured on
         the golden t4b2_shaped config), and they are ~1% of the FLOPs."""
         d = self.dispatcher
-        key = (device, dtype, self._precision, grad, compiled, d.effective_backend)
+        budget, ckpt = self.memory_budget, self.activation_checkpointing
+        key = (device, dtype, self._precision, grad, compiled, d.effective_backend, budget, ckpt)
         if key not in d.plans:
             d.plans[key] = build_plan(
-                self._shape, d, device, dtype, self._precision, Mode(grad, compiled)
-            )
+                self._shape, d, device, dtype, self._precision, Mode(grad, compiled),
+                memory_budget=budget, checkpoint=ckpt,
+            )  # fmt: skip
         plan = d.plans[key]
         set_precision(self.edge_blocks, plan.precision, plan.native)
         d.plan = plan
@@ -478,6 +512,11 @@ class SphericalChannelNetwork(nn.Module):
         marked dynamic for torch.compile."""
         plan = self.plan_for(st.pos.device, st.pos.dtype, grad, compiled)
         ctx = self.edge_context(st, graph, plan)
+        if plan.memory is not None and plan.fused_messages and not plan.checkpointed:
+            edges = tuple(ctx.bounds[r + 1] - ctx.bounds[r] for r in range(len(ctx.bounds) - 1))
+            if plan.memory.checkpoints(len(st.pos), edges, grad):
+                ctx.plan = plan = plan.with_checkpointing()
+                self.dispatcher.plan = plan
         ops.prepare_constants(ctx, self.grid, self.num_sphere_samples, self.lmax)
         mark_sizes_dynamic(st, ctx)
         return ctx

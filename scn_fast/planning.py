@@ -44,6 +44,7 @@ from . import so3
 from .config import DEFAULTS, resolution_specs
 from .dispatch import OPS, Dispatcher, OpRequest
 from .kernels import tiling
+from .memory_plan import MemoryPlan, check_budget, check_checkpoint, memory_plan
 from .ops.grid_projection import default_tile_atoms, saves_activations
 from .ops.support import preferred, refusal
 from .precision import check_precision, gemm_support
@@ -92,6 +93,10 @@ class ModelShape:
     num_bands: int | None
     num_points: int
     tap_ordered: bool
+    hidden: tuple[int, ...] = ()
+    blocks: int = 1
+    gaussians: int = 0
+    edge_channels: int = 128
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,7 @@ class Plan:
     gemm_precision: dict[str, Any]
     shared_basis: bool = False
     natoms: int | None = None
+    memory: MemoryPlan | None = None
 
     def __getitem__(self, op: str) -> OpPlan:
         return self.ops[op]
@@ -120,7 +126,41 @@ class Plan:
         out = {op: self.ops[op].as_dict() for op in OPS}
         if self.precision != "fp32":
             out["gemm_precision"] = dict(self.gemm_precision)
+        if self.memory is not None:
+            out["memory"] = memory_report(self.memory, self.fused_messages)
         return out
+
+    @property
+    def checkpointed(self) -> bool:
+        """Whether each edge chunk's messages are recomputed in the backward."""
+        return self.memory is not None and self.memory.checkpoint == "edges" and self.mode.grad
+
+    def with_checkpointing(self) -> Plan:
+        """This plan with activation checkpointing of edge chunks on (``checkpoint="edges"``):
+        the grid op recomputes its tiles in the backward rather than keeping its pre-activations."""
+        assert self.memory is not None
+        ops = dict(self.ops)
+        grid = ops["grid_projection"]
+        if grid.variant.get("saved_activations"):
+            ops["grid_projection"] = replace(
+                grid, variant={**grid.variant, "saved_activations": False}
+            )
+        return replace(self, ops=ops, memory=replace(self.memory, checkpoint="edges"))
+
+
+def memory_report(memory: MemoryPlan, fused: bool) -> dict[str, Any]:
+    """explain()'s "memory" entry: {"ran": "edge chunks" | "unchunked", "variant": budget, edges
+    per chunk, checkpointing, the largest system the device memory holds, "refused": why not
+    chunked}."""
+    if not fused:
+        return {
+            "ran": "unchunked",
+            "variant": {"checkpoint": "off"},
+            "refused": {"edge chunks": "the reference message path runs unchunked, as upstream"},
+        }
+    ran = "edge chunks" if memory.chunked else "unchunked"
+    refused = {} if memory.why is None else {"edge chunks": memory.why}
+    return {"ran": ran, "variant": memory.as_dict(), "refused": refused}
 
 
 def _tap_impl(backend: str, dtype: torch.dtype) -> str:
@@ -135,8 +175,12 @@ def build_plan(
     precision: str,
     mode: Mode,
     capability: tuple[int, int] | None = None,
+    memory_budget: int | str | None = "auto",
+    checkpoint: str = "auto",
+    device_memory: int | None = None,
 ) -> Plan:
-    """The plan for one forward of a model of ``shape`` (module doc)."""
+    """The plan for one forward of a model of ``shape`` (module doc); ``memory_budget``,
+    ``checkpoint`` and ``device_memory``: ``scn_fast.memory_plan``."""
     device = torch.device(device)
     check_precision(precision)
     native, why = gemm_support(precision, device, capability)
@@ -260,7 +304,22 @@ def build_plan(
         "ran": f"{precision} {'native' if native else 'emulated'}",
         "refused": {} if native else {"native": why},
     }
-    return Plan(device, dtype, precision, native, mode, ops, report, dispatcher.use_fused)
+    grid_op = ops["grid_projection"]
+    if shape.num_bands is not None and grid_op.ran not in (None, "reference"):
+        mats = so3.grid_matrices(shape.lmax, shape.num_bands)
+        points = mats.res_alpha * mats.res_beta
+        fc = 2 * shape.num_bands * cr
+        widths = (fc, 2 * cr) if grid_op.variant.get("saved_activations") else (0, 0)
+    else:
+        points, widths = 0, (0, 0)
+    hidden = shape.hidden or tuple(0 for _ in shape.resolutions)
+    mem = memory_plan(
+        shape.resolutions, hidden, shape.channels, cr, points, widths, shape.blocks,
+        device, dtype, memory_budget, checkpoint, mode.compiled, device_memory,
+        shape.gaussians, shape.edge_channels,
+    )  # fmt: skip
+    p = Plan(device, dtype, precision, native, mode, ops, report, dispatcher.use_fused, None, mem)
+    return p.with_checkpointing() if checkpoint == "edges" and mode.grad and fused else p
 
 
 def _grid_tile_atoms(
@@ -322,6 +381,7 @@ def model_shape(config: dict[str, Any], tap_ordered: bool) -> ModelShape:
     for lm, _, _ in specs:
         taps = len(so3.tap_set(lm, c["mmax"], c["num_taps"]).angles)
         res.append((lm, c["mmax"], c["num_taps"], taps))
+    hidden = tuple(h for _, h, _ in specs)
     return ModelShape(
         tuple(res),
         c["sphere_channels"],
@@ -330,6 +390,10 @@ def model_shape(config: dict[str, Any], tap_ordered: bool) -> ModelShape:
         c["num_bands"] if c["use_grid"] else None,
         c["num_sphere_samples"],
         tap_ordered and c["mmax"] == 1 and c["num_taps"] != 1,
+        hidden,
+        c["num_interactions"],
+        int(c["cutoff"] / c["distance_resolution"]),
+        c["num_basis_functions"],
     )
 
 
@@ -345,14 +409,21 @@ def plan(
     training: bool = False,
     compiled: bool = False,
     capability: tuple[int, int] | None = None,
+    memory_budget: int | str | None = "auto",
+    activation_checkpointing: str | bool = "auto",
+    device_memory: int | None = None,
 ) -> Plan:
     """The plan a model of ``config`` (upstream constructor keyword arguments, e.g. a preset) would
     run on ``device`` in ``precision`` for ``natoms`` atoms: built from the declared support alone,
     so ``device`` need not be present (a CUDA plan on a CPU machine assumes
-    ``capability``, default sm_90). ``training``: autograd records the forward."""
+    ``capability``, default sm_90). ``training``: autograd records the forward.
+    ``memory_budget`` / ``activation_checkpointing``: as the model's (``scn_fast.memory_plan``);
+    ``device_memory``: bytes the memory estimates are for (default: the device's, or 80 GB for
+    an absent CUDA device); ``explain()["memory"]`` states the largest system it holds."""
     dispatcher = Dispatcher(use_fused=use_fused, backend=backend)
     shape = model_shape(config, tap_ordered=use_fused)
     p = build_plan(
-        shape, dispatcher, device, dtype, precision, Mode(training, compiled), capability
-    )
+        shape, dispatcher, device, dtype, precision, Mode(training, compiled), capability,
+        check_budget(memory_budget), check_checkpoint(activation_checkpointing), device_memory,
+    )  # fmt: skip
     return replace(p, natoms=natoms)

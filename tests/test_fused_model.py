@@ -138,7 +138,7 @@ def test_extension_training_step_is_bit_reproducible():
 def test_degree0_message_path_matches_general_path(name):
     """The first interaction's shortcut (input of degree 0 alone: no rotation, per-atom projection,
     one tap, surviving rows only) gives the general fused path's messages and gradients (float64)."""
-    from scn_fast.ops.message_path import _degree0, _general
+    from scn_fast.ops.message_path import _degree0, _degree0_atoms, _general
     from scn_fast.ops.tap_combine import identical_taps
 
     g = load_golden(name)
@@ -158,7 +158,14 @@ def test_degree0_message_path_matches_general_path(name):
         x = torch.zeros(len(z), mb.res.sphere_basis, x0.shape[1], dtype=torch.float64)
         x = x.index_copy(1, torch.tensor([0]), x0.unsqueeze(1))
         general = _general(mb, x, x_edge[lo:hi], ctx.compact(r), *ctx.csr(r), ctx.plan)
-        short = _degree0(mb, x0, x_edge[lo:hi], ctx.compact(r), *ctx.csr(r), ctx.plan)
+        short = _degree0(
+            mb,
+            _degree0_atoms(mb, x0, ctx.plan),
+            x_edge[lo:hi],
+            ctx.compact(r),
+            *ctx.csr(r),
+            ctx.plan,
+        )
         assert torch.allclose(short, general, rtol=0, atol=1e-12 * general.abs().max().item())
         probe = torch.randn_like(general)
         grads_general = torch.autograd.grad((general * probe).sum(), [x0, *mb.parameters()])

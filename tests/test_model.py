@@ -277,8 +277,9 @@ def test_explain_reports_what_ran_and_why_not(monkeypatch):
     with torch.no_grad():
         model(data)
     report = model.explain()
-    assert set(report) == set(OPS)  # the six fused ops
-    for rec in report.values():
+    assert set(report) == {*OPS, "memory"}  # the six fused ops and the memory plan
+    assert report["memory"]["ran"] == "unchunked"
+    for rec in (report[op] for op in OPS):
         assert rec["ran"] == "reference"
         assert set(rec) == {"ran", "variant", "refused"}
         assert rec["refused"] == {"triton": "use_fused=False", "extension": "use_fused=False"}
@@ -302,7 +303,7 @@ def test_explain_reports_what_ran_and_why_not(monkeypatch):
     monkeypatch.setenv("SCN_FAST_BACKEND", "reference")
     with torch.no_grad():
         fused(data)
-    for rec in fused.explain().values():
+    for rec in (fused.explain()[op] for op in OPS):
         assert rec["ran"] == "reference"
         assert set(rec["refused"]) == {"triton", "extension"}
 

@@ -21,7 +21,7 @@ from scn_fast.systems import pt_bulk
 def test_cpu_plan_for_scn_t4_b2():
     cfg = preset("scn-t4-b2")
     infer = scn_fast.plan(cfg, device="cpu", natoms=14)
-    assert set(infer.explain()) == set(OPS)
+    assert set(infer.explain()) == {*OPS, "memory"}
     assert all(infer[op].ran == "extension" for op in OPS)
     assert infer.natoms == 14
     assert infer["edge_rotation"].variant == {"split_rotation": True, "degree0_input": True}

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..precision import low_precision_linear
 from . import reference
@@ -63,18 +64,34 @@ def messages(
         )
         out.index_add_(0, ei[1], msg.to(out.dtype))
         return
-    wig, (both, target) = edges.compact(r), edges.csr(r)
-    if degree0_input and plan["edge_rotation"].variant["degree0_input"]:
-        out += _degree0(block, x[:, 0], x_edge, wig, both, target, plan)
-    else:
-        out += _general(block, x, x_edge, wig, both, target, plan)
+    degree0 = degree0_input and plan["edge_rotation"].variant["degree0_input"]
+    fn, inp = (_degree0, _degree0_atoms(block, x[:, 0], plan)) if degree0 else (_general, x)
+    chunks = edges.chunks(r)
+    if chunks is None:
+        wig, (both, target) = edges.compact(r), edges.csr(r)
+        out += _run(fn, (block, inp, x_edge, wig, both, target, plan), plan)
+        return
+    # target-aligned edge chunks (``EdgeContext.chunks``): each chunk's messages sum into its
+    # own targets' rows
+    for ch in chunks:
+        args = (block, inp, x_edge[ch.edges], ch.wig, ch.both, ch.target, plan)
+        out[ch.t0 : ch.t1] += _run(fn, args, plan)
+
+
+def _run(fn, args: tuple, plan: Plan) -> torch.Tensor:
+    """fn(*args), under activation checkpointing when the plan says so (variant ``checkpoint``:
+    only the inputs are kept, the backward recomputes the messages) and autograd records."""
+    if plan.checkpointed and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
 
 
 def _general(
     block, x, x_edge, wig: torch.Tensor, both: EdgeCSR, target: EdgeCSR, plan: Plan
 ) -> torch.Tensor:
     """The fused messages, already summed into their targets: x (N, S, C'), x_edge (E, K), wig
-    (E, K_w) compact rotations -> (N, S_L, C')."""
+    (E, K_w) compact rotations -> (N_t, S_L, C'), N_t the rows of ``target`` (all N atoms, or a
+    chunk's targets)."""
     res, c, h = block.res, block.sphere_channels_reduce, block.hidden_channels
     rotate, proj_plan, comb = (
         plan["edge_rotation"],
@@ -125,12 +142,28 @@ def _general(
     return scatter_aggregation(m, wig, target, res.lmax, res.mmax, scatter)
 
 
+def _degree0_atoms(block, x0: torch.Tensor, plan: Plan) -> torch.Tensor:
+    """The per-atom half of :func:`_degree0`: fc1_edge_proj's two l = 0 column blocks applied to
+    x0 (N, C'), the l = 0 row of the block input -> (N, 2, H) (source side, target side)."""
+    res, c, h = block.res, block.sphere_channels_reduce, block.hidden_channels
+    r = res.sphere_basis_reduce
+    pv = plan["gated_tap_projection"].variant
+    proj = block.fc1_edge_proj
+    # fc1_edge_proj's input columns are (side, row, channel): the l = 0 row of both sides, at
+    # rows 0 and R in upstream's order, 0 and R0 in tap order (the m = 0 rows of each side first)
+    second = res.lmax + 1 if pv["weight_order"] == "tap" else r
+    w_l0 = proj.weight.view(h, 2 * r, c)[:, 0 : second + 1 : second]
+    w_l0 = w_l0.transpose(0, 1).reshape(2 * h, c)
+    return low_precision_linear(x0, w_l0, None, pv["precision"], pv["native"]).view(-1, 2, h)
+
+
 def _degree0(
-    block, x0, x_edge, wig: torch.Tensor, both: EdgeCSR, target: EdgeCSR, plan: Plan
+    block, per_atom, x_edge, wig: torch.Tensor, both: EdgeCSR, target: EdgeCSR, plan: Plan
 ) -> torch.Tensor:
     """:func:`_general` for an input of degree 0 alone (the first interaction, whose x holds the atom
-    embeddings in its l = 0 row and zeros elsewhere): x0 (N, C') the l = 0 row -> (N, S_L, C'), the
-    same messages (up to rounding) with a fraction of the work (docs/algebra.md).
+    embeddings in its l = 0 row and zeros elsewhere): per_atom (N, 2, H) fc1_edge_proj's l = 0
+    blocks applied to that row (:func:`_degree0_atoms`) -> (N_t, S_L, C'), the same messages (up
+    to rounding) with a fraction of the work (docs/algebra.md).
 
     Every rotation is the identity on degree 0 and maps zeros to zeros, so every tap's rotated
     input is [x0[src], 0, ..., x0[tgt], 0, ...]: fc1_edge_proj reduces to its two l = 0 column
@@ -144,12 +177,6 @@ def _degree0(
     prec, native = pv["precision"], pv["native"]
     gate = block.act(block.fc1_dist(x_edge))
     proj, fc2 = block.fc1_edge_proj, block.fc2_edge
-    # fc1_edge_proj's input columns are (side, row, channel): the l = 0 row of both sides, at
-    # rows 0 and R in upstream's order, 0 and R0 in tap order (the m = 0 rows of each side first)
-    second = res.lmax + 1 if pv["weight_order"] == "tap" else r
-    w_l0 = proj.weight.view(h, 2 * r, c)[:, 0 : second + 1 : second]
-    w_l0 = w_l0.transpose(0, 1).reshape(2 * h, c)
-    per_atom = low_precision_linear(x0, w_l0, None, prec, native).view(-1, 2, h)
     src, tgt = both.idx[:, 0], both.idx[:, 1]
     pre = per_atom[src, 0] + per_atom[tgt, 1] + proj.bias
     m = block.act(pre) * gate
@@ -178,6 +205,7 @@ def prepare_constants(edges: EdgeContext, grid, num_points: int, lmax: int) -> N
             continue
         edges.compact(r)
         edges.csr(r)
+        edges.chunks(r)
         combine_tables(res.lmax, res.mmax, res.taps_arg, like.dtype, like.device)
         identical_taps(res.lmax, res.mmax, res.taps_arg, like.dtype, like.device)
         if has_tap_order(res.lmax, res.mmax, res.taps_arg):  # the 4-tap projection's row tables
