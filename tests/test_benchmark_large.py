@@ -47,20 +47,21 @@ def _decide(n: str, mem: int | None, **kw):
     )  # fmt: skip
 
 
-def _mem_between(small: str, big: str) -> int:
-    """A memory size at which ``small`` keeps the reference baseline and ``big`` neither takes it
-    nor runs the reference path (the middle of the range the estimate gives, 1 MB steps)."""
+def _budget_between(small: str, big: str) -> float:
+    """A point time budget (s) at which ``small`` keeps the reference baseline and runs the
+    reference, and ``big`` neither takes it nor runs the reference path (the middle of the range
+    the estimate gives, 10 ms steps)."""
     good = []
-    for mb in range(0, 400):
-        mem = RUNTIME_BYTES + mb * 1_000_000
-        a, b = _decide(small, mem), _decide(big, mem)
+    for ms in range(10, 5000, 10):
+        a, b = _decide(small, None, budget_s=ms / 1000), _decide(big, None, budget_s=ms / 1000)
         if (
             a.baseline == "reference-fp32"
+            and not a.not_run
             and b.baseline == "fused-fp64"
             and ("inference", "reference", "fp32") in b.not_run
         ):
-            good.append(mem)
-    assert good, "no memory size separates the two points"
+            good.append(ms / 1000)
+    assert good, "no time budget separates the two points"
     return good[len(good) // 2]
 
 
@@ -167,15 +168,15 @@ def test_large_sweep_states_its_plan_first_and_writes_records_table_and_plots(
     tmp_path, capsys, monkeypatch
 ):
     monkeypatch.setattr(runner, "run_point_process", _in_process)
-    mem = _mem_between("14", "38")
+    budget = _budget_between("14", "100")
     args = [
-        "--large", "--preset", "tiny", "--natoms", "14,38", "--mode", "inference",
+        "--large", "--preset", "tiny", "--natoms", "14,38,100", "--mode", "inference",
         "--paths", "reference,extension", "--repeats", "1", "--threads", "1", "--no-progress",
-        "--mem-available-gb", str(mem / 1e9), "--out", str(tmp_path),
+        "--point-minutes", repr(budget / 60), "--out", str(tmp_path),
     ]  # fmt: skip
     parser = argparse.ArgumentParser(prog="scn-fast bench")
     cfg = bench_cli.suite_config(bench_cli.configure_bench_parser(parser).parse_args(args))
-    assert cfg.large and cfg.mem_available_bytes == int(mem / 1e9 * 1e9)
+    assert cfg.large and cfg.point_minutes == pytest.approx(budget / 60)
     results = runner.run_suite(cfg)
     text = capsys.readouterr().out
     first = text.splitlines()[0]
@@ -184,27 +185,28 @@ def test_large_sweep_states_its_plan_first_and_writes_records_table_and_plots(
     assert plan_at < text.index("| config | mode | atoms")  # stated before the results
     assert "fused-fp64" in text[plan_at : text.index("total: about")]
 
-    recs = {(r["natoms"], r["backend"]): r for r in results["records"]}
+    recs = {(int(r["system"]), r["backend"]): r for r in results["records"]}
     assert all(set(r) == set(RECORD_FIELDS) for r in recs.values())
-    small, big = recs[(14, "extension")], recs[(38, "extension")]
+    small, big = recs[(14, "extension")], recs[(100, "extension")]
     assert small["status"] == big["status"] == "ok"
     assert small["baseline"] == "reference-fp32" and big["baseline"] == "fused-fp64"
     assert big["baseline_estimate"]["decision"] and big["estimate"]["seconds"] > 0
-    assert big["repeats"] == 1 and big["atom_steps_per_s"] == pytest.approx(38 / big["median_s"])
+    assert big["repeats"] == 1 and big["atom_steps_per_s"] == pytest.approx(
+        big["natoms"] / big["median_s"]
+    )
     assert big["noisy"] and "one timed repeat" in big["noise"]
     # the smaller point checked the float64 fused baseline against the float64 reference
     check = small["baseline_check"]
     assert check["passed"] and check["max_force_err_rel"] <= 1e-8
-    # the reference did not fit at 38 atoms: skipped, with the estimate
-    ref = recs[(38, "reference")]
+    # the reference would not finish in the budget at 100 atoms: skipped, with the estimate
+    ref = recs[(100, "reference")]
     assert ref["status"] == "skipped" and ref["reason"].startswith("not run: estimated")
     assert recs[(14, "reference")]["status"] == "ok"
-    # u measured with the reference at 14 atoms widens the limit at 38
-    assert big["ref_fp32_vs_fp64_force_err"] == small["ref_fp32_vs_fp64_force_err"]
-    assert "at 14 atoms" in big["error_baseline"]
+    # u measured with the reference at a smaller point widens the limit at 100 atoms
+    assert big["ref_fp32_vs_fp64_force_err"] is not None and "atoms" in big["error_baseline"]
 
     table = (tmp_path / large.TABLE).read_text()
-    assert "| tiny | inference | 38 |" in table and "| skipped [" in table
+    assert f"| tiny | inference | {big['natoms']} |" in table and "| skipped [" in table
     assert "not run: estimated" in table
     pngs = [tmp_path / large.PLOT_TIME, tmp_path / large.PLOT_MEMORY]
     if importlib.util.find_spec("matplotlib") is None:

@@ -18,9 +18,11 @@ Parameter gradients (training) are checked against the float32 reference's train
 runs, else against the float64 fused path's (``baseline_grads`` "fused-fp64") when that fits, else
 not at all (``baseline_grads`` None, said in the record's ``baseline_estimate``).
 
-``decide_point`` makes the choice from ``estimate.step_estimate``; it also says which reference
-paths are not run (status ``skipped``, with the estimate), how many repeats fit the point's time
-budget and how long the point should take. All of it goes into the records (``baseline``,
+``decide_point`` makes the choice from ``estimate.step_estimate``; it also says which paths are not
+run (status ``skipped``, with the estimate): a reference path where it would not fit in the planned
+memory (``MEM_MARGIN`` of the available) or would take the point past its time budget, a fused path
+only where it would not fit in all the available memory (the sweep measures its memory); how many
+repeats fit the point's time budget; and how long the point should take. All of it goes into the records (``baseline``,
 ``baseline_estimate``, ``repeats``).
 """
 
@@ -43,7 +45,7 @@ from .paths import path_spec
 
 BASELINES = ("reference-fp32", "fused-fp64")
 MEM_MARGIN = 0.85  # plan for at most this share of the available memory
-BASELINE_SHARE = 0.5  # the reference baseline may take at most this share of the time budget
+BASELINE_SHARE = 0.25  # the reference pair may take at most this share of the point's time budget
 FLOOR_REPLAY_SHARE = 0.45  # a GEMM floor replay takes ~this share of a reference inference step
 BUILD_S_PER_MPARAM = 0.06  # building and loading one model, seconds per million parameters
 
@@ -55,7 +57,7 @@ def _gb(n: float) -> str:
 
 
 def _min(s: float) -> str:
-    return f"{s / 60:.1f} min"
+    return f"{s / 60:.1f} min" if s >= 60 else f"{s:.2g} s"
 
 
 @dataclass
@@ -158,31 +160,55 @@ def decide_point(
             why = "; ".join(over) + f"; nor does the float64 fused path ({_gb(need_f64)})"
     numbers["decision"] = why
 
-    # the reference paths: run where they fit, memory and time (checked, one repeat, memory step)
+    # The reference paths run where they fit: in memory, and in time, the point's fused paths and
+    # baseline first (each path: checked, one timed and one memory step at the least).
     not_run: dict[tuple[str, str, str], str] = {}
     path_est: dict[str, dict[str, float]] = {}
-    run_keys: list[tuple[str, str, str, StepEstimate]] = []
+    keys = []
     for mode in modes:
         for q in precisions:
             for p in paths:
-                kind = _kind(p)
-                e = est(kind, mode, _DTYPE.get(q, torch.float32))
+                e = est(_kind(p), mode, _DTYPE.get(q, torch.float32))
                 path_est[f"{mode}|{p}|{q}"] = e.as_dict()
-                held = e.held_bytes + w32 * (len(paths) - 1)  # the other paths' models
-                if kind == "reference" and baseline is not None:
-                    if held + e.activation_bytes > avail:
-                        not_run[(mode, p, q)] = (
-                            f"not run: estimated {_gb(e.activation_bytes)} of activations + "
-                            f"{_gb(held)} held > {_gb(avail)} planned"
-                        )
-                        continue
-                    if 3 * e.seconds > budget:
-                        not_run[(mode, p, q)] = (
-                            f"not run: estimated {_min(3 * e.seconds)} for its checked, timed "
-                            f"and memory steps > the point's {_min(budget)}"
-                        )
-                        continue
-                run_keys.append((mode, p, q, e))
+                keys.append((mode, p, q, e))
+    # a fused path is not run only where even all the available memory (no margin) is too little:
+    # its memory is what the sweep measures (an estimate that is off can be overridden with
+    # --mem-available-gb; the address-space limit of the point still turns a real overrun into oom)
+    raw = math.inf if mem_available is None else mem_available
+    run_keys = []
+    for mode, p, q, e in keys:
+        if _kind(p) != "fused" and baseline is not None:
+            continue
+        held = e.held_bytes + w32 * (len(paths) - 1)
+        if _kind(p) == "fused" and held + e.activation_bytes > raw:
+            not_run[(mode, p, q)] = (
+                f"not run: estimated {_gb(e.activation_bytes)} of activations + {_gb(held)} held "
+                f"> {_gb(raw)} available"
+            )
+            continue
+        run_keys.append((mode, p, q, e))
+    builds = BUILD_S_PER_MPARAM * (w32 / 4e6) * (1 + len(paths))
+    base_s = {"reference-fp32": ref_time, "fused-fp64": f64.seconds}.get(baseline or "", 0.0)
+    least = builds + base_s + sum(3 * e.seconds for *_, e in run_keys)
+    for mode, p, q, e in [k for k in keys if k not in run_keys and k[:3] not in not_run]:
+        held = e.held_bytes + w32 * (len(paths) - 1)  # the other paths' models
+        if held + e.activation_bytes > avail:
+            not_run[(mode, p, q)] = (
+                f"not run: estimated {_gb(e.activation_bytes)} of activations + "
+                f"{_gb(held)} held > {_gb(avail)} planned"
+            )
+            continue
+        cost = 3 * e.seconds
+        if (mode, p, q) == ("inference", "reference", "fp32") and baseline == "fused-fp64":
+            cost += r32.seconds  # its forward with the GEMM hooks, for u and the floors
+        if least + cost > budget:
+            not_run[(mode, p, q)] = (
+                f"not run: estimated {_min(cost)} for its checked, timed and memory steps; "
+                f"the point would take ~{_min(least + cost)} > its {_min(budget)}"
+            )
+            continue
+        least += cost
+        run_keys.append((mode, p, q, e))
     # under fused-fp64 the reference's forward runs first only where the reference is timed anyway
     # (it then gives u and the GEMM shapes of the floors)
     ref_forward = baseline == "reference-fp32" or (
@@ -208,7 +234,7 @@ def decide_point(
             )
 
     # time: baseline, builds, each path's checked and memory steps, then repeats
-    fixed = BUILD_S_PER_MPARAM * (w32 / 4e6) * (1 + len(paths))
+    fixed = builds
     if baseline == "reference-fp32":
         fixed += ref_time
     elif baseline == "fused-fp64":

@@ -15,19 +15,35 @@ hidden layer of fc1_edge per tap), so a point's *edge width* is W = sum_r E_r w_
 684,032 per atom at 12 + 28 edges per atom). Then, for a path kind (reference | fused), a step mode
 and a dtype of itemsize b bytes:
 
-    activation bytes  = (b / 4) x BYTES_PER_W[kind, mode] x W   (training: x num_interactions,
-                                                                 the blocks' saved activations)
+    activation bytes  = (b / 4) x (ACT_OFFSET[kind, mode] x P / P_cal + BYTES_PER_W[kind, mode] x W)
+                        (training: BYTES_PER_W x num_interactions, the blocks' saved activations)
     seconds           = TIME_FACTOR[dtype] x SECONDS_PER_W[kind, mode] x num_interactions x W
                         + STEP_OVERHEAD_S x num_interactions
 
-and a process holds RUNTIME_BYTES (Python, torch, scn_fast, the extension) plus each model's
+(P parameters, P_cal those of scn-t4-b2), and a process holds RUNTIME_BYTES (Python, torch, scn_fast, the extension) plus each model's
 weights (parameters x b; a training step adds its gradients).
 
 Calibration (``CALIBRATION`` says where each number comes from): scn-t4-b2 on the Cu(111)+CO slabs
 of ``systems.py`` (40 edges per atom), Intel Xeon, 2 threads, activation memory as
-``measure.activation_memory`` defines it (peak RSS during a step minus RSS before it), times of an
-idle machine. Other presets are scaled through W and num_interactions only (rough). On CUDA, times
-are divided by ``CUDA_SPEEDUP`` (a guess until GPU records exist) and memory is the allocator's.
+``measure.activation_memory`` defines it (peak RSS during a step minus RSS before it), one step per
+process after a warm-up step on the 14-atom slab:
+
+| path, inference | 14 atoms | 38 | 102 | 198 | 486 |
+|---|---:|---:|---:|---:|---:|
+| reference, float32 | 0.16 GB | 0.53 GB | 0.75 GB | 1.26 GB | |
+| reference, float64 | | | 1.31 GB | | |
+| fused, float32 | 0.05 GB | 0.12 GB | 0.31 GB | 0.75 GB | 1.42 GB |
+| fused, float64 | | | 0.62 GB | 1.43 GB | |
+
+The reference's inference grows by 134 KB per edge from 102 atoms on (7.8 bytes per unit of W)
+over 0.2 GB; the fused path's by 4.2-5.5 bytes per unit of W; float64 takes 1.75-2x float32.
+Training (14 and 38 atoms only): reference 1.93 / 5.24 GB, fused 0.85 / 2.14 GB, extrapolated
+linearly (the reference's 1,000-atom training step: ~140 GB). Times: the fused path's per-W time
+holds from 14 to 1,000 atoms (74 CPU seconds per step at 1,026 atoms, the MD table of
+docs/large_systems.md); the reference's per-W time
+at 102-198 atoms is about twice its 14-38-atom value, and the larger is used. Other presets are
+scaled through W and num_interactions only (rough). On CUDA, times are divided by ``CUDA_SPEEDUP``
+(a guess until GPU records exist) and memory is the allocator's.
 """
 
 from __future__ import annotations
@@ -43,30 +59,33 @@ from .. import so3
 from ..config import DEFAULTS, resolution_specs
 from ..presets import preset as preset_config
 
-# float32 bytes of activation memory per unit of edge width W (training: per block).
+# float32 bytes of activation memory per unit of edge width W (training: per block), and a constant
 BYTES_PER_W = {
-    ("reference", "inference"): 20.3,
+    ("reference", "inference"): 7.8,
     ("reference", "training"): 16.8,
-    ("fused", "inference"): 4.7,
+    ("fused", "inference"): 5.0,
     ("fused", "training"): 6.9,
 }
+# ... over a constant (scaled by the parameter count, CALIBRATION_PARAMS being scn-t4-b2's)
+ACT_OFFSET = {("reference", "inference"): 0.2e9}
+CALIBRATION_PARAMS = 126_710_274
 # seconds per unit of W and per block, float32, 2 threads of an idle Intel Xeon.
 SECONDS_PER_W = {
-    ("reference", "inference"): 1.08e-8,
-    ("reference", "training"): 3.18e-8,
+    ("reference", "inference"): 1.9e-8,
+    ("reference", "training"): 5.6e-8,
     ("fused", "inference"): 4.33e-9,
     ("fused", "training"): 1.33e-8,
 }
 # float64 steps take this much longer than float32 ones (by path kind).
-TIME_FACTOR = {("reference", torch.float64): 2.5, ("fused", torch.float64): 2.0}
+TIME_FACTOR = {("reference", torch.float64): 2.0, ("fused", torch.float64): 2.5}
 STEP_OVERHEAD_S = 0.005  # per block: Python, small ops (dominates the tiny preset)
 RUNTIME_BYTES = int(0.45e9)  # RSS of a point process before any model (torch, scn_fast, extension)
 CUDA_SPEEDUP = 60.0
 CALIBRATION = (
-    "scn-t4-b2, Cu(111)+CO slabs (40 edges per atom), Intel Xeon, 2 threads, 2026-11-29/12-02: "
-    "activation memory at 14/38 atoms (bench/results/2026-11-29-cpu-xeon-amx-2c-t4b2-7repeats-"
-    "b062ceb) and 102/200 atoms (one step per process, docs/large_systems.md); times of the same "
-    "runs on an idle machine"
+    "scn-t4-b2, Cu(111)+CO slabs (40 edges per atom), Intel Xeon, 2 threads: 14 and 38 atoms from "
+    "bench/results/2026-11-29-cpu-xeon-amx-2c-t4b2-7repeats-b062ceb (commit b062ceb); 102 and 198 "
+    "atoms one step per process on 2026-12-02 (commit 4e68bee); 486 atoms from "
+    "docs/large_systems.md (commit c3b0acf)"
 )
 
 
@@ -163,7 +182,9 @@ def step_estimate(
     blocks = _config(name)["num_interactions"]
     b = torch.empty((), dtype=dtype).element_size()
     w = edge_width(name, size)
-    act = (b / 4) * BYTES_PER_W[(kind, mode)] * w * (blocks if mode == "training" else 1)
+    per_w = BYTES_PER_W[(kind, mode)] * (blocks if mode == "training" else 1)
+    offset = ACT_OFFSET.get((kind, mode), 0.0) * parameter_count(name) / CALIBRATION_PARAMS
+    act = (b / 4) * (offset + per_w * w)
     weights = parameter_count(name) * b
     held = RUNTIME_BYTES + weights * (2 if mode == "training" else 1)
     sec = TIME_FACTOR.get((kind, dtype), 1.0) * SECONDS_PER_W[(kind, mode)] * blocks * w

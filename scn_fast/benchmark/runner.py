@@ -533,7 +533,7 @@ class Sweep:
                 stop |= set(plan.record_keys())  # nothing larger can be checked either
             for r in recs:
                 u = r.get("ref_fp32_vs_fp64_force_err")
-                if u is not None and r.get("baseline") == "reference-fp32":
+                if u is not None and decision.reference_forward:  # measured here, not carried
                     u_carried = (u, r["natoms"])
                 check = r.get("baseline_check") or {}
                 if check.get("passed") is False:
