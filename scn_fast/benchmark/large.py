@@ -72,11 +72,14 @@ def format_table(results: dict[str, Any]) -> str:
         results["records"],
         key=lambda r: (r["config"], r["mode"], r["natoms"] or 0, r["backend"], r["precision"]),
     )
-    commit = (meta.get("git_commit") or "unknown")[:7] + (
-        " (dirty)" if meta.get("git_dirty") else ""
-    )
+    commits = sorted({(r.get("git_commit") or "unknown")[:7] for r in recs}) or [
+        (meta.get("git_commit") or "unknown")[:7]
+    ]
+    dirty = any(r.get("git_dirty") for r in recs) or meta.get("git_dirty")
+    commit = ", ".join(commits) + (" (uncommitted changes)" if dirty else "")
+    devices = sorted({r["device"] for r in recs if r.get("device")}) or [meta.get("device", "?")]
     lines = [
-        f"{meta.get('device', '?')}, {meta.get('threads', '?')} threads, started "
+        f"{'; '.join(devices)}, {meta.get('threads', '?')} threads, started "
         f"{meta.get('started', '?')}, commit {commit}; load average at start "
         f"{_num(meta.get('load_average_at_start'), '.1f')} on {meta.get('cores', '?')} cores",
         "",
@@ -222,3 +225,29 @@ def write_all(results: dict[str, Any], out: Path | str) -> dict[str, Any]:
     print(table)
     print(f"\nwrote {path}" + "".join(f", {p.name}" for p in pngs))
     return {"table": path, "plots": pngs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m scn_fast.benchmark.large OUT RESULTS.json [RESULTS.json ...]``: the table and plots
+    of the records of one or more runs together (e.g. a sweep and a single large point), metadata
+    of the first."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m scn_fast.benchmark.large", description=main.__doc__)
+    p.add_argument("out", help="output directory")
+    p.add_argument("results", nargs="+", help="results.json files of scn-fast bench runs")
+    args = p.parse_args(argv)
+    runs = [json.loads(Path(f).read_text()) for f in args.results]
+    merged = {
+        "metadata": runs[0].get("metadata", {}),
+        "records": [r for run in runs for r in run["records"]],
+    }
+    write_all(merged, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -394,7 +394,7 @@ def _run_mode(cfg, mode, specs, models, data, bl: Baseline, isolated_of, fields_
             **spread_fields(times[s], floor_samples.get(s.precision), over_floor),
             speedup_vs_reference=(ref_median / med) if ref_median and med else None,
             repeats=len(times[s]),
-            warmup=cfg.warmup,
+            warmup=max(1, cfg.warmup),  # the checked step is the first
             atom_steps_per_s=f["natoms"] / med if med else None,
             peak_mem_bytes=mem.get(s),
             floor_s=fl.algebraic_s if fl else None,
