@@ -1,7 +1,7 @@
 """``scn-fast bench --large``: the plan stated before the sweep, and its table and plots after.
 
-* ``describe_plan``: per point, atoms, edges, the baseline the estimate chose, the reference paths
-  it will not run and why, the repeats that fit the point's time budget and its estimated minutes
+* ``describe_plan``: per point, atoms, edges, the baseline the estimate chose, the paths it will
+  not run (their records say why), the repeats that fit the point's time budget and its estimated minutes
   (``baseline.decide_point``; an idle machine), then the total. Printed before anything runs.
 * ``DIR/large_table.md``: one row per (config, mode, size, path, precision): status, seconds per
   step (median of the timed repeats) and how many repeats, atoms x steps per second, activation
@@ -37,7 +37,7 @@ def describe_plan(plan) -> str:
         f"memory planned from {'-' if mem is None else f'{mem / 1e9:.1f} GB'} available, "
         f"point budget {'none' if budget is None else f'{budget / 60:.0f} min'}):",
         f"  {'config':<10} {'size':>6} {'atoms':>6} {'edges':>7}  {'baseline':<15} "
-        f"{'repeats':>7} {'est. min':>8}  reference paths not run",
+        f"{'repeats':>7} {'est. min':>8}  paths not run (estimate)",
     ]
     total = 0.0
     for preset in plan.presets:
@@ -190,13 +190,18 @@ def _panel(ax, what: str, recs: list[dict[str, Any]]) -> None:
         xs = sorted(rss)
         ax.plot(xs, [rss[x] for x in xs], ls=":", color="grey", marker=".",
                 label="point process peak RSS (all paths)")  # fmt: skip
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullLocator
+
     xs = sorted({p[0] for pts in series.values() for p in pts} | set(rss))
     if xs and max(xs) > 4 * min(xs):
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_locator(NullLocator())
     if xs:
         ax.set_xticks(xs, [str(x) for x in xs])
-        ax.minorticks_off()
+        ax.xaxis.set_minor_locator(NullLocator())
 
 
 def _mark_limit(ax, what: str, rec: dict[str, Any]) -> None:
