@@ -8,8 +8,8 @@
 inference and training, the reference vs every fused backend, float32, 3 repeats after 1 warm-up;
 under 10 minutes on a 2-core CPU. Without ``--quick`` the run states its expected duration first (the
 CPU default stays under 30 minutes on 2 cores: tiny, scn-t1-b1, scn-t4-b2 at 14 and 38 atoms).
-``--large``: the size sweep (scn-t4-b2 at 38, 200, 500, 1,000 and 2,000 atoms on CPU; ``--natoms``
-and ``--preset`` change it): each point's plan and the estimated duration first, then per point the
+``--large``: the size sweep (scn-t4-b2 at 38, 200, 500, 1,000 and 2,000 atoms on CPU, float32;
+``--natoms``, ``--preset`` and ``--precision`` change it): each point's plan and the estimated duration first, then per point the
 time, activation memory, the point's peak RSS and atoms x steps per second, and a markdown table
 (``large_table.md``) and time / memory plots against atoms with the reference's out-of-memory point
 marked.

@@ -286,7 +286,8 @@ def make_plan(cfg: SuiteConfig) -> Plan:
         raise SystemExit(f"scn-fast bench: unknown preset(s) {unknown}; known: {sorted(PRESETS)}")
     sizes = [parse_size(s).label for s in (cfg.sizes or default_sizes)]
     supported = supported_precisions(cfg.device)
-    precisions = list(cfg.precisions or supported)
+    # --large: float32 unless asked (a second precision doubles every large point)
+    precisions = list(cfg.precisions or (["fp32"] if cfg.large else supported))
     if "fp32" not in precisions:
         precisions.insert(0, "fp32")  # the float32 reference is every path's baseline
     bad = [p for p in precisions if p not in supported]
