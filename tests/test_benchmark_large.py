@@ -240,3 +240,30 @@ def test_large_plots_and_table_mark_the_reference_out_of_memory_point(tmp_path):
     table = large.format_table({"metadata": {"device": "test CPU"}, "records": recs})
     assert "| tiny | inference | 200 | - | reference | oom [1] |" in table
     assert "[1] MemoryError" in table
+
+
+@pytest.mark.parametrize(
+    ("size", "kind", "dtype", "measured_gb"),
+    [
+        ("38", "reference", torch.float32, 0.527),
+        ("100", "reference", torch.float32, 0.747),
+        ("100", "reference", torch.float64, 1.311),
+        ("200", "reference", torch.float32, 1.261),
+        ("100", "fused", torch.float32, 0.315),
+        ("100", "fused", torch.float64, 0.623),
+        ("200", "fused", torch.float32, 0.746),
+        ("200", "fused", torch.float64, 1.431),
+    ],
+)
+def test_baseline_estimate_reproduces_its_calibration(size, kind, dtype, measured_gb):
+    """scn-t4-b2 inference activation memory measured on 2026-12-02 (estimate.py's table): the
+    estimate lands within 35% of each measurement."""
+    ps = count_edges("scn-t4-b2", build_system(parse_size(size)))
+    est = step_estimate("scn-t4-b2", kind, "inference", ps, dtype).activation_bytes / 1e9
+    assert measured_gb / 1.35 <= est <= measured_gb * 1.35
+
+
+def test_baseline_estimate_of_the_reference_training_step_at_1000_atoms():
+    ps = count_edges("scn-t4-b2", build_system(parse_size("1000")))
+    est = step_estimate("scn-t4-b2", "reference", "training", ps)
+    assert 120e9 < est.activation_bytes < 180e9  # ~140-170 GB by extrapolation from 14 and 38 atoms
