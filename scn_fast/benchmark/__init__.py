@@ -12,6 +12,12 @@ Modules, one job each:
 * ``systems``   built-in, deterministic OC20-like systems of several sizes.
 * ``paths``     the compared paths (reference, each fused backend, torch.compile) and their steps.
 * ``models``    each path's model, built once per point with the reference's weights.
+* ``estimate``  a point's memory and time per path and step, estimated before it runs (a linear
+                model of the atom and edge counts, calibrated on scn-t4-b2).
+* ``baseline``  per point, from the estimate: the correctness baseline (float32 reference, or the
+                fused path in float64), the paths not run, the repeats that fit its time budget;
+                ``baseline_build`` runs the chosen baseline inside the point.
+* ``large``     ``--large``: the plan stated first, the markdown size table, time / memory plots.
 * ``point``     one (preset, system) point: correctness first, then timing and memory; also the
                 ``python -m scn_fast.benchmark.point`` entry that runs it under a memory limit.
 * ``runner``    the sweep: plans points, runs each in a subprocess, stops growing a path after

@@ -1,12 +1,23 @@
 """``scn-fast bench``: the end-to-end benchmark suite (register with ``add_bench_parser``).
 
     scn-fast bench [--device cpu|cuda] [--preset NAME ...] [--mode inference training] [--quick]
-                   [--natoms LIST] [--out DIR] [--repeats N] [...]
+                   [--large] [--natoms LIST] [--out DIR] [--repeats N] [--baseline NAME]
+                   [--mem-available-gb GB] [--point-minutes M] [...]
 
 ``--quick``: scn-t4-b2 and tiny (``--preset`` narrows or replaces them), the 14-atom Cu(111)+CO slab,
 inference and training, the reference vs every fused backend, float32, 3 repeats after 1 warm-up;
 under 10 minutes on a 2-core CPU. Without ``--quick`` the run states its expected duration first (the
 CPU default stays under 30 minutes on 2 cores: tiny, scn-t1-b1, scn-t4-b2 at 14 and 38 atoms).
+``--large``: the size sweep (scn-t4-b2 at 38, 200, 500, 1,000 and 2,000 atoms on CPU, float32;
+``--natoms``, ``--preset`` and ``--precision`` change it): each point's plan and the estimated duration first, then per point the
+time, activation memory, the point's peak RSS and atoms x steps per second, and a markdown table
+(``large_table.md``) and time / memory plots against atoms with the reference's out-of-memory point
+marked.
+
+Every point chooses its correctness baseline from an estimate of its memory and time
+(``--baseline auto``): the float32 reference (and its float64 copy) where they fit, else the fused
+path in float64; reference paths that would not fit or finish are recorded ``skipped`` with the
+estimate, and repeats are cut to fit ``--point-minutes``.
 Exit status 1 when any path is ``wrong`` (outside its tolerance), else 0.
 """
 
@@ -35,6 +46,12 @@ def configure_bench_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     )
     p.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--quick", action="store_true", help="one small size, float32, few repeats")
+    p.add_argument(
+        "--large",
+        action="store_true",
+        help="size sweep up to what fits (default scn-t4-b2 at 38,200,500,1000,2000 atoms on CPU): "
+        "plan and duration first; markdown table and time/memory plots vs atoms",
+    )
     p.add_argument(
         "--natoms",
         metavar="LIST",
@@ -83,6 +100,27 @@ def configure_bench_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParse
         "--max-minutes", type=float, metavar="M", help="start no new size point after M minutes"
     )
     p.add_argument("--threads", type=int, metavar="N", help="torch intra-op threads per point")
+    p.add_argument(
+        "--baseline",
+        default="auto",
+        choices=("auto", "reference-fp32", "fused-fp64"),
+        help="what each path is checked against (default auto: the float32 reference where it and "
+        "its float64 copy fit in memory and time, else the fused path in float64)",
+    )
+    p.add_argument(
+        "--mem-available-gb",
+        type=float,
+        metavar="GB",
+        help="memory the estimates may plan for (default: the machine's available memory at "
+        "each point's start; CUDA: 90%% of the device's)",
+    )
+    p.add_argument(
+        "--point-minutes",
+        type=float,
+        metavar="M",
+        help="time budget of one point: repeats are cut to fit it and a reference that would "
+        "take longer is not run (default 20 on CPU, 10 on CUDA; 0: none)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench)
@@ -115,7 +153,14 @@ def suite_config(args: argparse.Namespace):
         "max_minutes": args.max_minutes,
         "progress": not args.no_progress,
         "threads": args.threads,
+        "large": args.large,
+        "baseline": args.baseline,
+        "point_minutes": args.point_minutes,
     }
+    if args.quick and args.large:
+        raise SystemExit("scn-fast bench: --quick and --large exclude each other")
+    if args.mem_available_gb is not None:
+        kw["mem_available_bytes"] = int(args.mem_available_gb * 1e9)
     if args.repeats < 1:
         raise SystemExit("scn-fast bench: --repeats must be at least 1")
     if args.natoms:

@@ -9,7 +9,8 @@ ran beside it). So every record carries the spread of its repeats and of its flo
 * a point is ``noisy`` when its repeats spread by more than ``NOISY_SPREAD`` (10%), when its floor's
   repeats do, or when its median is below its algebraic floor (``time_over_floor < 1``: the floor is
   what the reference's GEMMs alone take, so a full step below it means the two were measured under
-  different loads). ``noise_reasons`` says which; ``noisy`` is None when nothing was timed.
+  different loads), or when it was timed once (its spread is unknown: large points whose time budget
+  allows one repeat). ``noise_reasons`` says which; ``noisy`` is None when nothing was timed.
 * ``busy_warning``: a line when the 1-minute load average exceeds the number of cores the process may
   use (the machine is already busy, so the numbers will be noisy), else None.
 """
@@ -41,6 +42,8 @@ def noise_reasons(
 ) -> list[str]:
     """Why a timed point is not trustworthy (module doc); [] when it is."""
     reasons = []
+    if times is not None and len(times) == 1:
+        reasons.append("one timed repeat: its spread is unknown")
     s = spread(times)
     if s is not None and s > limit:
         reasons.append(f"repeats spread by {s:.0%} (> {limit:.0%})")

@@ -2,10 +2,12 @@
 
 Order of work (docs/measurement.md, correctness first):
 
-1. The float32 reference runs once under ``torch.no_grad()`` with forward hooks on its nn.Linear layers:
-   its outputs are the baseline every path is checked against, its GEMM shapes give the floors. A
-   float64 copy of it (same weights, same deterministic frames) gives ``u``, the reference's own float32
-   force error, which widens the fused force limit to max(5e-5, 5u).
+1. The baseline (``baseline.py`` chooses it before the point runs, ``baseline_build.py`` runs it):
+   the float32 reference under ``torch.no_grad()`` with forward hooks on its nn.Linear layers (its
+   outputs are the baseline, its GEMM shapes give the floors) and a float64 copy of it for ``u``, the
+   reference's own float32 force error, which widens the fused force limit to max(5e-5, 5u); or,
+   where the reference would not fit or finish, the fused path in float64. Reference paths that the
+   estimate says would not fit or finish are not run (status ``skipped``, the estimate as reason).
 2. Per mode, every path runs one step; its energy and forces (and, in training, parameter gradients)
    are compared with the baseline at its precision's tolerance (``tolerance``). A path outside is
    ``wrong`` and is not timed; a path whose requested backend did not run (``model.explain()``), or that
@@ -20,7 +22,6 @@ Order of work (docs/measurement.md, correctness first):
 
 from __future__ import annotations
 
-import copy
 import json
 import resource
 import sys
@@ -34,8 +35,8 @@ import torch
 
 from ..data import AtomsBatch
 from ..dispatch import BackendUnavailableError
-from ..model import SphericalChannelNetwork
 from . import measure
+from .baseline_build import Baseline, build_baseline
 from .env import environment
 from .errors import finite, first_line, free_device_memory, status_of, time_limit, timed_out
 from .floor import (
@@ -44,17 +45,16 @@ from .floor import (
     GemmReplay,
     device_peak_flops,
     isolated_floor,
-    record_gemm_calls,
 )
 from .models import Models, grads_of, new_model
 from .noise import spread_fields
 from .paths import COMPILE, PathSpec, backend_mismatch, make_step, path_spec
 from .records import make_record
 from .systems import build_system, parse_size
-from .tolerance import check_outputs, energy_error, force_error, tolerance_for
+from .tolerance import check_outputs, energy_error, force_error, grad_error, tolerance_for
 
 RECORD_PREFIX = "@@scn-bench-record@@ "
-NO_BASELINE = "no float32 reference to check against"
+NO_BASELINE = "no baseline to check against"
 _T0 = time.perf_counter()
 
 
@@ -78,7 +78,16 @@ class PointConfig:
     instead, the address space after start-up plus this much. ``compile_timeout_s``: limit on the first
     (compiling) call of the torch.compile path. ``threads``: torch's intra-op threads (None: default).
     ``check_only``: stop after the correctness check (step 2 of the module doc): records carry
-    status and errors but no times, floors or memory (a smoke test)."""
+    status and errors but no times, floors or memory (a smoke test).
+
+    Baseline (``baseline.decide_point`` fills these; the defaults are the float32 reference):
+    ``baseline`` ("reference-fp32", "fused-fp64", or None: none fits, every record ``skipped``),
+    ``reference_forward`` (run the float32 reference's forward first: u, floors),
+    ``baseline_grads`` ("reference-fp32", "fused-fp64" or None: gradients unchecked),
+    ``check_fused_fp64`` (also check the float64 fused path against the float64 reference here),
+    ``u_carried`` ([u, natoms] measured at a smaller point), ``not_run`` ([mode, path, precision,
+    reason] not to run, recorded ``skipped``), ``baseline_estimate`` and ``path_estimates`` (the
+    estimate behind the choice, copied into the records)."""
 
     preset: str
     size: str
@@ -96,6 +105,14 @@ class PointConfig:
     compile_timeout_s: float | None = 900.0
     threads: int | None = None
     check_only: bool = False
+    baseline: str | None = "reference-fp32"
+    reference_forward: bool = True
+    baseline_grads: str | None = "reference-fp32"
+    check_fused_fp64: bool = False
+    u_carried: list | None = None
+    not_run: list[list[str]] = field(default_factory=list)
+    baseline_estimate: dict[str, Any] | None = None
+    path_estimates: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -106,22 +123,6 @@ class PointConfig:
 
 
 # ----------------------------------------------------------------------------- the point
-def _reference_errors_vs_fp64(
-    ref: SphericalChannelNetwork, data: AtomsBatch, base: dict[str, torch.Tensor]
-) -> tuple[float | None, float | None, str | None]:
-    """(energy error, force error u, why unavailable) of the float32 baseline against float64."""
-    try:
-        m64 = copy.deepcopy(ref).double()
-        with torch.no_grad():
-            o64 = m64(data.to(dtype=torch.float64))
-        del m64
-        f_err = force_error(base["forces"], o64["forces"]) if "forces" in base else None
-        return energy_error(base["energy"], o64["energy"]), f_err, None
-    except Exception as exc:
-        free_device_memory(data.pos.device)
-        return None, None, f"float64 reference unavailable ({first_line(exc)})"
-
-
 def _ordered(specs: list[PathSpec]) -> list[PathSpec]:
     """The float32 reference first (it is every path's baseline), then the rest in the given order."""
     return sorted(specs, key=lambda s: 0 if (s.kind, s.precision) == ("reference", "fp32") else 1)
@@ -170,6 +171,9 @@ def run_point(cfg: PointConfig, emit: Callable[[dict], None] | None = None) -> l
         "system": spec_sys.label,
         "natoms": int(data.natoms.sum()),
         "nstructures": len(data),
+        "baseline": cfg.baseline,
+        "baseline_grads": cfg.baseline_grads if "training" in cfg.modes else None,
+        "baseline_estimate": cfg.baseline_estimate,
         **environment(device),
     }
 
@@ -181,38 +185,63 @@ def run_point(cfg: PointConfig, emit: Callable[[dict], None] | None = None) -> l
             "requested_backend": s.requested_backend,
             "path_kind": s.kind,
             "precision": s.precision,
+            "estimate": cfg.path_estimates.get(f"{mode}|{s.name}|{s.precision}"),
             **more,
         }
 
     # 1. baseline, GEMM shapes, u
     log(f"{cfg.preset} @ {spec_sys.label}: {common['natoms']} atoms on {cfg.device}")
+    torch.manual_seed(cfg.seed)
+    ref = new_model(cfg.preset, fused=False, backend="auto", precision="fp32").to(device)
+    common["nedges"] = int(ref.generate_graph(data).edge_index.shape[1])
+    not_run = {(m, n, q): why for m, n, q, why in cfg.not_run}
+    for mode in cfg.modes:
+        for s in [s for s in todo[mode] if (mode, s.name, s.precision) in not_run]:
+            out(**fields_of(s, mode, status="skipped", reason=not_run[(mode, s.name, s.precision)]))
+        todo[mode] = [s for s in todo[mode] if (mode, s.name, s.precision) not in not_run]
+    if cfg.baseline is None:
+        why = (cfg.baseline_estimate or {}).get("decision", "no baseline fits")
+        for mode, ss in todo.items():
+            for s in ss:
+                out(**fields_of(s, mode, status="skipped", reason=f"{NO_BASELINE}: {why}"))
+        return records
     try:
-        torch.manual_seed(cfg.seed)
-        ref = new_model(cfg.preset, fused=False, backend="auto", precision="fp32").to(device)
-        common["nedges"] = int(ref.generate_graph(data).edge_index.shape[1])
-        with record_gemm_calls(ref) as calls, torch.no_grad():
-            base = {k: v.detach().clone() for k, v in ref(data).items()}
+        bl = build_baseline(
+            cfg.baseline,
+            cfg.preset,
+            ref,
+            data,
+            reference_forward=cfg.reference_forward,
+            baseline_grads=cfg.baseline_grads if "training" in cfg.modes else None,
+            check_fused_fp64=cfg.check_fused_fp64,
+            u_carried=tuple(cfg.u_carried) if cfg.u_carried else None,
+            log=log,
+        )
     except Exception as exc:
         traceback.print_exc()
         free_device_memory(device)
         why = first_line(exc)
         for mode, ss in todo.items():
             for s in ss:
-                is_ref = (s.kind, s.precision) == ("reference", "fp32")
-                status = status_of(exc) if is_ref else "failed"
-                reason = why if is_ref else f"{NO_BASELINE} ({why})"
+                own = cfg.baseline == "reference-fp32" and (s.kind, s.precision) == (
+                    "reference",
+                    "fp32",
+                )
+                status = status_of(exc) if own else "failed"
+                reason = why if own else f"{NO_BASELINE} ({cfg.baseline}: {why})"
                 out(**fields_of(s, mode, status=status, reason=reason))
         return records
-    log(f"float32 reference done ({common['nedges']} edges, {len(calls)} nn.Linear calls)")
-    e64, u, u_note = _reference_errors_vs_fp64(ref, data, base)
-    log(f"float64 reference done (u = {u})")
-    if u_note:
-        print(f"scn-bench: {u_note}", file=sys.stderr)
+    common["baseline_check"] = bl.check
+    if bl.u_note:
+        print(f"scn-bench: {bl.u_note}", file=sys.stderr)
+    calls = bl.calls
     models = Models(cfg.preset, ref, device)
     isolated: dict[str, Floor | None] = {}
 
     def isolated_of(precision: str, mode: str) -> Floor | None:
         """The isolated floor (floor.py), measured once per precision; for comparison only."""
+        if calls is None:
+            return None
         if precision not in isolated:
             try:
                 log(f"isolated GEMM floor ({precision})")
@@ -230,21 +259,29 @@ def run_point(cfg: PointConfig, emit: Callable[[dict], None] | None = None) -> l
 
     # 2. and 3., per mode
     for mode in cfg.modes:
-        _run_mode(
-            cfg, mode, todo[mode], models, data, base, e64, u, calls, isolated_of, fields_of, out
-        )
+        _run_mode(cfg, mode, todo[mode], models, data, bl, isolated_of, fields_of, out)
         free_device_memory(device)
     return records
 
 
-def _run_mode(
-    cfg, mode, specs, models, data, base, e64, u, calls, isolated_of, fields_of, out
-) -> None:
+def _errors_of(out: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, Any]:
+    return {
+        "energy_err_rel": energy_error(out["energy"], base["energy"]),
+        "max_force_err_rel": force_error(out["forces"], base["forces"])
+        if "forces" in base
+        else None,
+    }
+
+
+def _run_mode(cfg, mode, specs, models, data, bl: Baseline, isolated_of, fields_of, out) -> None:
     device = torch.device(cfg.device)
     ok: dict[PathSpec, tuple[_Guarded, dict[str, Any]]] = {}
     ref_grads: dict[str, torch.Tensor | None] | None = None
+    if cfg.baseline_grads == "fused-fp64":
+        ref_grads = bl.grads
+    label = bl.label + (f"; {bl.u_note}" if bl.u_note and bl.name == "fused-fp64" else "")
     for s in specs:
-        f = fields_of(s, mode, ref_fp32_vs_fp64_force_err=u)
+        f = fields_of(s, mode, ref_fp32_vs_fp64_force_err=bl.u)
         log(f"{mode} {s.name} {s.precision}: checked step")
         try:
             entry, result, note = _first_step(cfg, s, mode, models, data)
@@ -265,20 +302,27 @@ def _run_mode(
             continue
         grads = grads_of(entry.module) if mode == "training" else None
         if (s.kind, s.precision) == ("reference", "fp32"):
-            f.update(energy_err_rel=e64, max_force_err_rel=u, error_baseline="float64 reference")
-            if grads is not None:
+            # the float32 reference's record: its own error against float64 (not a gate)
+            if bl.name == "reference-fp32":
+                f.update(energy_err_rel=bl.ref_errors[0], max_force_err_rel=bl.u)
+            else:
+                f.update(_errors_of(result, bl.outputs))
+            f.update(error_baseline=bl.ref_label)
+            if grads is not None and cfg.baseline_grads == "reference-fp32":
                 ref_grads = {k: None if g is None else g.detach().clone() for k, g in grads.items()}
+            elif grads is not None and ref_grads is not None:
+                f.update(max_grad_err_rel=grad_error(grads, ref_grads))
         else:
             checked = CHECK_HOOK(s, mode, result) if CHECK_HOOK is not None else result
             tol = tolerance_for(s.kind, s.precision)
-            chk = check_outputs(checked, base, tol, u, grads, ref_grads)
+            chk = check_outputs(checked, bl.outputs, tol, bl.u, grads, ref_grads)
             f.update(
                 energy_err_rel=chk.energy_err,
                 max_force_err_rel=chk.force_err,
                 force_cosine=chk.force_cos,
                 max_grad_err_rel=chk.grad_err,
                 force_err_limit=chk.force_limit,
-                error_baseline="float32 reference",
+                error_baseline=label,
             )
             if not chk.passed:
                 out(**{**f, "status": "wrong", "reason": chk.reason})
@@ -292,7 +336,7 @@ def _run_mode(
         return
     steps = {s: g for s, (g, _) in ok.items()}
     log(f"{mode}: timing {[s.name + ' ' + s.precision for s in steps]}")
-    replays = _floor_replays(calls, device, {s.precision for s in steps})
+    replays = _floor_replays(bl.calls, device, {s.precision for s in steps})
     # The checked step above was each path's first warm-up call; each floor replay ran once too.
     warmup = max(0, cfg.warmup - 1)
     times = measure.time_interleaved(
@@ -349,6 +393,9 @@ def _run_mode(
             times_s=times[s],
             **spread_fields(times[s], floor_samples.get(s.precision), over_floor),
             speedup_vs_reference=(ref_median / med) if ref_median and med else None,
+            repeats=len(times[s]),
+            warmup=max(1, cfg.warmup),  # the checked step is the first
+            atom_steps_per_s=f["natoms"] / med if med else None,
             peak_mem_bytes=mem.get(s),
             floor_s=fl.algebraic_s if fl else None,
             gemm_floor_s=fl.gemm_s if fl else None,
@@ -368,11 +415,14 @@ def _run_mode(
 
 
 def _floor_replays(
-    calls: list, device: torch.device, precisions: set[str]
+    calls: list | None, device: torch.device, precisions: set[str]
 ) -> dict[str, tuple[_Guarded, GemmReplay]]:
     """Per precision, the reference's GEMM replay (floor.py) as a guarded step, run once (warm-up,
-    not kept). A replay that cannot be built or fails leaves that precision without a floor."""
+    not kept). A replay that cannot be built or fails leaves that precision without a floor; no
+    calls (the reference did not run here) leave every precision without one."""
     out: dict[str, tuple[_Guarded, GemmReplay]] = {}
+    if calls is None:
+        return out
     for p in sorted(precisions):
         try:
             replay = GemmReplay(calls, device, p)

@@ -19,6 +19,9 @@ from ..systems import cu111_co, slab_of_size
 
 DEFAULT_SIZES_CPU = ("14", "38")
 DEFAULT_SIZES_CUDA = ("14", "38", "6x38", "500", "1000", "2000", "4000")
+# ``scn-fast bench --large``: one slab per size, up to what a 24 GB, 2-core CPU or one GPU can take
+LARGE_SIZES_CPU = ("38", "200", "500", "1000", "2000")
+LARGE_SIZES_CUDA = ("38", "500", "1000", "2000", "4000", "8000")
 
 
 @dataclass(frozen=True)
