@@ -39,10 +39,10 @@ def _size(n: str):
     return count_edges("tiny", build_system(parse_size(n)))
 
 
-def _decide(n: str, mem: int | None, **kw):
+def _decide(n: str, mem: int | None, preset: str = "tiny", **kw):
     kw.setdefault("paths", ["reference", "extension"])
     return baseline.decide_point(
-        "tiny", _size(n), kw.pop("modes", ["inference"]), precisions=["fp32"], mem_available=mem,
+        preset, _size(n), kw.pop("modes", ["inference"]), precisions=["fp32"], mem_available=mem,
         **kw,
     )  # fmt: skip
 
@@ -66,20 +66,22 @@ def _budget_between(small: str, big: str) -> float:
 
 
 def test_baseline_choice_follows_the_memory_estimate():
-    big = _decide("38", None)
+    # scn-t4-b2 (tiny and scn-t4-b2 share the cutoff and neighbour limit, so the sizes are the
+    # same): a model whose per-edge messages dominate, as the baseline choice is for
+    big = _decide("38", 64 * 10**9, "scn-t4-b2")
     assert big.baseline == "reference-fp32" and big.reference_forward and not big.not_run
     est = big.estimate
     assert est["reference_fp64_inference"]["process_gb"] > est["fused_fp64_inference"]["process_gb"]
     # an injected limit below the float64 reference's estimate: the float64 fused path instead
     need = est["reference_fp64_inference"]["process_gb"] * 1e9
-    d = _decide("38", int(need / baseline.MEM_MARGIN) - 1_000_000)
+    d = _decide("38", int(need / baseline.MEM_MARGIN) - 1_000_000, "scn-t4-b2")
     assert d.baseline == "fused-fp64"
     assert "float64 reference needs" in d.estimate["decision"]
     assert "float64 fused path fits" in d.estimate["decision"]
     # the float32 reference may still run as a timed path (then it gives u and the floors)
     assert d.reference_forward == (("inference", "reference", "fp32") not in d.not_run)
     # nothing fits: no baseline, so nothing can be checked
-    none = _decide("38", RUNTIME_BYTES // 2)
+    none = _decide("38", RUNTIME_BYTES // 2, "scn-t4-b2")
     assert none.baseline is None and "nor does the float64 fused path" in none.estimate["decision"]
     # forced, whatever the estimate says
     assert _decide("38", None, force="fused-fp64").baseline == "fused-fp64"
@@ -101,12 +103,14 @@ def test_baseline_decision_cuts_repeats_to_the_time_budget():
 
 
 def test_baseline_gradients_fall_back_to_the_float64_fused_training_step():
-    d = _decide("14", None, modes=["inference", "training"])
+    # 100 atoms of scn-t4-b2: the float32 reference's training step (~16 GB by estimate) needs
+    # more than the float64 fused one (checkpointed by its plan: ~4 GB)
+    d = _decide("100", 64 * 10**9, "scn-t4-b2", modes=["inference", "training"])
     assert d.baseline_grads == "reference-fp32"
     # the reference does not train (by estimate): the float64 fused path gives the gradients
-    ref_train = step_estimate("tiny", "reference", "training", _size("14"))
+    ref_train = step_estimate("scn-t4-b2", "reference", "training", _size("100"))
     mem = int((ref_train.total_bytes - 1) / baseline.MEM_MARGIN)
-    d = _decide("14", mem, modes=["inference", "training"])
+    d = _decide("100", mem, "scn-t4-b2", modes=["inference", "training"])
     assert ("training", "reference", "fp32") in d.not_run
     assert d.baseline_grads == "fused-fp64"
 

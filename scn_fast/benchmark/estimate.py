@@ -13,14 +13,17 @@ graph, ``count_edges``). The per-edge work of resolution r is proportional to it
 (T_r taps, R_r rows of an edge frame, C' reduced channels, H_r hidden channels: the inputs and the
 hidden layer of fc1_edge per tap), so a point's *edge width* is W = sum_r E_r w_r (scn-t4-b2:
 684,032 per atom at 12 + 28 edges per atom). Then, for a path kind (reference | fused), a step mode
-and a dtype of itemsize b bytes:
+and a dtype of itemsize b bytes (the memory line for the reference only):
 
     activation bytes  = (b / 4) x (ACT_OFFSET[kind, mode] x P / P_cal + BYTES_PER_W[kind, mode] x W)
                         (training: BYTES_PER_W x num_interactions, the blocks' saved activations)
     seconds           = TIME_FACTOR[dtype] x SECONDS_PER_W[kind, mode] x num_interactions x W
                         + STEP_OVERHEAD_S x num_interactions
 
-(P parameters, P_cal those of scn-t4-b2), and a process holds RUNTIME_BYTES (Python, torch, scn_fast, the extension) plus each model's
+(P parameters, P_cal those of scn-t4-b2). The fused path's activation bytes are its execution
+plan's own estimate (``scn_fast.memory_plan``: edge chunks within a budget, checkpointed training
+steps), its seconds the formula above with the fused constants (plus one forward when the plan
+checkpoints). A process holds RUNTIME_BYTES (Python, torch, scn_fast, the extension) plus each model's
 weights (parameters x b; a training step adds its gradients).
 
 Calibration (``CALIBRATION`` says where each number comes from): scn-t4-b2 on the Cu(111)+CO slabs
@@ -63,8 +66,6 @@ from ..presets import preset as preset_config
 BYTES_PER_W = {
     ("reference", "inference"): 7.8,
     ("reference", "training"): 16.8,
-    ("fused", "inference"): 5.0,
-    ("fused", "training"): 6.9,
 }
 # ... over a constant (scaled by the parameter count, CALIBRATION_PARAMS being scn-t4-b2's)
 ACT_OFFSET = {("reference", "inference"): 0.2e9}
@@ -178,20 +179,42 @@ def step_estimate(
     name: str, kind: str, mode: str, size: PointSize, dtype: torch.dtype = torch.float32,
     device: str = "cpu",
 ) -> StepEstimate:  # fmt: skip
-    """The estimate of one ``mode`` step of a ``kind`` ("reference" | "fused") path (module doc)."""
+    """The estimate of one ``mode`` step of a ``kind`` ("reference" | "fused") path (module doc).
+    The fused path's activation memory is its execution plan's own estimate (edge chunks within
+    the default budget, checkpointed training where the plan's "auto" turns it on:
+    ``scn_fast.memory_plan``), and a checkpointed training step adds one more forward's time."""
     blocks = _config(name)["num_interactions"]
     b = torch.empty((), dtype=dtype).element_size()
     w = edge_width(name, size)
-    per_w = BYTES_PER_W[(kind, mode)] * (blocks if mode == "training" else 1)
-    offset = ACT_OFFSET.get((kind, mode), 0.0) * parameter_count(name) / CALIBRATION_PARAMS
-    act = (b / 4) * (offset + per_w * w)
+    checkpointed = False
+    if kind == "fused":
+        memory = fused_memory_plan(name, device, dtype)
+        training = mode == "training"
+        checkpointed = memory.checkpoints(size.natoms, size.edges, training)
+        act = memory.activation_bytes(size.natoms, size.edges, training, checkpointed)
+    else:
+        per_w = BYTES_PER_W[(kind, mode)] * (blocks if mode == "training" else 1)
+        offset = ACT_OFFSET.get((kind, mode), 0.0) * parameter_count(name) / CALIBRATION_PARAMS
+        act = (b / 4) * (offset + per_w * w)
     weights = parameter_count(name) * b
     held = RUNTIME_BYTES + weights * (2 if mode == "training" else 1)
-    sec = TIME_FACTOR.get((kind, dtype), 1.0) * SECONDS_PER_W[(kind, mode)] * blocks * w
+    per_w_s = SECONDS_PER_W[(kind, mode)]
+    if checkpointed:
+        per_w_s += SECONDS_PER_W[(kind, "inference")]
+    sec = TIME_FACTOR.get((kind, dtype), 1.0) * per_w_s * blocks * w
     sec += STEP_OVERHEAD_S * blocks
     if torch.device(device).type == "cuda":
         sec /= CUDA_SPEEDUP
     return StepEstimate(int(act), int(held), sec)
+
+
+@functools.cache
+def fused_memory_plan(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """The memory plan (``scn_fast.memory_plan.MemoryPlan``) of preset ``name``'s fused model on
+    ``device`` with the default budget and checkpointing."""
+    from ..planning import plan
+
+    return plan(preset_config(name), device=device, dtype=dtype).memory
 
 
 def weights_bytes(name: str, dtype: torch.dtype = torch.float32) -> int:
