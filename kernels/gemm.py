@@ -44,6 +44,9 @@ __all__ = [
     "EPI_NONE",
     "EPI_SILU",
     "PRECISIONS",
+    "PRO_DSILU",
+    "PRO_NONE",
+    "PRO_SILU",
     "ColumnSums",
     "check_precision",
     "gemm_tiles",
@@ -54,6 +57,8 @@ __all__ = [
 
 # Epilogue activations.
 EPI_NONE, EPI_SILU, EPI_DSILU = 0, 1, 2
+# A prologues: none, silu(A), A * silu'(ZA).
+PRO_NONE, PRO_SILU, PRO_DSILU = 0, 1, 2
 # Bias modes: none, column bias (col % bias_period), outer product rowv[row // I] * bias[col].
 BIAS_NONE, BIAS_COL, BIAS_OUTER = 0, 1, 2
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -62,13 +67,15 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 @triton.jit
 def _mm_kernel(
     a_ptr, b_ptr, a2_ptr, b2_ptr, c_ptr, bias_ptr, rowv_ptr, z_ptr, pre_ptr, colsum_ptr,
+    za_ptr, rowsum_ptr,
     M, N, K,
     a_split, a_s_outer, a_s_inner, a_s_k,
     b_s_k, b_s_n,
     c_split, c_s_outer, c_s_inner, c_nsplit, c_s_nouter, c_s_n,
     z_s_m, bias_period, colsum_s_m,
     HAS_A2: tl.constexpr, BIAS: tl.constexpr, EPI: tl.constexpr, STORE_PRE: tl.constexpr,
-    ACCUMULATE: tl.constexpr, COLSUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACCUMULATE: tl.constexpr, COLSUM: tl.constexpr, PRO: tl.constexpr, ROWSUM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, ACC_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
 ):  # fmt: skip
@@ -79,6 +86,8 @@ def _mm_kernel(
     (m // c_split) * c_s_outer + (m % c_split) * c_s_inner + (n // c_nsplit) * c_s_nouter +
     (n % c_nsplit) * c_s_n; Z and PRE are (M, N) with row stride z_s_m and unit column stride;
     COLSUM writes sum_m C[m, n] of this tile's rows to colsum[pid_m * colsum_s_m + n].
+    PRO (the A prologue): 1 reads silu(A), 2 reads A * silu'(ZA) (ZA: A's shape and strides);
+    ROWSUM (programs of the first column block) writes sum_k of the A so read to rowsum[m].
     """
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
@@ -98,6 +107,7 @@ def _mm_kernel(
     a_row = (rm64 // a_split) * a_s_outer + (rm64 % a_split) * a_s_inner
     b_col = rn64 * b_s_n
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    rs = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
     for k0 in range(0, K, BLOCK_K):
         rk = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         mask_k = rk < K
@@ -107,12 +117,24 @@ def _mm_kernel(
         b_mask = mask_k[:, None] & mask_n[None, :]
         a = tl.load(a_ptr + a_off, mask=a_mask, other=0.0)
         b = tl.load(b_ptr + b_off, mask=b_mask, other=0.0)
+        if PRO == 1:  # silu(A); masked zeros stay zeros
+            af = a.to(ACC_DTYPE)
+            a = (af / (1.0 + tl.exp(-tl.maximum(af, -80.0)))).to(a.dtype)
+        if PRO == 2:  # A * silu'(ZA)
+            zv = tl.load(za_ptr + a_off, mask=a_mask, other=0.0).to(ACC_DTYPE)
+            sig = 1.0 / (1.0 + tl.exp(-tl.maximum(zv, -80.0)))
+            a = (a.to(ACC_DTYPE) * (sig * (1.0 + zv * (1.0 - sig)))).to(a.dtype)
+        if ROWSUM:
+            rs += tl.sum(a.to(ACC_DTYPE), axis=1)
         acc = _dot(a, b, acc, PRECISION, EMULATE_BF16)
         if HAS_A2:
             a2 = tl.load(a2_ptr + a_off, mask=a_mask, other=0.0)
             b2 = tl.load(b2_ptr + b_off, mask=b_mask, other=0.0)
             acc = _dot(a2, b2, acc, PRECISION, EMULATE_BF16)
 
+    if ROWSUM:  # noqa: SIM102 (a constexpr branch, then a runtime one)
+        if pid_n == 0:
+            tl.store(rowsum_ptr + rm64, rs, mask=mask_m)
     mask = mask_m[:, None] & mask_n[None, :]
     if BIAS == 1:
         bias = tl.load(bias_ptr + rn % bias_period, mask=mask_n, other=0.0).to(ACC_DTYPE)
@@ -174,6 +196,10 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
 # Tiles
 # ----------------------------------------------------------------------------------------------
 
+# The constexprs a launch label names (scn_fast.launches counts launches per label).
+_LABEL_KEYS = (
+    "HAS_A2", "BIAS", "EPI", "STORE_PRE", "ACCUMULATE", "COLSUM", "PRO", "ROWSUM", "PRECISION",
+)  # fmt: skip
 _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 _GROUP_M = 8
 
@@ -254,6 +280,16 @@ def _rows_view(t: torch.Tensor) -> tuple[int, int, int, int, int]:
     return o * i, k, max(i, 1), t.stride(0), t.stride(1)
 
 
+def _as_matrix(a: torch.Tensor, prologue: int, za: torch.Tensor | None) -> torch.Tensor:
+    """A as the kernel reads it (prologue applied), as an (M, K) tensor (ATen; empty-N calls)."""
+    a = a.reshape(-1, a.shape[-1])
+    if prologue == PRO_SILU:
+        return torch.nn.functional.silu(a)
+    if prologue == PRO_DSILU:
+        return torch.ops.aten.silu_backward(a, za.reshape(-1, za.shape[-1]))
+    return a
+
+
 def mm(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -269,6 +305,9 @@ def mm(
     pre: torch.Tensor | None = None,
     accumulate: bool = False,
     colsum: torch.Tensor | None = None,
+    prologue: int = PRO_NONE,
+    za: torch.Tensor | None = None,
+    rowsum: torch.Tensor | None = None,
     precision: str = "fp32",
 ) -> torch.Tensor:
     """out = epilogue(a @ b [+ a2 @ b2]) (module doc).
@@ -278,7 +317,9 @@ def mm(
     rowv[row // I] * bias[col] (I: out's second size); epi: EPI_SILU
     (pre, an (M, N) tensor with unit column stride, gets the pre-activation if given) or EPI_DSILU
     (multiply by silu'(z), z (M, N) with unit column stride); colsum: a 2-D view with
-    :func:`row_blocks` rows and >= N unit-stride columns, gets each program's column sums.
+    :func:`row_blocks` rows and >= N unit-stride columns, gets each program's column sums;
+    prologue: PRO_SILU (A read as silu(A)) or PRO_DSILU (A read as A * silu'(za), za with a's shape
+    and strides), not with a2; rowsum: a contiguous (M,) tensor, gets the row sums of A as read.
     """
     m, k, a_split, a_s_outer, a_s_inner = _rows_view(a)
     if out.dim() == 4:
@@ -296,7 +337,19 @@ def mm(
     if b2 is not None and (b2.shape != b.shape or b2.stride() != b.stride()):
         raise ValueError("mm: b2 must have b's shape and strides")
     check_precision(precision, out.dtype)
-    if m == 0 or n == 0:
+    if prologue not in (PRO_NONE, PRO_SILU, PRO_DSILU) or (prologue != PRO_NONE and a2 is not None):
+        raise ValueError(f"mm: prologue {prologue} (one of 0, 1, 2, and not with a2)")
+    if (prologue == PRO_DSILU) != (za is not None) or (
+        za is not None and (za.shape != a.shape or za.stride() != a.stride())
+    ):
+        raise ValueError("mm: za (with prologue PRO_DSILU only) must have a's shape and strides")
+    if rowsum is not None and (rowsum.shape != (m,) or rowsum.stride(0) != 1):
+        raise ValueError(f"mm: rowsum must be a contiguous ({m},) tensor")
+    if m == 0:
+        return out
+    if n == 0:
+        if rowsum is not None:  # no column block to write it: the sums of an empty B's A
+            torch.sum(_as_matrix(a, prologue, za), 1, out=rowsum)
         return out
     zz = z if z is not None else pre
     if zz is not None and (zz.dim() != 2 or zz.shape != (m, n) or zz.stride(1) != 1):
@@ -321,6 +374,8 @@ def mm(
         "z_ptr": z if z is not None else out,
         "pre_ptr": pre if pre is not None else out,
         "colsum_ptr": colsum if colsum is not None else out,
+        "za_ptr": za if za is not None else out,
+        "rowsum_ptr": rowsum if rowsum is not None else out,
         "M": m,
         "N": n,
         "K": k,
@@ -347,6 +402,8 @@ def mm(
         "STORE_PRE": pre is not None,
         "ACCUMULATE": accumulate,
         "COLSUM": colsum is not None,
+        "PRO": prologue,
+        "ROWSUM": rowsum is not None,
         "BLOCK_M": tiles["BLOCK_M"],
         "BLOCK_N": tiles["BLOCK_N"],
         "BLOCK_K": tiles["BLOCK_K"],
@@ -355,14 +412,7 @@ def mm(
         "PRECISION": precision,
         "EMULATE_BF16": precision == "bf16" and is_interpreted(),
     }
-    label = (
-        "mm["
-        + ",".join(
-            f"{key}={constexprs[key]}"
-            for key in ("HAS_A2", "BIAS", "EPI", "STORE_PRE", "ACCUMULATE", "COLSUM", "PRECISION")
-        )
-        + "]"
-    )
+    label = "mm[" + ",".join(f"{key}={constexprs[key]}" for key in _LABEL_KEYS) + "]"
     grid = (triton.cdiv(m, tiles["BLOCK_M"]) * triton.cdiv(n, tiles["BLOCK_N"]),)
     aot.launch(
         label,

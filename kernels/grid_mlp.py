@@ -34,6 +34,7 @@ from .tile_loop import (
     check_inputs,
     cublas_scope,
     projection_precision,
+    row_sums,
     tiles_of,
     weight_dtype,
     weight_grad,
@@ -104,7 +105,7 @@ def grid_mlp_forward(
     # bf16: one conversion each)
     w1_kt = w1.view(h1w, 2, b, c).permute(2, 1, 3, 0).to(wdt)  # (b, 2, C, H1)
     w2t, w3t = w2.t().to(wdt), w3.t().to(wdt)
-    fsum = from_grid.sum(1)
+    fsum = row_sums(from_grid)
     buf = Buffers(
         x_down, {"q": b * s * nt * h1w, "h1": g * nt * h1w, "h2": g * nt * h2w, "u": s * nt * h2w}
     )
@@ -159,12 +160,10 @@ def grid_mlp_backward(
         dw1 = x_down.new_zeros((h1w, h1w))
         return [dx_down, dx_new, dw1, torch.zeros_like(b1), torch.zeros_like(w2),
                 torch.zeros_like(b2), torch.zeros_like(w3), torch.zeros_like(b3)]  # fmt: skip
-    # weight gradients: written by the first tile's GEMMs, accumulated by the others (no fill)
-    dw1_kt = x_down.new_empty((b, 2, c, h1w))
+    # weight gradients: written by the first tile's GEMMs, accumulated by the others (no fill);
+    # dw1 in w1's own layout (H1, side, band, C): each (band, side) block is a strided view
+    dw1 = x_down.new_empty((h1w, 2, b, c))
     dw2, dw3 = torch.empty_like(w2), torch.empty_like(w3)
-
-    def dw1() -> torch.Tensor:
-        return dw1_kt.permute(3, 1, 0, 2).reshape(h1w, h1w)
 
     tiles = tiles_of(n_atoms, tile_atoms)
     nt = tiles[0][1]
@@ -176,7 +175,7 @@ def grid_mlp_backward(
     w1_k = w1_view.permute(2, 1, 0, 3).to(wdt)  # (b, 2, H1, C)
     w2g, w3g = w2.to(wdt), w3.to(wdt)
     w2t = w2g.t()
-    fsum = from_grid.sum(1)
+    fsum = row_sums(from_grid)
     to_grid_t, from_grid_t = to_grid.t(), from_grid.t()
     # db1: column sums of dA1 (G*n, H1); db2: of dA2 (G, n*H2), columns (z, h) folded to h.
     sums1 = ColumnSums(
@@ -247,7 +246,7 @@ def grid_mlp_backward(
             for k in range(b):
                 dq_k = dq[k].view(n * s, h1w)  # rows (z, i)
                 for side, (x, dx) in enumerate(((x_down, dx_down), (x_new, dx_new))):
-                    weight_grad(dw1_kt[k, side], x[z0 : z0 + n].view(n * s, c).t(), dq_k, first)
+                    weight_grad(dw1[:, side, k], dq_k.t(), x[z0 : z0 + n].view(n * s, c), first)
                     mm(
                         dq_k,
                         w1_k[k, side],
@@ -256,4 +255,4 @@ def grid_mlp_backward(
                         precision=precision,
                     )
     db3 = fsum @ grad_out.sum(0)
-    return [dx_down, dx_new, dw1(), sums1.total(), dw2, sums2.total(h2w), dw3, db3]
+    return [dx_down, dx_new, dw1.view(h1w, h1w), sums1.total(), dw2, sums2.total(h2w), dw3, db3]

@@ -5,6 +5,7 @@ ahead-of-time compile cases of the GEMM kernel.
 The work lives in one file per job:
 
 * ``kernels/gemm.py``: the GEMM kernel with its fused prologue/epilogue, tile shapes, precision;
+* ``kernels/edge_mlp.py``: the edge MLP's Linear layers on that GEMM (``scn_fast/ops/edge_linear.py``);
 * ``kernels/grid_mlp.py``: the grid MLP's tile loops (:func:`grid_mlp_forward`,
   :func:`grid_mlp_backward`);
 * ``kernels/sphere_heads.py``: the output heads' tile loops (:func:`sphere_heads_forward`,
@@ -24,7 +25,7 @@ import sys
 
 import torch
 
-from . import aot
+from . import aot, edge_mlp
 from .aot import LaunchConfig
 from .gemm import EPI_DSILU, EPI_NONE, EPI_SILU, PRECISIONS, is_interpreted, mm
 from .grid_mlp import grid_mlp_backward, grid_mlp_forward
@@ -61,7 +62,9 @@ def launch_configs(
 ) -> list[LaunchConfig]:
     """The distinct GEMM specialisations the grid and heads launchers use (forward and backward)
     for one problem in one precision, traced on meta tensors (sizes matter only through the
-    JIT's specialisation and the tile shapes)."""
+    JIT's specialisation and the tile shapes), and in fp32 / tf32 those of the edge MLP's
+    launchers (``kernels/edge_mlp.py``, scn-t4-b2's edge layer widths; the plan runs them in those
+    precisions)."""
     s = (lmax + 1) ** 2
     g = 2 * (lmax + 1) * (2 * lmax + 3)
     h1w, h2w = 2 * num_bands * channels, 2 * channels
@@ -84,7 +87,12 @@ def launch_configs(
             [t(num_atoms, 1), t(num_atoms, 3)], x, sh, heads_w, heads_v, tile_atoms,
             precision=precision,
         )  # fmt: skip
-    return aot.configs_of(launches)
+    configs = aot.configs_of(launches)
+    if precision in ("fp32", "tf32"):
+        seen = {c.key() for c in configs}
+        edge = edge_mlp.launch_configs(dtype=dtype, precision=precision)
+        configs += [c for c in edge if c.key() not in seen]
+    return configs
 
 
 # The problems compiled by compile_main: scn-t4-b2 (L=6, C=128, 2 bands) in float32 and float64, and

@@ -22,6 +22,7 @@ older torch, restored afterwards), so the global flag never decides it.
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 
@@ -32,6 +33,7 @@ __all__ = [
     "check_inputs",
     "cublas_scope",
     "projection_precision",
+    "row_sums",
     "tiles_of",
     "weight_dtype",
     "weight_grad",
@@ -113,6 +115,21 @@ class Buffers:
         for s in shape:
             numel *= s
         return self._flat[name][:numel].view(*shape)
+
+
+_ROW_SUMS: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+
+
+def row_sums(t: torch.Tensor) -> torch.Tensor:
+    """t.sum(1) of a constant matrix (e.g. from_grid), computed once per tensor: kept while ``t``
+    lives and its version (in-place writes) is unchanged, so a step launches no reduction for it."""
+    hit = _ROW_SUMS.get(id(t))
+    if hit is not None and hit[0]() is t and hit[1] == t._version:
+        return hit[2]
+    sums = t.sum(1)
+    key = id(t)
+    _ROW_SUMS[key] = (weakref.ref(t, lambda _, key=key: _ROW_SUMS.pop(key, None)), t._version, sums)
+    return sums
 
 
 def weight_grad(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:

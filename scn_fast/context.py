@@ -127,6 +127,12 @@ class EdgeContext:
             self._cache[key] = self.frames[self.bounds[r] : self.bounds[r + 1]].clone()
         return self._cache[key]
 
+    def split(self, x_edge: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x_edge (E, ...) as one view per resolution, (E_r, ...) each (``torch.split``: its
+        backward is one concatenation, where a slice per resolution is a zero fill and a copy
+        each, plus the sum of their gradients)."""
+        return x_edge.split([self._frames(r).shape[0] for r in range(len(self.resolutions))])
+
     def span(self, r: int) -> tuple[int, int]:
         """(lo, hi) = (bounds[r], bounds[r + 1]), read from the per-resolution frames' shapes: under
         torch.compile these are symbolic sizes (one graph for every edge count), where the ints of

@@ -31,6 +31,7 @@ from .graph import (
 )
 from .memory_plan import check_budget, check_checkpoint
 from .neighbours import rank_edges
+from .ops.edge_linear import linear_act
 from .ops.reference import Grid
 from .ops.tap_projection import has_tap_order
 from .planning import Mode, ModelShape, Plan, build_plan, run_mode
@@ -73,12 +74,15 @@ class DistanceBlock(nn.Module):
         z_src: torch.Tensor,
         z_tgt: torch.Tensor,
         basis: torch.Tensor | None = None,
+        plan: Plan | None = None,
     ) -> torch.Tensor:
-        """dist (E,), element indices (E,), optional precomputed basis (E, G) -> (E, K)."""
+        """dist (E,), element indices (E,), optional precomputed basis (E, G) -> (E, K); the
+        Linear layers as ``plan.edge_mlp`` says (None: ``nn.Linear``)."""
         basis = self.distance_expansion(dist) if basis is None else basis
-        h = self.fc1_dist(basis)
+        impl, prec = plan.edge_mlp if plan is not None else ("aten", "fp32")
+        h = linear_act(self.fc1_dist, basis, False, impl, prec)
         h = self.act(self.source_embedding(z_src) + self.target_embedding(z_tgt) + h)
-        return self.act(self.fc1_edge_attr(h))
+        return linear_act(self.fc1_edge_attr, h, True, impl, prec)
 
 
 class MessageBlock(nn.Module):
@@ -113,7 +117,8 @@ class MessageBlock(nn.Module):
     def forward(self, x: torch.Tensor, x_edge: torch.Tensor, edges: EdgeContext, *where) -> None:
         """``ops.messages(self, x, x_edge, edges, r, out, degree0_input)``: out (N, S_L, C') +=
         resolution r's messages summed into their targets, as the plan says; x (N, S, C'), x_edge
-        (E, K) of every resolution; ``degree0_input``: x is zero outside its l = 0 row."""
+        (E_r, K) resolution r's edge features; ``degree0_input``: x is zero outside its l = 0
+        row."""
         ops.messages(self, x, x_edge, edges, *where)
 
 
@@ -164,17 +169,21 @@ class EdgeBlock(nn.Module):
         atomic_numbers: torch.Tensor,
         ctx: EdgeContext,
         degree0_input: bool = False,
+        edge_elements: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """x (N, S, C) -> (N, S, C). ``degree0_input``: x is zero outside its l = 0 row (the first
-        interaction; the plan may skip the work that zeros make redundant)."""
+        interaction; the plan may skip the work that zeros make redundant); ``edge_elements``:
+        (z_src, z_tgt) (E,), the elements at each edge's ends when the caller has them (the model
+        gathers them once for all blocks)."""
         c, cr, s = self.sphere_channels, self.sphere_channels_reduce, self.sphere_basis
-        ei = ctx.edge_index
+        if edge_elements is None:
+            ei = ctx.edge_index
+            edge_elements = (atomic_numbers[ei[0]], atomic_numbers[ei[1]])
         # A shared distance expansion where the plan says so (the fused model); the reference
         # recomputes it in every block, as upstream does.
         basis = ctx.basis(self.distance_expansion)
-        x_edge = self.dist_block(
-            ctx.edge_distance, atomic_numbers[ei[0]], atomic_numbers[ei[1]], basis
-        )
+        x_edge = self.dist_block(ctx.edge_distance, *edge_elements, basis, ctx.plan)
+        x_edge_of = ctx.split(x_edge)
         x_down = self.downsample(x.view(-1, c)) if c != cr else x
         x_down = x_down.view(-1, s, cr)
         x_new = x.new_zeros((x.shape[0], s, cr))
@@ -182,7 +191,7 @@ class EdgeBlock(nn.Module):
             # the whole tensor when the resolution covers every coefficient: an in-place add into
             # it is not an add into a view (autograd's copy of the base is not needed)
             out = x_new if res.sphere_basis == s else x_new[:, : res.sphere_basis, :]
-            block(x_down, x_edge, ctx, r, out, degree0_input)
+            block(x_down, x_edge_of[r], ctx, r, out, degree0_input)
         if self.grid is not None:
             x_new = ops.grid(self, x_down, x_new, ctx.plan)
         if c != cr:
@@ -563,8 +572,9 @@ class SphericalChannelNetwork(nn.Module):
         z = st.atomic_numbers
         x = st.pos.new_zeros((len(z), self.sphere_basis, self.sphere_channels))
         x[:, 0, :] = self.sphere_embedding(z)
+        elements = (z[ctx.edge_index[0]], z[ctx.edge_index[1]])  # shared by every block
         for i, block in enumerate(self.edge_blocks):
-            y = block(x, z, ctx, degree0_input=i == 0)
+            y = block(x, z, ctx, degree0_input=i == 0, edge_elements=elements)
             x = x + y if i > 0 else y
         return self._heads(x, st, ctx.plan)
 

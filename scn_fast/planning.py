@@ -20,7 +20,11 @@ Variants (what each op does beyond its backend):
 * ``tap_combine``: ``fc2`` ("silu_mm": fc2_edge(SiLU(h)) keeping only h, with autograd;
   "scratch": without autograd, SiLU in place and fc2_edge written into a block reused across
   calls; "linear": the Linear as it is), ``bf16_input`` (native bf16 GEMM outputs read as they
-  are), ``impl``, ``precision``, ``native``.
+  are), ``impl``, ``precision``, ``native``, and ``edge_mlp``: who runs the edge MLP's Linear
+  layers (fc1_dist, fc1_edge, fc2_edge, the distance block's fc1_dist and fc1_edge_attr):
+  "triton" (``ops.edge_linear``: one GEMM launch forward with bias and SiLU in its epilogue, two
+  backward; the fused path on Triton in float32 or float64, precision fp32 or native tf32) or
+  "aten" (``nn.Linear`` and SiLU). ``Plan.edge_mlp`` gives (impl, GEMM precision).
 * ``grid_projection``: ``tile_atoms``, ``saved_activations`` (keep fc1's and fc2's
   pre-activations for the backward: CPU extension with autograd), ``bf16_gemms`` (native bf16
   GEMMs inside the op), ``precision`` (the GEMM precision, passed to launchers that take it),
@@ -121,6 +125,14 @@ class Plan:
     def fused_messages(self) -> bool:
         """Whether the messages run the fused ops (else upstream's dense reference)."""
         return self.ops["edge_rotation"].ran != "reference"
+
+    @property
+    def edge_mlp(self) -> tuple[str, str]:
+        """(impl, precision) of the edge MLP's Linear layers (tap_combine's variant ``edge_mlp``):
+        ("triton", "fp32" | "tf32") or ("aten", the model's precision)."""
+        impl = self.ops["tap_combine"].variant.get("edge_mlp", "aten")
+        exact = self.precision == "fp32" or self.dtype == torch.float64
+        return impl, "fp32" if exact else self.precision
 
     def explain(self) -> dict[str, dict]:
         out = {op: self.ops[op].as_dict() for op in OPS}
@@ -257,7 +269,14 @@ def build_plan(
             },
         )
         combine = ops["tap_combine"].ran
-        if precision == "fp32" and mode.grad:
+        edge_mlp = (
+            "triton"
+            if combine == "triton"
+            and dtype in _FLOATS
+            and (exact or (precision == "tf32" and native))
+            else "aten"
+        )
+        if edge_mlp == "triton" or (precision == "fp32" and mode.grad):
             fc2 = "silu_mm"
         elif precision == "fp32" and not mode.grad and not mode.compiled:
             fc2 = "scratch"
@@ -272,6 +291,7 @@ def build_plan(
                 "impl": "extension" if bf16_input else _tap_impl(combine, dtype),
                 "precision": precision,
                 "native": native,
+                "edge_mlp": edge_mlp,
             },
         )
 

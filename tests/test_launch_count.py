@@ -81,13 +81,12 @@ def test_training_step_launch_count_is_the_documented_one(records):
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="1,761 launches recorded (496 Triton, 1,265 ATen); 1,500 needs the fusions listed in "
-    "docs/gpu.md (Linear + SiLU epilogues, the x_edge slices, the in-place message sums)",
-)
 def test_training_step_launch_count_within_target(records):
+    """1,459 recorded on 2026-12-03 (772 Triton, 687 ATen): the edge MLP's Linear layers as fused
+    GEMM launches (``ops.edge_linear``), x_edge split per resolution, the edge elements gathered
+    once, the grid's constant row sums cached and its dw1 written in place."""
     assert records[1000].total <= TARGET
+    assert records[1000].stolen_grad_copies > 0  # the recorder's artefact, left out (launches.py)
 
 
 def test_training_step_launch_count_grows_sublinearly(records):

@@ -9,7 +9,8 @@
 * fused (:func:`_general`): ``edge_rotation`` (or the split rotation) -> ``gated_tap_projection``
   -> fc1_edge -> fc2_edge (variant ``fc2``) -> ``tap_combine`` -> ``scatter_aggregation``.
 
-x (N, S, C') the block input (down-projected), x_edge (E, K) edge features of every resolution.
+x (N, S, C') the block input (down-projected), x_edge (E_r, K) resolution r's edge features. The
+edge MLP's Linear layers run as ``plan.edge_mlp`` says (``ops.edge_linear``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from ..precision import low_precision_linear
 from . import reference
 from .edge_csr import EdgeCSR
+from .edge_linear import linear_act, linear_act_weights
 from .edge_rotation import edge_rotation, edge_rotation_split
 from .grid_projection import grid_constants
 from .output_heads import heads_constants
@@ -53,11 +55,11 @@ def messages(
 ) -> None:
     """out (N, S_L, C') += resolution r's messages summed into their targets (module doc).
     ``block``: the resolution's layers (``MessageBlock``: fc1_dist, fc1_edge_proj, fc1_edge,
-    fc2_edge, act, res); ``degree0_input``: x is zero outside its l = 0 row."""
+    fc2_edge, act, res); x_edge (E_r, K): resolution r's edge features (``EdgeContext.split``);
+    ``degree0_input``: x is zero outside its l = 0 row."""
     plan, res = edges.plan, block.res
-    lo, hi = edges.span(r)
-    x_edge = x_edge[lo:hi]
     if not plan.fused_messages:
+        lo, hi = edges.span(r)
         ei = edges.edge_index[:, lo:hi]
         msg = reference.messages(
             block, x[:, : res.sphere_basis], x_edge, ei, *edges.dense(r), res.mapping(x)
@@ -99,7 +101,8 @@ def _general(
         plan["tap_combine"],
     )
     pv, cv = proj_plan.variant, comb.variant
-    gate = block.act(block.fc1_dist(x_edge))
+    impl, prec = plan.edge_mlp
+    gate = linear_act(block.fc1_dist, x_edge, True, impl, prec)
     proj, fc2 = block.fc1_edge_proj, block.fc2_edge
     if rotate.variant["split_rotation"]:
         # the rotation writes fc1_edge_proj's two GEMM operands itself (no split pass over y)
@@ -122,7 +125,7 @@ def _general(
             weight_order=pv["weight_order"],
             gemm=pv["gemm"],
         )
-    m = block.fc1_edge(m.view(-1, h))
+    m = linear_act(block.fc1_edge, m.view(-1, h), False, impl, prec)
     if cv["fc2"] == "scratch":
         # no autograd: SiLU in place, fc2_edge into a block that tap_combine reads at once and
         # that comes back for the next block (measured: ~1% of an inference step at 14 atoms)
@@ -130,7 +133,7 @@ def _general(
         z = scratch((m.shape[0], fc2.out_features), m.dtype, m.device, comb.ran)
         torch.mm(m, fc2.weight.t(), out=z)
     elif cv["fc2"] == "silu_mm":
-        z = silu_mm(m, fc2.weight)  # keeps only SiLU's input for the backward
+        z = silu_mm(m, fc2.weight, impl, prec)  # keeps only SiLU's input for the backward
     else:
         m = block.act(m) if plan.mode.grad or plan.mode.compiled else F.silu(m, inplace=True)
         z = fc2.matmul(m, keep_bf16=cv["bf16_input"])
@@ -175,17 +178,21 @@ def _degree0(
     r = res.sphere_basis_reduce
     pv = plan["gated_tap_projection"].variant
     prec, native = pv["precision"], pv["native"]
-    gate = block.act(block.fc1_dist(x_edge))
+    impl, mlp_prec = plan.edge_mlp
+    gate = linear_act(block.fc1_dist, x_edge, True, impl, mlp_prec)
     proj, fc2 = block.fc1_edge_proj, block.fc2_edge
     src, tgt = both.idx[:, 0], both.idx[:, 1]
     pre = per_atom[src, 0] + per_atom[tgt, 1] + proj.bias
     m = block.act(pre) * gate
-    m = block.act(block.fc1_edge(m))
+    m = linear_act(block.fc1_edge, m, True, impl, mlp_prec)
     rows, scale = identical_taps(res.lmax, res.mmax, res.taps_arg, m.dtype, m.device)
     w2 = fc2.weight.view(r, c, h)[rows].view(-1, h)
     b2 = fc2.bias.view(r, c)[rows].view(-1)
-    z = low_precision_linear(m, w2, b2, prec, native)
-    z = block.act(z).view(-1, len(rows), c) * scale.view(1, -1, 1)
+    if impl == "triton":
+        z = linear_act_weights(m, w2, b2, True, impl, mlp_prec)
+    else:
+        z = block.act(low_precision_linear(m, w2, b2, prec, native))
+    z = z.view(-1, len(rows), c) * scale.view(1, -1, 1)
     msg = z.new_zeros((z.shape[0], 1, r, c))
     msg[:, 0, rows] = z
     scatter = plan["scatter_aggregation"].ran
