@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .gemm import EPI_DSILU, EPI_SILU, PRO_DSILU, PRO_NONE, PRO_SILU, mm
+from .gemm import EPI_DSILU, EPI_NONE, EPI_SILU, PRO_DSILU, PRO_NONE, PRO_SILU, mm
 
 __all__ = [
     "launch_configs",
@@ -31,20 +31,26 @@ __all__ = [
 
 
 def linear_act_forward(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: bool, precision: str
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    act: bool,
+    precision: str,
+    store_pre: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, p): y = act(x W^T + b) (M, N); p the pre-activation (M, N) with ``act``, else an empty
-    tensor (module doc)."""
+    """(y, p): y = act(x W^T + b) (M, N); p the pre-activation (M, N) with ``act`` and
+    ``store_pre`` (a backward will read it), else an empty tensor (module doc)."""
     m, n = x.shape[0], weight.shape[0]
     y = x.new_empty((m, n))
-    pre = x.new_empty((m, n)) if act else x.new_empty((0,))
+    keep = act and store_pre
+    pre = x.new_empty((m, n)) if keep else x.new_empty((0,))
     mm(
         x,
         weight.t(),
         y,
         bias=bias,
-        epi=EPI_SILU if act else 0,
-        pre=pre if act else None,
+        epi=EPI_SILU if act else EPI_NONE,
+        pre=pre if keep else None,
         precision=precision,
     )
     return y, pre

@@ -69,6 +69,32 @@ def test_linear_act_matches_aten_float32(act):
 
 
 @needs_interpreter
+def test_inference_stores_no_pre_activation():
+    layer = _layer(6, 4)
+    x = _rnd(9, 6, seed=17)
+    with torch.no_grad():
+        y = linear_act(layer, x, True, "triton")
+    torch.testing.assert_close(y, F.silu(layer(x)).detach(), rtol=1e-12, atol=1e-12)
+    stored = {}
+    original = edge_mlp.linear_act_forward
+
+    def keep(*args):
+        out = original(*args)
+        stored["pre"] = out[1].shape
+        return out
+
+    try:
+        edge_mlp.linear_act_forward = keep
+        with torch.no_grad():
+            linear_act(layer, x, True, "triton")
+        assert stored["pre"] == (0,)
+        linear_act(layer, x, True, "triton")  # parameters require grad: a backward may follow
+        assert stored["pre"] == (9, 4)
+    finally:
+        edge_mlp.linear_act_forward = original
+
+
+@needs_interpreter
 def test_linear_act_input_without_grad_skips_dx():
     layer = _layer(6, 4)
     x = _rnd(9, 6, seed=6)  # no requires_grad: only the parameters' gradients
@@ -137,8 +163,9 @@ def test_fake_implementations_trace_on_meta():
 
     with FakeTensorMode():
         x, w, b = torch.empty(10, 6), torch.empty(4, 6), torch.empty(4)
-        y, pre = torch.ops.scn_fast.linear_act(x, w, b, True, "fp32")
+        y, pre = torch.ops.scn_fast.linear_act(x, w, b, True, "fp32", True)
         assert y.shape == (10, 4) and pre.shape == (10, 4)
+        assert torch.ops.scn_fast.linear_act(x, w, b, True, "fp32", False)[1].shape == (0,)
         dx, dw, db = torch.ops.scn_fast.linear_act_backward(y, x, w, pre, True, True, False, "fp32")
         assert dx.shape == (0,) and dw.shape == (4, 6) and db.shape == (4,)
         z = torch.ops.scn_fast.silu_mm(x, w, "triton", "tf32")
@@ -151,7 +178,7 @@ def test_opcheck_linear_act():
     for act in (True, False):
         torch.library.opcheck(
             torch.ops.scn_fast.linear_act.default,
-            (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), act, "fp32"),
+            (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), act, "fp32", True),
             test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
         )
 

@@ -3,8 +3,8 @@ GEMM launch forward and two backward (Triton, ``kernels/edge_mlp.py``).
 
     y = act(x W^T + b)        x (M, K), W (N, K), b (N,) or None -> y (M, N), act SiLU or identity
 
-Forward: one GEMM whose epilogue adds b, applies SiLU and stores the pre-activation p (kept for
-the backward instead of y). Backward, with d = dy * silu'(p) (or dy):
+Forward: one GEMM whose epilogue adds b, applies SiLU and, when autograd records, stores the
+pre-activation p (kept for the backward instead of y). Backward, with d = dy * silu'(p) (or dy):
 
     dx = d W          (one launch: d formed in the A prologue, never stored)
     dW = d^T x,  db = sum_m d      (one launch: db are the row sums of that A)
@@ -35,15 +35,20 @@ def _kernels():
 
 @torch.library.custom_op("scn_fast::linear_act", mutates_args=())
 def _linear_act(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: bool, precision: str
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    act: bool,
+    precision: str,
+    store_pre: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _kernels().linear_act_forward(x.contiguous(), weight, bias, act, precision)
+    return _kernels().linear_act_forward(x.contiguous(), weight, bias, act, precision, store_pre)
 
 
 @_linear_act.register_fake
-def _(x, weight, bias, act, precision):
+def _(x, weight, bias, act, precision, store_pre):
     y = x.new_empty((x.shape[0], weight.shape[0]))
-    return y, (torch.empty_like(y) if act else x.new_empty((0,)))
+    return y, (torch.empty_like(y) if act and store_pre else x.new_empty((0,)))
 
 
 @torch.library.custom_op("scn_fast::linear_act_backward", mutates_args=())
@@ -68,7 +73,7 @@ def _(dy, x, weight, pre, act, has_bias, need_dx, precision):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, act, precision = inputs
+    x, weight, bias, act, precision, _ = inputs
     _, pre = output
     ctx.save_for_backward(x.contiguous(), weight, pre)
     ctx.meta = (act, bias is not None, precision)
@@ -77,12 +82,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, _dpre):
     if dy is None:
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     x, weight, pre = ctx.saved_tensors
     act, has_bias, precision = ctx.meta
     need_dx = ctx.needs_input_grad[0]
     dx, dw, db = _linear_act_backward(dy, x, weight, pre, act, has_bias, need_dx, precision)
-    return (dx if need_dx else None), dw, (db if has_bias else None), None, None
+    return (dx if need_dx else None), dw, (db if has_bias else None), None, None, None
 
 
 _linear_act.register_autograd(_backward, setup_context=_setup_context)
@@ -121,5 +126,8 @@ def linear_act_weights(
             f"linear_act: input of width {x.shape[-1]} for a weight of shape {tuple(weight.shape)}"
         )
     lead = x.shape[:-1]
-    y, _ = _linear_act(x.reshape(-1, x.shape[-1]), weight, bias, act, precision)
+    # the pre-activation is stored only for a backward (inference keeps y alone)
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    store_pre = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    y, _ = _linear_act(x.reshape(-1, x.shape[-1]), weight, bias, act, precision, store_pre)
     return y.view(*lead, weight.shape[0])
