@@ -22,6 +22,7 @@ import torch
 from .gemm import EPI_DSILU, EPI_NONE, EPI_SILU, PRO_DSILU, PRO_NONE, PRO_SILU, mm
 
 __all__ = [
+    "T4B2_WIDTHS",
     "launch_configs",
     "linear_act_backward",
     "linear_act_forward",
@@ -106,15 +107,23 @@ def silu_mm_backward(
     return dh, dw
 
 
+# (K, N) of scn-t4-b2's edge layers (the compile cases of :func:`launch_configs`).
+T4B2_WIDTHS = (
+    (400, 128), (128, 128), (128, 1024), (1024, 1024), (1024, 2432), (128, 256), (256, 256),
+    (256, 1664),
+)  # fmt: skip
+
+
 def launch_configs(
     rows: int = 4000,
-    widths: tuple[tuple[int, int], ...] = ((128, 512), (512, 512), (128, 128), (512, 1152)),
+    widths: tuple[tuple[int, int], ...] = T4B2_WIDTHS,
     dtype: torch.dtype = torch.float32,
     precision: str = "fp32",
 ) -> list:
     """The distinct GEMM specialisations of the four launchers for (K, N) ``widths`` (scn-t4-b2's
-    edge layers: fc1_dist 128 -> 512, fc1_edge 512 -> 512, fc1_edge_attr 128 -> 128, fc2_edge
-    512 -> 1152), traced on meta tensors."""
+    edge layers: the distance block's fc1_dist 400 -> 128 and fc1_edge_attr 128 -> 128; per
+    resolution fc1_dist 128 -> H, fc1_edge H -> H, fc2_edge H -> R C' with H = 1024, 256 and
+    R C' = 2432, 1664), traced on meta tensors."""
     from . import aot
 
     def t(*shape):

@@ -130,7 +130,7 @@ class LaunchRecorder(TorchDispatchMode):
     back through Python with one more reference than the dispatcher leaves, so autograd's
     AccumulateGrad, which takes a parameter's gradient over when it holds the only reference,
     copies it instead (``copy_`` into a fresh tensor). A real run takes it over
-    (tests/test_launch_count.py checks that on CPU); those copies are counted apart, in
+    (tests/test_edge_linear.py checks that on CPU); those copies are counted apart, in
     ``stolen_grad_copies``."""
 
     def __init__(self, record: LaunchRecord | None = None) -> None:

@@ -79,10 +79,10 @@ class DistanceBlock(nn.Module):
         """dist (E,), element indices (E,), optional precomputed basis (E, G) -> (E, K); the
         Linear layers as ``plan.edge_mlp`` says (None: ``nn.Linear``)."""
         basis = self.distance_expansion(dist) if basis is None else basis
-        impl, prec = plan.edge_mlp if plan is not None else ("aten", "fp32")
-        h = linear_act(self.fc1_dist, basis, False, impl, prec)
+        mlp = plan.edge_mlp if plan is not None else ()  # (impl, precision): the plan's choice
+        h = linear_act(self.fc1_dist, basis, False, *mlp)
         h = self.act(self.source_embedding(z_src) + self.target_embedding(z_tgt) + h)
-        return linear_act(self.fc1_edge_attr, h, True, impl, prec)
+        return linear_act(self.fc1_edge_attr, h, True, *mlp)
 
 
 class MessageBlock(nn.Module):

@@ -42,7 +42,7 @@ def _linear_act(
     precision: str,
     store_pre: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _kernels().linear_act_forward(x.contiguous(), weight, bias, act, precision, store_pre)
+    return _kernels().linear_act_forward(x, weight, bias, act, precision, store_pre)
 
 
 @_linear_act.register_fake
@@ -75,7 +75,7 @@ def _(dy, x, weight, pre, act, has_bias, need_dx, precision):
 def _setup_context(ctx, inputs, output):
     x, weight, bias, act, precision, _ = inputs
     _, pre = output
-    ctx.save_for_backward(x.contiguous(), weight, pre)
+    ctx.save_for_backward(x, weight, pre)
     ctx.meta = (act, bias is not None, precision)
     ctx.set_materialize_grads(False)  # pre is an output only to be saved
 

@@ -177,21 +177,17 @@ def _degree0(
     res, c, h = block.res, block.sphere_channels_reduce, block.hidden_channels
     r = res.sphere_basis_reduce
     pv = plan["gated_tap_projection"].variant
-    prec, native = pv["precision"], pv["native"]
-    impl, mlp_prec = plan.edge_mlp
-    gate = linear_act(block.fc1_dist, x_edge, True, impl, mlp_prec)
+    impl, prec = plan.edge_mlp
+    gate = linear_act(block.fc1_dist, x_edge, True, impl, prec)
     proj, fc2 = block.fc1_edge_proj, block.fc2_edge
     src, tgt = both.idx[:, 0], both.idx[:, 1]
     pre = per_atom[src, 0] + per_atom[tgt, 1] + proj.bias
     m = block.act(pre) * gate
-    m = linear_act(block.fc1_edge, m, True, impl, mlp_prec)
+    m = linear_act(block.fc1_edge, m, True, impl, prec)
     rows, scale = identical_taps(res.lmax, res.mmax, res.taps_arg, m.dtype, m.device)
     w2 = fc2.weight.view(r, c, h)[rows].view(-1, h)
     b2 = fc2.bias.view(r, c)[rows].view(-1)
-    if impl == "triton":
-        z = linear_act_weights(m, w2, b2, True, impl, mlp_prec)
-    else:
-        z = block.act(low_precision_linear(m, w2, b2, prec, native))
+    z = linear_act_weights(m, w2, b2, True, impl, prec, pv["native"])
     z = z.view(-1, len(rows), c) * scale.view(1, -1, 1)
     msg = z.new_zeros((z.shape[0], 1, r, c))
     msg[:, 0, rows] = z
